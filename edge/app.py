@@ -1,0 +1,150 @@
+"""The composition root: build the parts, then start-up -> main loop -> shutdown.
+
+The whole life of the daemon reads top to bottom in `App.run()`. SIGTERM/SIGINT end the main
+loop; shutdown tells systemd STOPPING=1, stops accepting, drains every open session within
+`EDGE_DRAIN_S` and releases shared resources. A second signal cuts the drain short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Callable
+
+from edge.diarization import nemo_diarization_available
+from edge.health import REQUIRED_PACKAGES, UPSTREAM_PACKAGES, LoopMonitor, Status, missing_packages
+from edge.metrics import Metrics
+from edge.server import Server
+from edge.settings import Settings
+from edge.systemd import Notifier
+
+log = logging.getLogger("edge.app")
+
+NEMO_OK = (
+    "NeMo diarization fallback available "
+    "(STT speaker labels when Google diarization unavailable)"
+)
+
+
+class App:
+    def __init__(self, settings: Settings, notifier: Notifier | None = None) -> None:
+        self.settings = settings
+        self.status = Status(max_sessions=settings.edge_max_sessions)
+        self.metrics = Metrics()
+        self.notifier = notifier or Notifier()
+        self.monitor = LoopMonitor(observe=self.metrics.loop_lag.observe)
+        self.server = Server(settings, self.status, self.metrics)
+        # Each returns True while its part is healthy; all must hold for WATCHDOG=1.
+        self.watchdog_checks: list[Callable[[], bool]] = [self.monitor.healthy]
+        self._stop: asyncio.Event | None = None
+        self._signals = 0
+        self._shutdown_task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.started_at = time.monotonic()
+
+    async def run(self) -> int:
+        """Serve until SIGTERM/SIGINT (or `stop()`), then drain. Returns the exit code."""
+        self._stop = asyncio.Event()
+        self._install_signal_handlers()
+        await self.startup()
+        await self.main_loop()
+        await self.shutdown()
+        return 0
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+
+    # --- start-up ---
+    async def startup(self) -> None:
+        self._check_packages()
+        self._report_nemo()
+        await self.server.start()
+        self._tasks.append(asyncio.create_task(self.monitor.run(), name="loop-monitor"))
+        if self.status.ready:
+            self.notifier.ready(self.status.summary())
+            log.info("ready in %.2f s", time.monotonic() - self.started_at)
+        else:
+            log.error("not ready: %s", self.status.summary())
+
+    def _check_packages(self) -> None:
+        names = REQUIRED_PACKAGES
+        if self.settings.edge_stt_api != "none":
+            names += UPSTREAM_PACKAGES
+        missing = missing_packages(names)
+        self.status.set_check("packages", "ok" if not missing else "missing: " + ", ".join(missing))
+
+    def _report_nemo(self) -> None:
+        # Seed contract: these exact log lines, and nothing at all when the fallback is off.
+        if not self.settings.stt_enable_nemo_diarization_fallback:
+            self.status.set_check("nemo", "disabled")
+            return
+        ok, err = nemo_diarization_available()
+        if ok:
+            log.info(NEMO_OK)
+            self.status.set_check("nemo", "loading")
+        else:
+            log.warning("NeMo diarization fallback disabled: %s", err)
+            self.status.set_check("nemo", f"NeMo not available: {err}")
+            self.status.update_diarizer(state="unavailable", reason=f"NeMo not available: {err}")
+
+    # --- main loop: housekeeping on one tick ---
+    async def main_loop(self) -> None:
+        assert self._stop is not None
+        interval = self.notifier.watchdog_interval
+        tick = min(1.0, interval) if interval else 1.0
+        last_summary = self.status.summary()
+        while not self._stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), tick)
+            if interval and all(check() for check in self.watchdog_checks):
+                self.notifier.watchdog()
+            summary = self.status.summary()
+            if summary != last_summary:
+                self.notifier.status(summary)
+                last_summary = summary
+
+    # --- shutdown ---
+    async def shutdown(self) -> None:
+        active = self.status.sessions["active"]
+        self.notifier.stopping(f"draining {active} session(s)")
+        log.info("shutting down: draining %d session(s), deadline %.1f s",
+                 active, self.settings.edge_drain_s)
+        self._shutdown_task = asyncio.create_task(self.server.shutdown(self.settings.edge_drain_s))
+        try:
+            await self._shutdown_task
+        except asyncio.CancelledError:
+            log.warning("second signal: drain cut short")
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        log.info("stopped")
+
+    def _install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            log.info("%s received", sig.name)
+            self.stop()
+        elif self._shutdown_task is not None and not self._shutdown_task.done():
+            self._shutdown_task.cancel()
+
+
+def run(settings: Settings) -> int:
+    """Run the daemon on uvloop where available (the default loop otherwise)."""
+    try:
+        import uvloop
+    except ImportError:
+        log.info("uvloop not installed: using the default asyncio loop")
+        return asyncio.run(App(settings).run())
+    return uvloop.run(App(settings).run())
+
+
+__all__ = ["App", "run"]

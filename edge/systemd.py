@@ -1,0 +1,114 @@
+"""systemd glue: sd_notify, the watchdog interval, and logging to journald or stderr.
+
+Uses systemd-python where importable. Without it (a dev box, a container) every call is a
+no-op, said once in the log. A `NOTIFY_SOCKET` that names a missing path raises inside
+systemd-python: we log that once and carry on, since a notify failure must never stop the
+daemon.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+log = logging.getLogger("edge.systemd")
+
+try:
+    from systemd import daemon as _sd_daemon
+except ImportError:  # pragma: no cover - depends on the machine
+    _sd_daemon = None
+
+
+class Notifier:
+    """Sends sd_notify messages when the daemon runs under systemd (`NOTIFY_SOCKET` set)."""
+
+    def __init__(self, environ: dict[str, str] | None = None) -> None:
+        env = os.environ if environ is None else environ
+        self.socket = env.get("NOTIFY_SOCKET")
+        self._failed_once = False
+        self.watchdog_interval = _watchdog_interval(env)
+        if self.socket and _sd_daemon is None:
+            log.warning("NOTIFY_SOCKET is set but systemd-python is missing: sd_notify disabled")
+        elif _sd_daemon is None:
+            log.info("systemd-python not installed: sd_notify is a no-op")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.socket) and _sd_daemon is not None
+
+    def notify(self, message: str) -> bool:
+        if not self.enabled:
+            return False
+        try:
+            return bool(_sd_daemon.notify(message))
+        except OSError as exc:
+            if not self._failed_once:
+                log.warning("sd_notify to %s failed: %s", self.socket, exc)
+                self._failed_once = True
+            return False
+
+    def ready(self, status: str) -> bool:
+        return self.notify(f"READY=1\nSTATUS={status}")
+
+    def status(self, status: str) -> bool:
+        return self.notify(f"STATUS={status}")
+
+    def watchdog(self) -> bool:
+        return self.notify("WATCHDOG=1")
+
+    def stopping(self, status: str = "draining sessions") -> bool:
+        return self.notify(f"STOPPING=1\nSTATUS={status}")
+
+    def extend_timeout(self, seconds: float) -> bool:
+        return self.notify(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}")
+
+
+def _watchdog_interval(env: dict[str, str] | os._Environ[str]) -> float | None:
+    """Seconds between pings (half of `WATCHDOG_USEC`), or None when no watchdog is asked.
+
+    `WATCHDOG_PID`, when set, must be ours: a child started with the variable inherited must
+    not ping for its parent.
+    """
+    usec = env.get("WATCHDOG_USEC")
+    pid = env.get("WATCHDOG_PID")
+    if not usec:
+        return None
+    if pid and pid != str(os.getpid()):
+        return None
+    try:
+        value = int(usec)
+    except ValueError:
+        log.warning("ignoring WATCHDOG_USEC=%r: not an integer", usec)
+        return None
+    return value / 2 / 1_000_000 if value > 0 else None
+
+
+def setup_logging(level: str) -> None:
+    """journald when started by systemd (`JOURNAL_STREAM` set) and importable, else stderr."""
+    root = logging.getLogger()
+    root.handlers.clear()
+    root.setLevel(level)
+    handler: logging.Handler
+    use_journal = bool(os.environ.get("JOURNAL_STREAM")) or (Path(
+        "/run/systemd/journal/socket"
+    ).exists() and bool(os.environ.get("INVOCATION_ID")))
+    try:
+        if not use_journal:
+            raise ImportError
+        from systemd.journal import JournalHandler
+
+        handler = JournalHandler(SYSLOG_IDENTIFIER="edge")
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    except ImportError:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        )
+    root.addHandler(handler)
+    # websockets logs every refused handshake at INFO; ours are counted in /metrics instead.
+    logging.getLogger("websockets").setLevel(max(logging.WARNING, root.level))
+
+
+__all__ = ["Notifier", "setup_logging"]

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The test command: creates .venv in the repo root, installs the project with its extras and
+# runs ruff and pytest. Extra arguments go to pytest (e.g. ./scripts/test.sh -k settings).
+# On a fresh Debian/Ubuntu machine it also installs the system packages the tests use
+# (set EDGE_SKIP_APT=1 to skip that step).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(libsystemd-dev pkg-config systemd shellcheck bats sox)
+
+missing_apt() {
+  local p
+  for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"
+  done
+}
+
+if [[ "${EDGE_SKIP_APT:-0}" != 1 ]] && command -v apt-get >/dev/null; then
+  mapfile -t need < <(missing_apt)
+  if ((${#need[@]})); then
+    echo "test.sh: installing system packages: ${need[*]}"
+    sudo_cmd=()
+    [[ $(id -u) -eq 0 ]] || sudo_cmd=(sudo)
+    "${sudo_cmd[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq "${need[@]}" >/dev/null
+  fi
+fi
+
+PY=${PYTHON:-python3}
+[[ -x .venv/bin/python ]] || "$PY" -m venv .venv
+pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+
+# On x86_64 without a GPU, take torch's CPU build first so nothing pulls a CUDA build.
+if [[ $(uname -m) == x86_64 ]] && ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  "${pip[@]}" torch==2.13.0
+fi
+extras="dev,diarization"
+if pkg-config --exists libsystemd 2>/dev/null; then extras+=",systemd"; fi
+"${pip[@]}" -e ".[${extras}]"
+
+.venv/bin/ruff check edge tests scripts
+exec .venv/bin/python -m pytest "$@"

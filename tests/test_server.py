@@ -1,0 +1,120 @@
+"""The server with real clients: HTTP probes (httpx) and the status channel (websockets)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from edge.app import App
+from tests.conftest import KEY, running_app
+
+AUTH = {"Authorization": f"Token {KEY}"}
+
+
+def base(app: App) -> str:
+    return f"http://127.0.0.1:{app.server.port}"
+
+
+async def test_health_needs_no_key(app: App) -> None:
+    async with httpx.AsyncClient() as c:
+        r = await c.get(base(app) + "/health")
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize("path", ["/ready", "/metrics"])
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Token wrong"}, {"Authorization": "Basic " + KEY}, {"Authorization": "Token"}],
+)
+async def test_probes_refuse_without_valid_key(app: App, path: str, headers: dict[str, str]) -> None:
+    async with httpx.AsyncClient() as c:
+        r = await c.get(base(app) + path, headers=headers)
+    assert r.status_code == 401
+    assert r.json()["err_code"] == "INVALID_AUTH"
+    assert KEY not in r.text
+
+
+async def test_ready_serves_the_status_object(app: App) -> None:
+    async with httpx.AsyncClient() as c:
+        r = await c.get(base(app) + "/ready", headers={"Authorization": f"Bearer {KEY}"})
+        assert r.status_code == 200
+        body = r.json()
+        assert body["ready"] is True
+        assert body["checks"]["config"] == "ok" and body["checks"]["packages"] == "ok"
+        assert body["checks"]["upstream"] == "unconfigured"
+        assert body["sessions"] == {"active": 0, "max": 16}
+        # A failed required check makes the daemon unready; optional ones never do.
+        app.status.set_check("nemo", "NeMo not available: test")
+        assert (await c.get(base(app) + "/ready", headers=AUTH)).status_code == 200
+        app.status.set_check("packages", "missing: soxr")
+        r = await c.get(base(app) + "/ready", headers=AUTH)
+        assert r.status_code == 503 and r.json()["checks"]["packages"] == "missing: soxr"
+
+
+async def test_metrics_is_prometheus_text(app: App) -> None:
+    async with httpx.AsyncClient() as c:
+        await c.get(base(app) + "/ready")  # one auth failure to count
+        r = await c.get(base(app) + "/metrics", headers=AUTH)
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain")
+    assert "edge_auth_failures_total 1.0" in r.text
+    assert "edge_event_loop_lag_seconds_bucket" in r.text
+    assert "process_resident_memory_bytes" in r.text
+
+
+async def test_unknown_path_and_method(app: App) -> None:
+    async with httpx.AsyncClient() as c:
+        r = await c.get(base(app) + "/nope", headers=AUTH)
+        assert r.status_code == 404 and r.json()["err_code"] == "NOT_FOUND"
+        r = await c.post(base(app) + "/ready", headers=AUTH)
+        assert r.status_code == 405 and r.headers["allow"] == "GET"
+
+
+async def test_status_channel_refuses_without_key(app: App) -> None:
+    with pytest.raises(InvalidStatus) as err:
+        async with connect(f"ws://127.0.0.1:{app.server.port}/v1/status"):
+            pass
+    assert err.value.response.status_code == 401
+    assert json.loads(err.value.response.body)["err_code"] == "INVALID_AUTH"
+
+
+async def test_status_channel_snapshot_push_and_heartbeat() -> None:
+    async with running_app(edge_status_heartbeat_s=0.3) as app:
+        url = f"ws://127.0.0.1:{app.server.port}/v1/status"
+        async with connect(url, additional_headers=AUTH) as ws:
+            first = json.loads(await asyncio.wait_for(ws.recv(), 5))
+            assert first["type"] == "Status" and first["ready"] is True
+            app.status.set_check("upstream", "ok")
+            pushed = json.loads(await asyncio.wait_for(ws.recv(), 5))
+            assert pushed["checks"]["upstream"] == "ok"
+            # Nothing changes: a heartbeat still arrives within the interval.
+            beat = json.loads(await asyncio.wait_for(ws.recv(), 2))
+            assert beat["checks"] == pushed["checks"]
+            assert beat["uptime_s"] > pushed["uptime_s"]
+
+
+async def test_status_channel_browser_subprotocol_auth(app: App) -> None:
+    url = f"ws://127.0.0.1:{app.server.port}/v1/status"
+    async with connect(url, subprotocols=["token", KEY]) as ws:  # type: ignore[list-item]
+        assert ws.subprotocol == "token"
+        assert json.loads(await ws.recv())["type"] == "Status"
+
+
+async def test_shutdown_closes_status_channel_1001() -> None:
+    async with running_app() as app:
+        url = f"ws://127.0.0.1:{app.server.port}/v1/status"
+        ws = await connect(url, additional_headers=AUTH)
+        await ws.recv()
+        app.stop()
+        await asyncio.wait_for(ws.wait_closed(), 10)
+        assert ws.close_code == 1001
+
+
+async def test_unauthenticated_loopback_when_no_keys() -> None:
+    async with running_app(edge_api_keys=None) as app, httpx.AsyncClient() as c:
+        assert (await c.get(base(app) + "/ready")).status_code == 200
