@@ -20,23 +20,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edge", description="Meeting-room speech appliance")
     parser.add_argument("--version", action="version", version=f"edge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", help="run the daemon")
-    p = sub.add_parser("status", help="print the daemon's status channel")
-    _client_args(p)
-    p.add_argument("--once", action="store_true", help="print the first snapshot and exit")
+    for register in COMMANDS:
+        register(sub)
     args = parser.parse_args(argv)
-
     try:
         settings = load_settings()
     except SettingsError as exc:
         print(f"edge: invalid setting {exc}", file=sys.stderr)
         return 2
-    if args.command == "serve":
-        return _serve(settings)
-    if args.command == "status":
-        return asyncio.run(_status(settings, args))
-    parser.error(f"unknown command {args.command}")
-    return 2
+    return args.run(settings, args)
+
+
+# --- one block per command: `add_<name>` registers it, `_<name>` runs it ---
+
+def add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the daemon")
+    p.set_defaults(run=_serve)
+
+
+def add_status(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="print the daemon's status channel")
+    _client_args(p)
+    p.add_argument("--once", action="store_true", help="print the first snapshot and exit")
+    p.set_defaults(run=lambda settings, args: asyncio.run(_status(settings, args)))
 
 
 def _client_args(p: argparse.ArgumentParser) -> None:
@@ -52,7 +58,7 @@ def _client_target(settings: Settings, args: argparse.Namespace) -> tuple[str, s
     return url.rstrip("/"), args.key or (keys[0] if keys else None)
 
 
-def _serve(settings: Settings) -> int:
+def _serve(settings: Settings, args: argparse.Namespace) -> int:
     from edge.app import run
     from edge.systemd import setup_logging
 
@@ -80,6 +86,8 @@ async def _status(settings: Settings, args: argparse.Namespace) -> int:
         return 1
     return 0
 
+
+COMMANDS = [add_serve, add_status]
 
 if __name__ == "__main__":
     sys.exit(main())
