@@ -16,8 +16,10 @@ from collections.abc import Callable
 
 from edge.diarization import nemo_diarization_available
 from edge.health import REQUIRED_PACKAGES, UPSTREAM_PACKAGES, LoopMonitor, Status, missing_packages
+from edge.listen import ListenService
 from edge.metrics import Metrics
 from edge.server import Server
+from edge.session import SessionDeps
 from edge.settings import Settings
 from edge.systemd import Notifier
 
@@ -36,7 +38,10 @@ class App:
         self.metrics = Metrics()
         self.notifier = notifier or Notifier()
         self.monitor = LoopMonitor(observe=self.metrics.loop_lag.observe)
-        self.server = Server(settings, self.status, self.metrics)
+        self.listen = ListenService(
+            SessionDeps(settings, self.status, self.metrics, upstream=None, engine=None)
+        )
+        self.server = Server(settings, self.status, self.metrics, self.listen)
         # Each returns True while its part is healthy; all must hold for WATCHDOG=1.
         self.watchdog_checks: list[Callable[[], bool]] = [self.monitor.healthy]
         self._stop: asyncio.Event | None = None
@@ -63,6 +68,7 @@ class App:
         self._check_packages()
         self._report_nemo()
         await self.server.start()
+        self.listen.start()
         self._tasks.append(asyncio.create_task(self.monitor.run(), name="loop-monitor"))
         if self.status.ready:
             self.notifier.ready(self.status.summary())
@@ -118,6 +124,7 @@ class App:
             await self._shutdown_task
         except asyncio.CancelledError:
             log.warning("second signal: drain cut short")
+        await self.listen.close()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Iterable
+import re
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import parse_qs
 
 from websockets.datastructures import Headers
 from websockets.http11 import Response
@@ -24,6 +29,8 @@ CLOSE_TRY_AGAIN = 1013
 REASON_IDLE = "NET-0001"
 REASON_SHUTDOWN = "server shutting down"
 REASON_FRAME_TOO_LARGE = "frame too large"
+REASON_NOT_READING = "client not reading"
+REASON_AT_CAPACITY = "at capacity"
 
 AUTH_SCHEMES = ("token", "bearer")
 SUBPROTOCOL_TOKEN = "token"
@@ -98,6 +105,234 @@ def unauthorized() -> Response:
     )
 
 
+# --- /v1/listen query parameters ---
+
+ENCODINGS = ("linear16", "mulaw", "alaw")
+MIN_RATE, MAX_RATE = 8000, 48000
+_LANGUAGE = re.compile(r"^(auto|[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*)$")
+_MODEL = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+# Deepgram's own model names mean nothing to Google: a Deepgram SDK sends nova-3 by default,
+# so these select the daemon's configured model instead of being forwarded.
+DEEPGRAM_MODEL_PREFIXES = ("nova", "enhanced", "base", "whisper", "general", "meeting", "phonecall")
+
+
+class QueryError(ValueError):
+    """A bad query parameter; `str()` names the parameter, the value and what is allowed."""
+
+    def __init__(self, name: str, value: str, allowed: str) -> None:
+        super().__init__(f"{name}={value!r}: {allowed}")
+        self.name = name
+
+
+@dataclass(frozen=True)
+class ListenParams:
+    """A validated `/v1/listen` query. `language`/`model` are None when the client left
+    them to the daemon's settings."""
+
+    encoding: str = "linear16"
+    sample_rate: int = 16000
+    channels: int = 1
+    language: str | None = None
+    model: str | None = None
+    diarize: bool = True
+    interim_results: bool = False
+    punctuate: bool = True
+    smart_format: bool = False
+    vad_events: bool = False
+    utterance_end_ms: int | None = None
+    endpointing: int | None = None
+    speaker_turns: bool = False
+
+
+def parse_listen_query(query: str) -> ListenParams:
+    """Parse and validate a `/v1/listen` query string (unknown keys ignored; the last of a
+    repeated key wins). Raises `QueryError` naming the first bad parameter."""
+    raw = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
+    kw: dict[str, Any] = {}
+    if "encoding" in raw:
+        enc = raw["encoding"].lower()
+        if enc not in ENCODINGS:
+            raise QueryError("encoding", raw["encoding"], "one of " + ", ".join(ENCODINGS))
+        kw["encoding"] = enc
+    if "sample_rate" in raw:
+        kw["sample_rate"] = _int(raw, "sample_rate", MIN_RATE, MAX_RATE)
+    if "channels" in raw:
+        channels = _int(raw, "channels", 1, 1 << 16)
+        if channels != 1:
+            raise QueryError("channels", raw["channels"], "only 1 (mono) is supported")
+        kw["channels"] = channels
+    if raw.get("language"):
+        if not _LANGUAGE.match(raw["language"]):
+            raise QueryError("language", raw["language"], "a BCP-47 code (e.g. en-US) or auto")
+        kw["language"] = raw["language"]
+    if raw.get("model"):
+        model = raw["model"]
+        if not _MODEL.match(model):
+            raise QueryError("model", model, "letters, digits, '_', '-', '.' (at most 64)")
+        if not model.lower().startswith(DEEPGRAM_MODEL_PREFIXES):
+            kw["model"] = model
+    for name in ("diarize", "interim_results", "punctuate", "smart_format", "vad_events",
+                 "speaker_turns"):
+        if name in raw:
+            kw[name] = _bool(raw, name)
+    if raw.get("utterance_end_ms"):
+        kw["utterance_end_ms"] = _int(raw, "utterance_end_ms", 1000, 5000)
+    if raw.get("endpointing"):
+        kw["endpointing"] = (
+            None if raw["endpointing"].lower() == "false" else _int(raw, "endpointing", 10, 60000)
+        )
+    return ListenParams(**kw)
+
+
+def _int(raw: Mapping[str, str], name: str, lo: int, hi: int) -> int:
+    try:
+        value = int(raw[name])
+    except ValueError:
+        raise QueryError(name, raw[name], f"an integer from {lo} to {hi}") from None
+    if not lo <= value <= hi:
+        raise QueryError(name, raw[name], f"an integer from {lo} to {hi}")
+    return value
+
+
+def _bool(raw: Mapping[str, str], name: str) -> bool:
+    value = raw[name].lower()
+    if value not in ("true", "false"):
+        raise QueryError(name, raw[name], "true or false")
+    return value == "true"
+
+
+def bad_query(exc: QueryError) -> Response:
+    return json_response(400, error_body("INVALID_QUERY_PARAMETER", str(exc)))
+
+
+# --- client text frames ---
+
+Control = Literal["KeepAlive", "Finalize", "CloseStream"]
+CONTROLS: tuple[Control, ...] = ("KeepAlive", "Finalize", "CloseStream")
+
+
+class ControlError(ValueError):
+    """A text frame that is not a control message we know; `str()` says why."""
+
+
+def parse_control(text: str) -> Control:
+    """`{"type": "KeepAlive" | "Finalize" | "CloseStream"}` -> the type; else ControlError."""
+    try:
+        msg = json.loads(text)
+    except ValueError:
+        raise ControlError("text frame is not JSON") from None
+    if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
+        raise ControlError("text frame must be a JSON object with a string 'type'")
+    if msg["type"] not in CONTROLS:
+        raise ControlError(f"unsupported message type {msg['type'][:40]!r}; "
+                           "expected KeepAlive, Finalize or CloseStream")
+    return msg["type"]  # type: ignore[no-any-return]
+
+
+# --- daemon -> client messages ---
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    version: str
+    arch: str
+
+    @property
+    def uuid(self) -> str:
+        return str(uuid.uuid5(uuid.NAMESPACE_URL, f"edge:{self.arch}:{self.name}:{self.version}"))
+
+
+def results_message(
+    *,
+    request_id: str,
+    model: ModelInfo,
+    start: float,
+    end: float,
+    is_final: bool,
+    speech_final: bool,
+    from_finalize: bool,
+    transcript: str,
+    confidence: float,
+    words: list[dict[str, Any]],
+    speaker_source: str | None,
+    diarizer: ModelInfo | None = None,
+) -> dict[str, Any]:
+    """A Deepgram `Results` message; `speaker_source` is our extension field."""
+    metadata: dict[str, Any] = {
+        "request_id": request_id,
+        "model_info": {"name": model.name, "version": model.version, "arch": model.arch},
+        "model_uuid": model.uuid,
+    }
+    if diarizer is not None:
+        metadata["diarize_info"] = {"model_uuid": diarizer.uuid, "arch": diarizer.arch}
+    return {
+        "type": "Results",
+        "channel_index": [0, 1],
+        "duration": round(max(0.0, end - start), 3),
+        "start": round(start, 3),
+        "is_final": is_final,
+        "speech_final": speech_final,
+        "from_finalize": from_finalize,
+        "channel": {"alternatives": [
+            {"transcript": transcript, "confidence": round(confidence, 4), "words": words}
+        ]},
+        "metadata": metadata,
+        "speaker_source": speaker_source,
+    }
+
+
+def word_entry(
+    word: str, start: float, end: float, confidence: float, punctuated: str | None,
+    speaker: int | None, speaker_confidence: float | None,
+) -> dict[str, Any]:
+    return {
+        "word": word,
+        "start": round(start, 3),
+        "end": round(end, 3),
+        "confidence": round(confidence, 4),
+        "punctuated_word": punctuated if punctuated is not None else word,
+        "speaker": speaker,
+        "speaker_confidence": None if speaker_confidence is None else round(speaker_confidence, 3),
+    }
+
+
+def metadata_message(
+    *, request_id: str, duration: float, sha256: str, created: datetime, models: list[ModelInfo]
+) -> dict[str, Any]:
+    return {
+        "type": "Metadata",
+        "transaction_key": "deprecated",
+        "request_id": request_id,
+        "sha256": sha256,
+        "created": created.astimezone(timezone.utc).isoformat().replace("+00:00", "Z"),
+        "duration": round(duration, 3),
+        "channels": 1,
+        "models": [m.uuid for m in models],
+        "model_info": {m.uuid: {"name": m.name, "version": m.version, "arch": m.arch}
+                       for m in models},
+    }
+
+
+def error_message(variant: str, description: str, **extra: Any) -> dict[str, Any]:
+    """A recoverable problem; the stream continues."""
+    return {"type": "Error", "variant": variant, "description": description,
+            "message": description, **extra}
+
+
+def speech_started_message(t: float) -> dict[str, Any]:
+    return {"type": "SpeechStarted", "channel": [0, 1], "timestamp": round(t, 3)}
+
+
+def utterance_end_message(last_word_end: float) -> dict[str, Any]:
+    return {"type": "UtteranceEnd", "channel": [0, 1], "last_word_end": round(last_word_end, 3)}
+
+
+def speaker_turn_message(speaker: int, start: float, end: float, is_final: bool) -> dict[str, Any]:
+    """Our extension: a speaker turn from the local diarizer."""
+    return {"type": "SpeakerTurn", "speaker": speaker, "start": round(start, 3),
+            "end": round(end, 3), "is_final": is_final}
+
+
 __all__ = [
     "CLOSE_GOING_AWAY",
     "CLOSE_INTERNAL",
@@ -105,9 +340,15 @@ __all__ = [
     "CLOSE_POLICY",
     "CLOSE_TRY_AGAIN",
     "REASON_IDLE",
+    "ControlError",
+    "ListenParams",
+    "ModelInfo",
+    "QueryError",
     "error_body",
     "json_response",
     "key_matches",
+    "parse_control",
+    "parse_listen_query",
     "request_token",
     "unauthorized",
 ]

@@ -1,0 +1,399 @@
+"""One client stream on `/v1/listen`: audio in -> upstream + diarizer -> labelled results out.
+
+A session is a small pipeline on one clock (session seconds):
+
+    receive loop --AudioBlock--> upstream queue --> upstream.stream() --events--> results
+                             \\-> diarizer.push()  --> SpeakerTimeline --labels--/
+    results/turns --> outbound queue --> sender --> client
+
+Queues and their overflow policies (all bounded):
+- upstream queue (`UPSTREAM_QUEUE_S` of audio): the upstream drains it continuously into its
+  own bounded replay buffer, so it only fills if the upstream task stalls; then the OLDEST
+  audio is dropped, counted in `edge_queue_dropped{queue="upstream"}`, and the client gets an
+  `Error` saying how many seconds went untranscribed.
+- diarizer: the engine's own per-session bound (catch-up policy in edge/diarization/engine.py).
+- outbound queue (`OUTBOUND_MAX` messages): a client that stops reading fills it; the session
+  is then closed with 1008 "client not reading" so it cannot hold memory or other sessions up.
+
+A final result waits at most `EDGE_LABEL_WAIT_MS` for the diarizer to cover its last word,
+then goes out with whatever labels exist (`speaker: null` where unknown).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Literal, Protocol
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from edge import __version__, protocol
+from edge.audio import SessionAudio
+from edge.health import Status
+from edge.metrics import Metrics
+from edge.protocol import ListenParams, ModelInfo
+from edge.settings import Settings
+from edge.stt.base import FLUSH, AudioBlock, AudioItem, StreamConfig, TranscriptEvent, Upstream, Word
+
+log = logging.getLogger("edge.session")
+
+UPSTREAM_QUEUE_S = 10.0
+OUTBOUND_MAX = 512
+FINISH_TIMEOUT_S = 15.0  # how long CloseStream waits for the upstream's last finals
+
+End = Literal["close", "shutdown", "idle", "gone", "too_large", "slow"]
+_END_CLOSE: dict[End, tuple[int, str]] = {
+    "close": (protocol.CLOSE_NORMAL, ""),
+    "shutdown": (protocol.CLOSE_GOING_AWAY, protocol.REASON_SHUTDOWN),
+    "idle": (protocol.CLOSE_INTERNAL, protocol.REASON_IDLE),
+    "too_large": (protocol.CLOSE_POLICY, protocol.REASON_FRAME_TOO_LARGE),
+    "slow": (protocol.CLOSE_POLICY, protocol.REASON_NOT_READING),
+    "gone": (protocol.CLOSE_NORMAL, ""),
+}
+
+
+class SpeakerTimeline(Protocol):
+    covered_until: float
+
+    def speaker_for(self, start: float, end: float) -> tuple[int | None, float]: ...
+
+
+class DiarizerSession(Protocol):
+    """What a session needs of the local diarizer (edge/diarization/engine.py)."""
+
+    state: str
+    reason: str | None
+    timeline: SpeakerTimeline
+
+    def push(self, block: AudioBlock) -> None: ...
+
+    async def wait_covered(self, t: float, timeout: float) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+class DiarizationEngine(Protocol):
+    def open_session(self, session_id: str) -> DiarizerSession: ...
+
+
+@dataclass
+class SessionDeps:
+    """What every session shares: built once by the app."""
+
+    settings: Settings
+    status: Status
+    metrics: Metrics
+    upstream: Upstream | None
+    engine: DiarizationEngine | None
+
+
+_END_OF_AUDIO = object()
+
+
+class Session:
+    def __init__(
+        self, conn: ServerConnection, params: ListenParams, deps: SessionDeps, request_id: str
+    ) -> None:
+        self.conn = conn
+        self.params = params
+        self.deps = deps
+        self.request_id = request_id
+        s = deps.settings
+        self.audio = SessionAudio(params.encoding, params.sample_rate)
+        self.config = StreamConfig(
+            language=params.language or s.edge_stt_language,
+            model=params.model or s.edge_stt_model,
+            interim_results=params.interim_results,
+            punctuate=params.punctuate or params.smart_format,
+            diarize=params.diarize,
+            vad_events=params.vad_events or params.utterance_end_ms is not None,
+            max_speakers=s.stt_nemo_diarization_max_speakers,
+        )
+        self.model = ModelInfo(self.config.model, __version__, f"google-speech-{s.edge_stt_api}")
+        self.diarizer_model = ModelInfo("diar_streaming_sortformer_4spk-v2.1", __version__, "sortformer")
+        self.last_activity = time.monotonic()
+        self.created = datetime.now(timezone.utc)
+        self._end: End | None = None
+        self._recv_task: asyncio.Task[End] | None = None
+        self._out: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(OUTBOUND_MAX)
+        self._audio_q: asyncio.Queue[Any] = asyncio.Queue(
+            max(4, int(UPSTREAM_QUEUE_S * 50))  # blocks of >= 20 ms
+        )
+        self._upstream_alive = deps.upstream is not None
+        self._google_labels = False
+        self._finalize_pending = 0
+        self._finals_since_finalize = 0
+        self._speaker_map: dict[str, int] = {}  # Google's labels -> 0-based arrival order
+        self._last_word_end = 0.0
+        self.diar: DiarizerSession | None = None
+
+    # --- lifecycle ---
+    async def run(self) -> End:
+        """Serve the session until it ends; returns why it ended."""
+        deps = self.deps
+        if deps.upstream is not None and self.params.diarize:
+            caps = deps.upstream.capabilities(self.config)
+            self._google_labels = caps.diarization
+        wants_local = self.params.speaker_turns or deps.upstream is None or (
+            self.params.diarize and not self._google_labels
+        )
+        if wants_local and deps.engine is not None:
+            self.diar = deps.engine.open_session(self.request_id)
+            if self.diar.state != "active" and self.diar.reason:
+                self._send(protocol.error_message(
+                    "DIARIZATION_UNAVAILABLE",
+                    f"local speaker labels unavailable: {self.diar.reason}"))
+        sender = asyncio.create_task(self._send_loop(), name=f"send-{self.request_id}")
+        workers = []
+        if deps.upstream is not None:
+            workers.append(asyncio.create_task(self._upstream_loop(), name="upstream"))
+        if self.diar is not None and (self.params.speaker_turns or deps.upstream is None):
+            workers.append(asyncio.create_task(self._turns_loop(), name="turns"))
+        self._recv_task = asyncio.create_task(self._receive_loop(), name=f"recv-{self.request_id}")
+        end: End = "gone"
+        try:
+            try:
+                end = await self._recv_task
+            except asyncio.CancelledError:
+                if self._end is None:  # not ours: the server is going down hard
+                    raise
+                end = self._end
+            self._end = end
+            await self._finish(end, workers)
+        finally:
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+            if self.diar is not None:
+                with contextlib.suppress(Exception):
+                    await self.diar.close()
+            await self._close_connection(end, sender)
+        return end
+
+    def end(self, reason: End) -> None:
+        """Ask the session to end (idle reaper, drain, a slow client); idempotent."""
+        if self._end is None:
+            self._end = reason
+            if self._recv_task is not None:
+                self._recv_task.cancel()
+
+    async def _finish(self, end: End, workers: list[asyncio.Task[None]]) -> None:
+        """Flush what the client is owed: every final result, turns, then Metadata."""
+        if end in ("gone", "too_large", "slow"):
+            return
+        tail = self.audio.flush()
+        if tail is not None:
+            self._on_audio(tail)
+        if self._upstream_alive:
+            self._put_audio(_END_OF_AUDIO)
+        if self.diar is not None:
+            with contextlib.suppress(Exception):
+                await self.diar.close()
+        timeout = FINISH_TIMEOUT_S if end == "close" else self.deps.settings.edge_drain_s
+        done, _ = await asyncio.wait(workers, timeout=timeout) if workers else (set(), set())
+        if len(done) < len(workers):
+            log.warning("session %s: upstream did not finish within %.0f s", self.request_id, timeout)
+        if end in ("close", "shutdown"):
+            self._send(protocol.metadata_message(
+                request_id=self.request_id, duration=self.audio.duration,
+                sha256=self.audio.sha256, created=self.created,
+                models=[self.model] + ([self.diarizer_model] if self.diar else []),
+            ))
+
+    async def _close_connection(self, end: End, sender: asyncio.Task[None]) -> None:
+        code, reason = _END_CLOSE[end]
+        if end not in ("gone", "slow"):
+            with contextlib.suppress(asyncio.QueueFull):
+                self._out.put_nowait(None)
+            with contextlib.suppress(asyncio.TimeoutError, ConnectionClosed):
+                await asyncio.wait_for(asyncio.shield(sender), 5.0)
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+            await sender
+        with contextlib.suppress(ConnectionClosed):
+            await self.conn.close(code, reason)
+
+    # --- input ---
+    async def _receive_loop(self) -> End:
+        max_frame = self.deps.settings.edge_max_frame_bytes
+        try:
+            async for message in self.conn:
+                if isinstance(message, bytes):
+                    if not message:
+                        return "close"
+                    if len(message) > max_frame:
+                        return "too_large"
+                    self.last_activity = time.monotonic()
+                    block = self.audio.feed(message)
+                    if block is not None:
+                        self._on_audio(block)
+                    continue
+                try:
+                    control = protocol.parse_control(message)
+                except protocol.ControlError as exc:
+                    self._send(protocol.error_message("INVALID_MESSAGE", str(exc)))
+                    continue
+                self.last_activity = time.monotonic()
+                if control == "CloseStream":
+                    return "close"
+                if control == "Finalize":
+                    self._finalize()
+        except ConnectionClosed:
+            return "gone"
+        return "gone"  # the client closed without CloseStream
+
+    def _on_audio(self, block: AudioBlock) -> None:
+        self.deps.metrics.audio_seconds.inc(block.samples / 16000)
+        if self._upstream_alive:
+            self._put_audio(block)
+        if self.diar is not None:
+            self.diar.push(block)
+
+    def _put_audio(self, item: object) -> None:
+        try:
+            self._audio_q.put_nowait(item)
+        except asyncio.QueueFull:
+            # Overflow policy: drop the oldest audio, keep the newest (see module doc).
+            dropped = self._audio_q.get_nowait()
+            self._audio_q.put_nowait(item)
+            if isinstance(dropped, AudioBlock):
+                self.deps.metrics.queue_dropped.labels("upstream").inc()
+                self._send(protocol.error_message(
+                    "AUDIO_DROPPED",
+                    f"upstream stalled: {dropped.end_s - dropped.start_s:.2f} s of audio at "
+                    f"{dropped.start_s:.2f} s were not transcribed",
+                ))
+
+    def _finalize(self) -> None:
+        if self._upstream_alive:
+            self._finalize_pending += 1
+            self._finals_since_finalize = 0
+            self._put_audio(FLUSH)
+        else:
+            self._send_empty_final(from_finalize=True)
+
+    async def _upstream_audio(self) -> AsyncIterator[AudioItem]:
+        while True:
+            item = await self._audio_q.get()
+            if item is _END_OF_AUDIO:
+                return
+            yield item
+
+    # --- output ---
+    async def _upstream_loop(self) -> None:
+        assert self.deps.upstream is not None
+        try:
+            async for event in self.deps.upstream.stream(self._upstream_audio(), self.config):
+                await self._on_event(event)
+        except Exception as exc:  # an upstream bug must not take the session down
+            log.exception("session %s: upstream failed", self.request_id)
+            self._send(protocol.error_message("UPSTREAM_FAILED", f"transcription stopped: {exc}"))
+        finally:
+            self._upstream_alive = False
+
+    async def _on_event(self, ev: TranscriptEvent) -> None:
+        p = self.params
+        if ev.kind == "result":
+            if ev.is_final:
+                await self._on_final(ev)
+            elif p.interim_results:
+                self._send(self._results(ev, self._label(ev.words)))
+        elif ev.kind == "speech_started" and p.vad_events:
+            self._send(protocol.speech_started_message(ev.start))
+        elif ev.kind == "speech_ended" and p.utterance_end_ms is not None:
+            self._send(protocol.utterance_end_message(self._last_word_end))
+        elif ev.kind == "flushed" and self._finalize_pending:
+            self._finalize_pending -= 1
+            if not self._finals_since_finalize:
+                self._send_empty_final(from_finalize=True)
+        elif ev.kind == "error":
+            variant = "UPSTREAM_AUDIO_LOST" if ev.lost_s else "UPSTREAM_ERROR"
+            self._send(protocol.error_message(variant, ev.message or "upstream error",
+                                              lost_s=round(ev.lost_s, 3)))
+            if ev.lost_s:
+                self.deps.metrics.upstream_lost_seconds.inc(ev.lost_s)
+                self.deps.status.notice("upstream", f"session {self.request_id}: {ev.message}")
+            if ev.fatal:
+                self._upstream_alive = False
+
+    async def _on_final(self, ev: TranscriptEvent) -> None:
+        if ev.words and self.diar is not None and not self._google_labels:
+            wait = self.deps.settings.edge_label_wait_ms / 1000
+            await self.diar.wait_covered(ev.words[-1].end, wait)
+        labelled = self._label(ev.words)
+        self._finals_since_finalize += 1
+        self._send(self._results(ev, labelled, from_finalize=self._finalize_pending > 0))
+        if ev.words:
+            self._last_word_end = ev.words[-1].end
+            received = self.audio.received_at(ev.words[-1].end)
+            if received is not None:
+                self.deps.metrics.final_latency.observe(time.monotonic() - received)
+        if ev.speech_final and self.params.utterance_end_ms is not None and ev.words:
+            self._send(protocol.utterance_end_message(self._last_word_end))
+
+    def _label(self, words: tuple[Word, ...]) -> tuple[list[dict[str, Any]], str | None]:
+        out = []
+        source: str | None = None
+        if self._google_labels:
+            source = "google"
+        elif self.diar is not None and self.diar.state == "active":
+            source = "sortformer"
+        for w in words:
+            speaker: int | None = None
+            conf: float | None = None
+            if source == "google" and w.speaker_label is not None:
+                speaker = self._speaker_map.setdefault(w.speaker_label, len(self._speaker_map))
+            elif source == "sortformer" and self.diar is not None:
+                speaker, conf = self.diar.timeline.speaker_for(w.start, w.end)
+            out.append(protocol.word_entry(w.word, w.start, w.end, w.confidence,
+                                           w.punctuated_word, speaker, conf))
+        return out, source
+
+    def _results(
+        self, ev: TranscriptEvent, labelled: tuple[list[dict[str, Any]], str | None],
+        from_finalize: bool = False,
+    ) -> dict[str, Any]:
+        words, source = labelled
+        return protocol.results_message(
+            request_id=self.request_id, model=self.model, start=ev.start, end=ev.end,
+            is_final=ev.is_final, speech_final=ev.speech_final, from_finalize=from_finalize,
+            transcript=ev.transcript, confidence=ev.confidence, words=words,
+            speaker_source=source if self.params.diarize else None,
+            diarizer=self.diarizer_model if source == "sortformer" else None,
+        )
+
+    def _send_empty_final(self, from_finalize: bool) -> None:
+        now = self.audio.clock
+        ev = TranscriptEvent(kind="result", start=now, end=now, is_final=True)
+        self._send(self._results(ev, ([], None), from_finalize=from_finalize))
+
+    async def _turns_loop(self) -> None:
+        """SpeakerTurn messages from the local diarizer (diarization-only mode, or asked)."""
+        assert self.diar is not None
+        timeline: Any = self.diar.timeline
+        while True:
+            await asyncio.sleep(0.25)
+            for turn in timeline.pop_turns():
+                self._send(protocol.speaker_turn_message(
+                    turn.speaker, turn.start, turn.end, turn.is_final))
+
+    def _send(self, message: dict[str, Any]) -> None:
+        try:
+            self._out.put_nowait(message)
+        except asyncio.QueueFull:
+            self.deps.metrics.queue_dropped.labels("outbound").inc()
+            self.end("slow")
+
+    async def _send_loop(self) -> None:
+        while True:
+            message = await self._out.get()
+            if message is None:
+                return
+            await self.conn.send(json.dumps(message, separators=(",", ":")))

@@ -1,0 +1,253 @@
+"""/v1/listen with real clients: handshake answers, controls and the bad-input table.
+
+These run without an upstream or diarizer (the session still owes the client its Metadata
+and close codes); test_session_e2e.py covers transcripts and speaker labels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from edge.app import App
+from tests.conftest import KEY, running_app
+
+AUTH = {"Authorization": f"Token {KEY}"}
+
+
+def listen_url(app: App, query: str = "") -> str:
+    return f"ws://127.0.0.1:{app.server.port}/v1/listen" + (f"?{query}" if query else "")
+
+
+def pcm(seconds: float, rate: int = 16000) -> bytes:
+    t = np.arange(int(seconds * rate)) / rate
+    return (np.sin(2 * np.pi * 220 * t) * 8000).astype("<i2").tobytes()
+
+
+async def read_until_closed(ws: ClientConnection, timeout: float = 10) -> list[dict[str, Any]]:
+    messages = []
+    with pytest.raises(ConnectionClosed):
+        while True:
+            messages.append(json.loads(await asyncio.wait_for(ws.recv(), timeout)))
+    return messages
+
+
+async def test_close_stream_sends_metadata_then_1000(app: App) -> None:
+    audio = pcm(1.0)
+    async with connect(listen_url(app), additional_headers=AUTH) as ws:
+        for i in range(0, len(audio), 3200):
+            await ws.send(audio[i:i + 3200])
+        await ws.send(json.dumps({"type": "CloseStream"}))
+        messages = await read_until_closed(ws)
+    assert ws.close_code == 1000
+    meta = messages[-1]
+    assert meta["type"] == "Metadata"
+    assert meta["sha256"] == hashlib.sha256(audio).hexdigest()
+    assert meta["duration"] == pytest.approx(1.0)
+    assert meta["channels"] == 1 and meta["transaction_key"] == "deprecated"
+    assert meta["request_id"]
+
+
+async def test_empty_binary_frame_means_close_stream(app: App) -> None:
+    async with connect(listen_url(app, "encoding=mulaw&sample_rate=8000"),
+                       additional_headers=AUTH) as ws:
+        await ws.send(b"\xff" * 800)
+        await ws.send(b"")
+        messages = await read_until_closed(ws)
+    assert ws.close_code == 1000 and messages[-1]["type"] == "Metadata"
+    assert messages[-1]["duration"] == pytest.approx(0.1)
+
+
+async def test_finalize_without_upstream_acknowledges(app: App) -> None:
+    async with connect(listen_url(app), additional_headers=AUTH) as ws:
+        await ws.send(pcm(0.2))
+        await ws.send(json.dumps({"type": "Finalize"}))
+        msg = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        assert msg["type"] == "Results" and msg["from_finalize"] is True and msg["is_final"]
+
+
+BAD_QUERIES = [
+    ("sample_rate=abc", "sample_rate"),
+    ("sample_rate=4000", "sample_rate"),
+    ("sample_rate=96000", "sample_rate"),
+    ("encoding=opus", "encoding"),
+    ("channels=2", "channels"),
+    ("diarize=yes", "diarize"),
+    ("interim_results=1", "interim_results"),
+    ("language=en_US!", "language"),
+    ("utterance_end_ms=10", "utterance_end_ms"),
+    ("model=" + "x" * 80, "model"),
+]
+
+
+@pytest.mark.parametrize(("query", "param"), BAD_QUERIES)
+async def test_bad_query_is_400_naming_the_parameter(app: App, query: str, param: str) -> None:
+    with pytest.raises(InvalidStatus) as err:
+        async with connect(listen_url(app, query), additional_headers=AUTH):
+            pass
+    assert err.value.response.status_code == 400
+    body = json.loads(err.value.response.body)
+    assert body["err_code"] == "INVALID_QUERY_PARAMETER"
+    assert body["err_msg"].startswith(param + "=")
+
+
+async def test_unknown_parameters_are_ignored(app: App) -> None:
+    query = "foo=bar&keywords=a&keywords=b&smart_format=true&model=nova-3&tag=x"
+    async with connect(listen_url(app, query), additional_headers=AUTH) as ws:
+        await ws.send(b"")
+        messages = await read_until_closed(ws)
+    assert messages[-1]["type"] == "Metadata"
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Token nope"}])
+async def test_wrong_key_is_401_at_handshake(app: App, headers: dict[str, str]) -> None:
+    with pytest.raises(InvalidStatus) as err:
+        async with connect(listen_url(app), additional_headers=headers):
+            pass
+    assert err.value.response.status_code == 401
+
+
+async def test_capacity_is_503_at_handshake() -> None:
+    async with running_app(edge_max_sessions=1) as app:
+        async with connect(listen_url(app), additional_headers=AUTH) as first:
+            await first.send(pcm(0.1))
+            await asyncio.sleep(0.1)
+            with pytest.raises(InvalidStatus) as err:
+                async with connect(listen_url(app), additional_headers=AUTH):
+                    pass
+            assert err.value.response.status_code == 503
+            assert json.loads(err.value.response.body)["err_code"] == "TOO_MANY_SESSIONS"
+        # A freed slot admits the next device.
+        await asyncio.sleep(0.2)
+        async with connect(listen_url(app), additional_headers=AUTH) as ws:
+            await ws.send(b"")
+            await read_until_closed(ws)
+
+
+async def _healthy_second_session(app: App, bad: Any) -> None:
+    """Run `bad(ws)` on one session while a second streams; the second must be unharmed."""
+    audio = pcm(1.0)
+    async with (
+        connect(listen_url(app), additional_headers=AUTH) as good,
+        connect(listen_url(app), additional_headers=AUTH) as victim,
+    ):
+        for i in range(0, 16000, 3200):
+            await good.send(audio[i:i + 3200])
+
+        async def keep_alive() -> None:
+            while True:
+                await good.send(json.dumps({"type": "KeepAlive"}))
+                await asyncio.sleep(0.2)
+
+        alive = asyncio.create_task(keep_alive())
+        try:
+            await bad(victim)
+        finally:
+            alive.cancel()
+        for i in range(16000, len(audio), 3200):
+            await good.send(audio[i:i + 3200])
+        await good.send(json.dumps({"type": "CloseStream"}))
+        messages = await read_until_closed(good)
+    assert good.close_code == 1000
+    assert messages[-1]["type"] == "Metadata"
+    assert messages[-1]["sha256"] == hashlib.sha256(audio).hexdigest()
+
+
+async def test_oversize_frame_closes_1008_others_unaffected() -> None:
+    async with running_app(edge_max_frame_bytes=4096) as app:
+        async def bad(ws: ClientConnection) -> None:
+            await ws.send(b"\x00" * 5000)
+            await read_until_closed(ws)
+            assert ws.close_code == 1008 and ws.close_reason == "frame too large"
+        await _healthy_second_session(app, bad)
+
+
+async def test_garbage_text_frame_gets_error_and_stream_continues(app: App) -> None:
+    async def bad(ws: ClientConnection) -> None:
+        for text in ["not json", "[1,2]", '{"type": "Dance"}', '{"type": 5}']:
+            await ws.send(text)
+            msg = json.loads(await asyncio.wait_for(ws.recv(), 5))
+            assert msg["type"] == "Error" and msg["variant"] == "INVALID_MESSAGE"
+            assert msg["description"]
+        await ws.send(pcm(0.1))
+        await ws.send(json.dumps({"type": "CloseStream"}))
+        messages = await read_until_closed(ws)
+        assert messages[-1]["type"] == "Metadata" and ws.close_code == 1000
+    await _healthy_second_session(app, bad)
+
+
+async def test_odd_length_pcm_is_carried(app: App) -> None:
+    audio = pcm(0.5)
+    async with connect(listen_url(app), additional_headers=AUTH) as ws:
+        for i in range(0, len(audio), 333):  # odd sizes split samples across frames
+            await ws.send(audio[i:i + 333])
+        await ws.send(b"")
+        messages = await read_until_closed(ws)
+    assert messages[-1]["duration"] == pytest.approx(0.5)
+    assert messages[-1]["sha256"] == hashlib.sha256(audio).hexdigest()
+
+
+async def test_idle_timeout_closes_1011_net0001() -> None:
+    async with running_app(edge_idle_timeout_s=0.6) as app:
+        async def bad(ws: ClientConnection) -> None:
+            await ws.send(pcm(0.1))
+            await read_until_closed(ws, timeout=5)
+            assert ws.close_code == 1011 and ws.close_reason == "NET-0001"
+        await _healthy_second_session(app, bad)
+
+
+async def test_keepalive_holds_an_idle_session_open() -> None:
+    async with running_app(edge_idle_timeout_s=0.6) as app:
+        async with connect(listen_url(app), additional_headers=AUTH) as ws:
+            for _ in range(6):
+                await ws.send(json.dumps({"type": "KeepAlive"}))
+                await asyncio.sleep(0.25)
+            await ws.send(b"")
+            messages = await read_until_closed(ws)
+        assert ws.close_code == 1000 and messages[-1]["type"] == "Metadata"
+
+
+async def test_client_vanishing_mid_stream_frees_its_slot(app: App) -> None:
+    async def bad(ws: ClientConnection) -> None:
+        await ws.send(pcm(0.2))
+        ws.transport.abort()  # no close frame: the device lost power
+        for _ in range(100):
+            if len(app.listen.sessions) == 1:
+                break
+            await asyncio.sleep(0.02)
+        assert len(app.listen.sessions) == 1
+    await _healthy_second_session(app, bad)
+    await asyncio.sleep(0.1)
+    assert app.status.sessions["active"] == 0
+
+
+async def test_shutdown_flushes_and_closes_1001() -> None:
+    async with running_app() as app:
+        ws = await connect(listen_url(app), additional_headers=AUTH)
+        await ws.send(pcm(0.3))
+        await asyncio.sleep(0.1)
+        app.stop()
+        messages = await read_until_closed(ws)
+        assert ws.close_code == 1001
+        assert messages[-1]["type"] == "Metadata"
+        assert messages[-1]["duration"] == pytest.approx(0.3)
+
+
+async def test_sessions_counted_in_status_and_metrics(app: App) -> None:
+    async with connect(listen_url(app), additional_headers=AUTH) as ws:
+        await ws.send(pcm(0.1))
+        await asyncio.sleep(0.1)
+        assert app.status.sessions["active"] == 1
+        async with httpx.AsyncClient() as c:
+            text = (await c.get(f"http://127.0.0.1:{app.server.port}/metrics", headers=AUTH)).text
+        assert "edge_sessions_active 1.0" in text
+        await ws.send(b"")
+        await read_until_closed(ws)
