@@ -11,6 +11,7 @@ import asyncio
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from edge import __version__
 from edge.settings import Settings, SettingsError, load_settings
@@ -43,6 +44,21 @@ def add_status(sub: argparse._SubParsersAction) -> None:
     _client_args(p)
     p.add_argument("--once", action="store_true", help="print the first snapshot and exit")
     p.set_defaults(run=lambda settings, args: asyncio.run(_status(settings, args)))
+
+
+def add_stream(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("stream", help="stream a WAV/FLAC file to a running daemon")
+    p.add_argument("file", type=Path)
+    _client_args(p)
+    p.add_argument("--fast", action="store_true", help="send as fast as the daemon accepts")
+    p.add_argument("--frame-ms", type=int, default=100, help="audio per frame (default 100)")
+    p.add_argument("--language", help="BCP-47 code or auto (default: the daemon's)")
+    p.add_argument("--model", help="upstream model (default: the daemon's)")
+    p.add_argument("--interim", action="store_true", help="ask for interim results")
+    p.add_argument("--turns", action="store_true", help="ask for SpeakerTurn messages")
+    p.add_argument("--jsonl", type=Path, help="write every message received as JSON lines")
+    p.add_argument("--rttm", type=Path, help="write the speaker segments as RTTM")
+    p.set_defaults(run=lambda settings, args: asyncio.run(_stream(settings, args)))
 
 
 def _client_args(p: argparse.ArgumentParser) -> None:
@@ -87,7 +103,55 @@ async def _status(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = [add_serve, add_status]
+async def _stream(settings: Settings, args: argparse.Namespace) -> int:
+    from websockets.exceptions import InvalidStatus
+
+    from edge import client
+
+    url, key = _client_target(settings, args)
+    try:
+        samples, rate = client.read_audio(args.file)
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"edge: cannot read {args.file}: {exc}", file=sys.stderr)
+        return 1
+    query: dict[str, object] = {"diarize": True, "interim_results": args.interim}
+    if args.turns:
+        query["speaker_turns"] = True
+    for name in ("language", "model"):
+        if getattr(args, name):
+            query[name] = getattr(args, name)
+
+    def show(msg: dict[str, object]) -> None:
+        kind = msg.get("type")
+        if kind == "Results" and msg.get("is_final"):
+            for line in client.format_final(msg):  # type: ignore[arg-type]
+                print(line, flush=True)
+        elif kind == "SpeakerTurn" and msg.get("is_final"):
+            print(client.format_turn(msg), flush=True)  # type: ignore[arg-type]
+        elif kind == "Error":
+            print(f"edge: daemon says: {msg.get('description')}", file=sys.stderr, flush=True)
+
+    print(f"streaming {args.file} ({len(samples) / rate:.1f} s at {rate} Hz) to {url}",
+          file=sys.stderr)
+    try:
+        result = await client.stream_audio(url, samples, rate, key=key, query=query,
+                                           fast=args.fast, frame_ms=args.frame_ms, on_message=show)
+    except InvalidStatus as exc:
+        print(f"edge: {url} refused: HTTP {exc.response.status_code} "
+              f"{exc.response.body.decode(errors='replace')}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"edge: cannot reach {url}: {exc}", file=sys.stderr)
+        return 1
+    client.write_outputs(result, args.file, args.jsonl, args.rttm)
+    meta = result.metadata
+    print(f"closed {result.close_code} {result.close_reason}".rstrip()
+          + (f"; {meta['duration']:.1f} s, request {meta['request_id']}" if meta else ""),
+          file=sys.stderr)
+    return 0 if result.close_code == 1000 else 1
+
+
+COMMANDS = [add_serve, add_status, add_stream]
 
 if __name__ == "__main__":
     sys.exit(main())

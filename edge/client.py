@@ -1,0 +1,157 @@
+"""A small `/v1/listen` client: stream a file at real time (or as fast as accepted), collect
+what comes back, and render it as text lines, JSON lines or RTTM.
+
+Used by `edge stream`, the load benchmarks and the end-to-end tests: one client, one way to
+pace audio and read results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import numpy as np
+from websockets.asyncio.client import connect
+
+MIN_RATE, MAX_RATE = 8000, 48000
+
+
+def read_audio(path: Path) -> tuple[np.ndarray, int]:
+    """A WAV/FLAC file as mono int16 samples and its sample rate (channels are averaged)."""
+    import soundfile as sf
+
+    data, rate = sf.read(str(path), dtype="int16", always_2d=True)
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise ValueError(f"{path}: sample rate {rate} Hz is outside {MIN_RATE}-{MAX_RATE} Hz")
+    mono = data.mean(axis=1).round().astype(np.int16) if data.shape[1] > 1 else data[:, 0]
+    return mono, rate
+
+
+def frames(samples: np.ndarray, rate: int, frame_ms: int) -> Iterator[bytes]:
+    step = max(1, rate * frame_ms // 1000)
+    for i in range(0, len(samples), step):
+        yield samples[i:i + step].astype("<i2").tobytes()
+
+
+@dataclass
+class StreamResult:
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    close_code: int | None = None
+    close_reason: str = ""
+    # monotonic time each message arrived, and when each audio frame was sent
+    received_at: list[float] = field(default_factory=list)
+    sent_audio_s: float = 0.0
+
+    @property
+    def finals(self) -> list[dict[str, Any]]:
+        return [m for m in self.messages if m.get("type") == "Results" and m.get("is_final")]
+
+    @property
+    def metadata(self) -> dict[str, Any] | None:
+        return next((m for m in self.messages if m.get("type") == "Metadata"), None)
+
+
+async def stream_audio(
+    url: str,
+    samples: np.ndarray,
+    rate: int,
+    *,
+    key: str | None = None,
+    query: dict[str, Any] | None = None,
+    fast: bool = False,
+    frame_ms: int = 100,
+    on_message: Callable[[dict[str, Any]], None] | None = None,
+) -> StreamResult:
+    """Send `samples` (mono int16 at `rate`) to `url` + `/v1/listen`, paced at real time unless
+    `fast`, then CloseStream; returns everything received. Raises websockets' InvalidStatus
+    when the handshake is refused and OSError when the daemon is unreachable."""
+    params = {"encoding": "linear16", "sample_rate": rate, **(query or {})}
+    params = {k: str(v).lower() if isinstance(v, bool) else v for k, v in params.items()}
+    headers = {"Authorization": f"Token {key}"} if key else None
+    result = StreamResult()
+    async with connect(f"{url}/v1/listen?{urlencode(params)}", additional_headers=headers,
+                       max_size=None) as ws:
+
+        async def receive() -> None:
+            async for raw in ws:
+                msg = json.loads(raw)
+                result.messages.append(msg)
+                result.received_at.append(time.monotonic())
+                if on_message is not None:
+                    on_message(msg)
+
+        reader = asyncio.create_task(receive())
+        start = time.monotonic()
+        for frame in frames(samples, rate, frame_ms):
+            await ws.send(frame)
+            result.sent_audio_s += len(frame) / 2 / rate
+            if not fast:
+                delay = start + result.sent_audio_s - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+        await ws.send(json.dumps({"type": "CloseStream"}))
+        await reader
+        result.close_code, result.close_reason = ws.close_code, ws.close_reason or ""
+    return result
+
+
+def format_final(msg: dict[str, Any]) -> list[str]:
+    """`[12.3s] speaker 1: words…` lines for one final Results (a line per speaker run)."""
+    words = msg["channel"]["alternatives"][0]["words"]
+    lines: list[str] = []
+    run: list[dict[str, Any]] = []
+    for w in [*words, None]:
+        if run and (w is None or w.get("speaker") != run[0].get("speaker")):
+            who = run[0].get("speaker")
+            label = f"speaker {who}" if who is not None else "speaker ?"
+            text = " ".join(x.get("punctuated_word") or x["word"] for x in run)
+            lines.append(f"[{run[0]['start']:.1f}s] {label}: {text}")
+            run = []
+        if w is not None:
+            run.append(w)
+    return lines
+
+
+def format_turn(msg: dict[str, Any]) -> str:
+    return f"[{msg['start']:.1f}s-{msg['end']:.1f}s] speaker {msg['speaker']}"
+
+
+def rttm_lines(messages: list[dict[str, Any]], file_id: str) -> list[str]:
+    """RTTM segments: from final SpeakerTurns when present, else from labelled final words
+    (consecutive words of one speaker merged)."""
+    segments: list[tuple[float, float, int]] = [
+        (m["start"], m["end"], m["speaker"])
+        for m in messages if m.get("type") == "SpeakerTurn" and m.get("is_final")
+    ]
+    if not segments:
+        for m in messages:
+            if m.get("type") != "Results" or not m.get("is_final"):
+                continue
+            for w in m["channel"]["alternatives"][0]["words"]:
+                if w.get("speaker") is None:
+                    continue
+                if segments and segments[-1][2] == w["speaker"] and w["start"] - segments[-1][1] < 0.5:
+                    segments[-1] = (segments[-1][0], w["end"], w["speaker"])
+                else:
+                    segments.append((w["start"], w["end"], w["speaker"]))
+    return [
+        f"SPEAKER {file_id} 1 {s:.3f} {e - s:.3f} <NA> <NA> speaker_{spk} <NA> <NA>"
+        for s, e, spk in segments
+    ]
+
+
+def write_outputs(result: StreamResult, path: Path, jsonl: Path | None, rttm: Path | None) -> None:
+    if jsonl is not None:
+        jsonl.write_text("".join(json.dumps(m) + "\n" for m in result.messages))
+    if rttm is not None:
+        lines = rttm_lines(result.messages, path.stem)
+        rttm.write_text("".join(line + "\n" for line in lines))
+
+
+__all__ = ["StreamResult", "format_final", "read_audio", "rttm_lines", "stream_audio"]
