@@ -37,6 +37,10 @@ class Metrics:
         self.auth_failures = Counter(
             "edge_auth_failures", "Requests refused for a missing or wrong key", registry=r
         )
+        self.auth_throttled = Counter(
+            "edge_auth_throttled",
+            "Requests refused (429) from an address with too many failed attempts", registry=r,
+        )
         self.audio_seconds = Counter(
             "edge_audio_seconds", "Audio received from devices (session seconds)", registry=r
         )

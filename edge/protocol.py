@@ -67,6 +67,49 @@ def key_matches(token: str | None, keys: Iterable[str]) -> bool:
     return ok
 
 
+class AuthThrottle:
+    """Failed-auth rate limit per client address (sliding window).
+
+    More than `max_failures` failed attempts from one address within `window_s` refuses
+    every request from it (HTTP 429, even with a right key, so a guesser learns nothing)
+    until the window slides past them. At most `max_addresses` are tracked; the oldest is
+    forgotten first, so a flood of spoofed sources costs bounded memory.
+    """
+
+    def __init__(self, max_failures: int, window_s: float, max_addresses: int = 4096) -> None:
+        self.max_failures = max_failures
+        self.window_s = window_s
+        self.max_addresses = max_addresses
+        self._failures: dict[str, list[float]] = {}
+
+    def blocked(self, address: str, now: float) -> bool:
+        times = self._failures.get(address)
+        if not times:
+            return False
+        while times and now - times[0] > self.window_s:
+            times.pop(0)
+        if not times:
+            del self._failures[address]
+            return False
+        return len(times) >= self.max_failures
+
+    def failed(self, address: str, now: float) -> None:
+        times = self._failures.pop(address, [])
+        times.append(now)
+        del times[: max(0, len(times) - self.max_failures)]
+        self._failures[address] = times  # re-insert: dict order = least recently failed first
+        if len(self._failures) > self.max_addresses:
+            del self._failures[next(iter(self._failures))]
+
+
+def too_many_attempts(retry_after_s: float) -> Response:
+    return json_response(
+        429,
+        error_body("TOO_MANY_REQUESTS", "too many failed authentication attempts"),
+        headers=[("Retry-After", str(max(1, int(retry_after_s))))],
+    )
+
+
 def json_response(
     status: int, body: dict[str, Any], headers: Iterable[tuple[str, str]] = ()
 ) -> Response:

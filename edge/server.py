@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import ssl
+import time
 from collections.abc import Sequence
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -62,6 +63,9 @@ class Server:
         self.metrics = metrics
         self.listen = listen
         self._keys = settings.api_keys()
+        self._throttle = protocol.AuthThrottle(
+            settings.edge_auth_max_failures, settings.edge_auth_window_s
+        )
         self._ws: WsServer | None = None
         self._status_clients: set[ServerConnection] = set()
 
@@ -127,9 +131,10 @@ class Server:
             )
         if path == "/health":
             return protocol.json_response(200, {"status": "ok"})
-        if self._keys and not protocol.key_matches(protocol.request_token(request.headers), self._keys):
-            self.metrics.auth_failures.inc()
-            return protocol.unauthorized()
+        if self._keys:
+            refusal = self._authenticate(connection, request)
+            if refusal is not None:
+                return refusal
         if path == "/ready":
             return protocol.json_response(200 if self.status.ready else 503, self.status.snapshot())
         if path == "/metrics":
@@ -141,6 +146,18 @@ class Server:
                 )
             return self.listen.accept(request)
         return None  # /v1/status: continue the websocket handshake
+
+    def _authenticate(self, connection: ServerConnection, request: Request) -> Response | None:
+        address = str(connection.remote_address[0]) if connection.remote_address else "?"
+        now = time.monotonic()
+        if self._throttle.blocked(address, now):
+            self.metrics.auth_throttled.inc()
+            return protocol.too_many_attempts(self.settings.edge_auth_window_s)
+        if protocol.key_matches(protocol.request_token(request.headers), self._keys):
+            return None
+        self._throttle.failed(address, now)
+        self.metrics.auth_failures.inc()
+        return protocol.unauthorized()
 
     async def _handler(self, connection: ServerConnection) -> None:
         path = urlsplit(connection.request.path).path

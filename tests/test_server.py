@@ -118,3 +118,20 @@ async def test_shutdown_closes_status_channel_1001() -> None:
 async def test_unauthenticated_loopback_when_no_keys() -> None:
     async with running_app(edge_api_keys=None) as app, httpx.AsyncClient() as c:
         assert (await c.get(base(app) + "/ready")).status_code == 200
+
+
+async def test_auth_brute_force_is_throttled_per_address() -> None:
+    async with running_app(edge_auth_max_failures=3, edge_auth_window_s=30) as app:
+        async with httpx.AsyncClient() as c:
+            codes = [
+                (await c.get(base(app) + "/ready", headers={"Authorization": f"Token guess{i}"}))
+                .status_code for i in range(5)
+            ]
+            assert codes == [401, 401, 401, 429, 429]
+            # Even the right key is refused while the address is throttled.
+            r = await c.get(base(app) + "/ready", headers=AUTH)
+            assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+            assert (await c.get(base(app) + "/health")).status_code == 200
+        text = app.metrics.render().decode()
+        assert "edge_auth_failures_total 3.0" in text
+        assert "edge_auth_throttled_total 3.0" in text
