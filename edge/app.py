@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import threading
 import time
 from collections.abc import Callable
 
@@ -108,6 +109,8 @@ class App:
                 await asyncio.wait_for(self._stop.wait(), tick)
             if interval and all(check() for check in self.watchdog_checks):
                 self.notifier.watchdog()
+            self.metrics.tasks.set(len(asyncio.all_tasks()))
+            self.metrics.threads.set(threading.active_count())
             summary = self.status.summary()
             if summary != last_summary:
                 self.notifier.status(summary)

@@ -79,6 +79,8 @@ class Metrics:
         self.diarizer_memory = Gauge(
             "edge_diarizer_worker_rss_bytes", "Diarizer worker resident memory", registry=r
         )
+        self.tasks = Gauge("edge_asyncio_tasks", "asyncio tasks alive in the daemon", registry=r)
+        self.threads = Gauge("edge_threads", "Threads alive in the daemon process", registry=r)
         self.queue_depth = Gauge(
             "edge_queue_depth", "Items waiting, summed over sessions, by queue", ["queue"],
             registry=r,

@@ -207,7 +207,7 @@ def load_settings(**overrides: Any) -> Settings:
     Raises `SettingsError` with one line: `NAME='value': what is allowed`.
     """
     env_file = resolve_env_file(os.environ)
-    if env_file is not None and not env_file.is_file():
+    if env_file is not None and (not env_file.exists() or env_file.is_dir()):
         raise SettingsError(f"EDGE_ENV_FILE={str(env_file)!r}: file does not exist")
     try:
         return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]

@@ -8,8 +8,11 @@ daemon.
 
 from __future__ import annotations
 
+import atexit
 import logging
+import logging.handlers
 import os
+import queue
 import sys
 from pathlib import Path
 
@@ -85,8 +88,32 @@ def _watchdog_interval(env: dict[str, str] | os._Environ[str]) -> float | None:
     return value / 2 / 1_000_000 if value > 0 else None
 
 
+class DroppingQueueHandler(logging.handlers.QueueHandler):
+    """Hands records to the log thread; when its bounded queue is full the record is dropped
+    and counted, because a stalled log sink (a full pipe, a slow journald) must never stall
+    the event loop."""
+
+    def __init__(self, q: queue.Queue[logging.LogRecord]) -> None:
+        super().__init__(q)
+        self.dropped = 0
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+
+LOG_QUEUE_MAX = 10000
+_listener: logging.handlers.QueueListener | None = None
+
+
 def setup_logging(level: str) -> None:
-    """journald when started by systemd (`JOURNAL_STREAM` set) and importable, else stderr."""
+    """journald when started by systemd (`JOURNAL_STREAM` set) and importable, else stderr.
+
+    Records go through a bounded queue to a writer thread (overflow: drop and count).
+    """
+    global _listener
     root = logging.getLogger()
     root.handlers.clear()
     root.setLevel(level)
@@ -106,7 +133,13 @@ def setup_logging(level: str) -> None:
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
         )
-    root.addHandler(handler)
+    if _listener is not None:
+        _listener.stop()
+    q: queue.Queue[logging.LogRecord] = queue.Queue(LOG_QUEUE_MAX)
+    _listener = logging.handlers.QueueListener(q, handler, respect_handler_level=False)
+    _listener.start()
+    atexit.register(_listener.stop)
+    root.addHandler(DroppingQueueHandler(q))
     # websockets logs every refused handshake at INFO; ours are counted in /metrics instead.
     logging.getLogger("websockets").setLevel(max(logging.WARNING, root.level))
 

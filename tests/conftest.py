@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,8 @@ def daemon_process(**env: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
                 break
         if port is None:
             raise AssertionError("daemon did not start:\n" + "".join(lines))
+        # Keep draining its log so a full pipe never blocks the daemon.
+        threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
         yield proc, port
     finally:
         if proc.poll() is None:

@@ -92,6 +92,7 @@ def test_settings_fuzz_through_the_real_cli() -> None:
     proc = subprocess.run(["python", "-m", "edge", "serve"], env=env, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("edge: invalid setting EDGE_PORT='99999999'")
 
 
 DOCUMENTED_HTTP = {400, 401, 404, 405, 426, 429, 503}
