@@ -109,6 +109,9 @@ class App:
                 await asyncio.wait_for(self._stop.wait(), tick)
             if interval and all(check() for check in self.watchdog_checks):
                 self.notifier.watchdog()
+            p50, p99 = self.monitor.percentiles()
+            self.metrics.loop_lag_p50.set(p50)
+            self.metrics.loop_lag_p99.set(p99)
             self.metrics.tasks.set(len(asyncio.all_tasks()))
             self.metrics.threads.set(threading.active_count())
             summary = self.status.summary()

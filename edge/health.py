@@ -156,7 +156,7 @@ class LoopMonitor:
         self.observe = observe
         self.last_tick = time.monotonic()
         self.last_lag = 0.0
-        self.max_lag_window: deque[float] = deque(maxlen=200)
+        self.window: deque[float] = deque(maxlen=200)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -166,9 +166,17 @@ class LoopMonitor:
             lag = max(0.0, loop.time() - start - self.interval)
             self.last_tick = time.monotonic()
             self.last_lag = lag
-            self.max_lag_window.append(lag)
+            self.window.append(lag)
             if self.observe is not None:
                 self.observe(lag)
+
+    def percentiles(self) -> tuple[float, float]:
+        """(p50, p99) lag over the last `window` ticks (10 s at 50 ms)."""
+        if not self.window:
+            return 0.0, 0.0
+        ordered = sorted(self.window)
+        n = len(ordered)
+        return ordered[n // 2], ordered[min(n - 1, int(n * 0.99))]
 
     def healthy(self, stale_after: float = 5.0) -> bool:
         return time.monotonic() - self.last_tick < stale_after

@@ -64,6 +64,12 @@ class Metrics:
             "edge_event_loop_lag_seconds", "How late the event loop's 50 ms tick woke",
             buckets=LAG_BUCKETS, registry=r,
         )
+        self.loop_lag_p50 = Gauge(
+            "edge_event_loop_lag_p50_seconds", "Loop lag median over the last 10 s", registry=r
+        )
+        self.loop_lag_p99 = Gauge(
+            "edge_event_loop_lag_p99_seconds", "Loop lag p99 over the last 10 s", registry=r
+        )
         self.diarizer_step = Histogram(
             "edge_diarizer_step_seconds", "Worker time per streaming step",
             buckets=LATENCY_BUCKETS, registry=r,
