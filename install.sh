@@ -4,7 +4,7 @@
 # Bash does the steps; decisions that need facts about the machine (platform, which disk the
 # model cache goes on, free space, memory limits) come from `python3 -m edge.provision`, the
 # same code `edge check` reports with.
-set -euo pipefail
+set -Eeuo pipefail  # -E: the ERR trap below fires inside functions too
 
 usage() {
   cat <<'EOF'
@@ -75,9 +75,11 @@ while (($#)); do
 done
 
 changes=0 warnings=0
-say() { printf '%-8s %s\n' "$1" "$2"; }
+say() { printf '%-8s %s\n' "$1" "${*:2}"; }  # say STEP WORDS...
 warn() { say "$1" "warning: $2"; warnings=$((warnings + 1)); }
 die() { echo "install.sh: $1" >&2; exit "${2:-1}"; }
+# A step that fails says which command, so the operator is not left with a bare traceback.
+trap 'echo "install.sh: failed (exit $?): $BASH_COMMAND" >&2; exit 1' ERR
 live() { [[ -z $D ]] && ((!dry_run)); }  # acting on this machine itself
 # systemd manages services only when it is PID 1 (sd_booted(3)); never for a --destdir.
 systemd_running=0
@@ -295,6 +297,7 @@ step_config() {
 
 step_unit() {
   put_file unit "$UNIT" 0644 <"$SRC/systemd/edge.service"
+  put_file unit "$PREFIX/README.md" 0644 <"$SRC/README.md"  # the unit's Documentation=
   put_file unit "$DROPINS/memory.conf" 0644 <<EOF
 # Written by install.sh from EDGE_DIARIZATION_MEMORY_MB=${probe[memory_budget_mb]} plus the daemon's own.
 [Service]
@@ -353,11 +356,12 @@ step_service() {
   elif ((!systemd_running && foreground)); then
     say service "systemd is not running: the daemon runs in this terminal (Ctrl-C stops it)"
   elif ((!systemd_running)); then
-    say service "systemd is not running: start the daemon with --foreground, or" \
+    say service "systemd is not running: start the daemon with --foreground, or with" \
       "runuser -u edge -- $VENV/bin/edge serve"
   elif ((dry_run)); then
     say service "would enable and (re)start edge.service"
   else
+    ((foreground)) && say service "systemd runs the daemon; follow it with journalctl -u edge -f"
     ((changes)) && systemctl daemon-reload
     if ! systemctl is-enabled --quiet edge.service; then
       systemctl enable --quiet edge.service

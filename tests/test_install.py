@@ -126,6 +126,7 @@ def test_destdir_install_lays_out_venv_unit_env_and_user(installed: tuple[Path, 
     assert (root / VENV / "bin/edge").read_text().splitlines()[0] == "#!/opt/edge/venv/bin/python"
     assert str(root) not in (root / VENV / "pyvenv.cfg").read_text()
     assert (root / UNIT).read_text() == (ROOT / "systemd/edge.service").read_text()
+    assert (root / "opt/edge/README.md").is_file()  # the unit's Documentation=
     assert (root / DROPINS / "memory.conf").read_text().splitlines()[-2:] == [
         "MemoryHigh=2248M", "MemoryMax=2810M",
     ]
@@ -284,7 +285,8 @@ SINCE = {
     "StartLimitIntervalSec": 229, "StartLimitBurst": 229, "Type": 1, "NotifyAccess": 1,
     "ExecStart": 1, "User": 1, "Group": 1, "SupplementaryGroups": 1, "EnvironmentFile": 1,
     "Environment": 1, "TimeoutStartSec": 188, "TimeoutStopSec": 188, "WatchdogSec": 1,
-    "Restart": 1, "RestartSec": 1, "KillMode": 1, "MemoryHigh": 231, "MemoryMax": 231,
+    "Restart": 1, "RestartSec": 1, "RestartPreventExitStatus": 189, "KillMode": 1,
+    "MemoryHigh": 231, "MemoryMax": 231,
     "CacheDirectory": 235, "CacheDirectoryMode": 235, "StateDirectory": 235,
     "StateDirectoryMode": 235, "ProtectSystem": 214, "ProtectHome": 214, "PrivateTmp": 1,
     "PrivateMounts": 239, "PrivateDevices": 209, "DevicePolicy": 208, "DeviceAllow": 208,
