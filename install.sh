@@ -130,10 +130,12 @@ ensure_dir() {
   elif ((dry_run)); then
     say "$step" "would create $path"
   else
+    local did="created"
+    [[ -d $D$path ]] && did="handed to the user edge:"
     install -d -m 0750 "$D$path"
-    # Owned by the service user, with whatever an earlier run as root left inside.
-    if live; then chown -R edge:edge "$path"; fi
-    say "$step" "created $path"
+    # Not recursive: --cache-dir may name a directory that holds other things too.
+    if live; then chown edge:edge "$path"; fi
+    say "$step" "$did $path"
     changes=1
   fi
 }
@@ -175,6 +177,10 @@ venv_stamp() {
   } | sha256sum | cut -d' ' -f1
 }
 
+# python3 -m edge.provision from the source tree: the venv may not exist yet. No .pyc files:
+# a --dry-run writes nothing, not even into the checkout.
+provision() { PYTHONPATH="$SRC" PYTHONDONTWRITEBYTECODE=1 "$PY" -m edge.provision "$@"; }
+
 declare -A probe=()
 step_probe() {
   local args=(probe --root "${EDGE_INSTALL_PROBE_ROOT:-/}" --env-file "$D$ENV_FILE"
@@ -185,7 +191,7 @@ step_probe() {
   [[ -n ${EDGE_INSTALL_NEED_CACHE_MB:-} ]] && args+=(--need-cache-mb "$EDGE_INSTALL_NEED_CACHE_MB")
   # Only a model download needs the room now; without one the choice alone matters.
   ((fetch_model && nemo)) && [[ -z $D ]] && args+=(--check-cache-space)
-  out=$(PYTHONPATH="$SRC" PYTHONDONTWRITEBYTECODE=1 "$PY" -m edge.provision "${args[@]}" 2>&1) || die "$out" $?
+  out=$(provision "${args[@]}" 2>&1) || die "$out" $?
   while IFS='=' read -r key value; do
     if [[ $key == warning ]]; then warn cache "$value"; else probe[$key]=$value; fi
   done <<<"$out"
@@ -210,11 +216,12 @@ EOF
   elif ((dry_run)); then
     say user "would create the system user edge"
   elif command -v systemd-sysusers >/dev/null; then
-    systemd-sysusers "$SYSUSERS"
+    systemd-sysusers "$SYSUSERS" 2>&1 | sed 's/^/user     /'
     say user "created edge (systemd-sysusers)"
     changes=1
   else
-    groupadd -f -r video && groupadd -f -r render
+    groupadd -f -r video
+    groupadd -f -r render
     useradd -r -U -d "$STATE_DIR" -M -s /usr/sbin/nologin -G video,render \
       -c "edge speech appliance" edge
     say user "created edge (useradd)"
@@ -268,6 +275,11 @@ step_venv() {
   pip_install "${constraints[@]}" "$build${extras:+[$extras]}"
   rm -rf "$build"
   [[ -z $D ]] || relocate_venv
+  # A venv made from an interpreter the service user cannot reach (a pyenv under /root) would
+  # only fail when the unit starts: say so now, and write no stamp.
+  if live && ! runuser -u edge -- "$VENV/bin/python" -c 'import edge' 2>/dev/null; then
+    die "the user edge cannot run $VENV/bin/python (made from $PY): use --python /usr/bin/python3"
+  fi
   printf '%s\n' "$stamp" >"$D$STAMP"
   say venv "installed $("$D$VENV/bin/python" -c 'import edge; print("edge", edge.__version__)')"
   changes=1
@@ -277,7 +289,7 @@ relocate_venv() {
   # A venv writes its own path into scripts and pyvenv.cfg; built under DESTDIR it must name
   # the path it will have on the device.
   local f
-  grep -rlIF -- "$D$VENV" "$D$VENV/bin" "$D$VENV/pyvenv.cfg" | while IFS= read -r f; do
+  { grep -rlIF -- "$D$VENV" "$D$VENV/bin" "$D$VENV/pyvenv.cfg" || true; } | while IFS= read -r f; do
     sed -i "s|$D$VENV|$VENV|g" "$f"
   done
 }
@@ -325,8 +337,9 @@ step_model() {
     say model "would fetch the model into ${probe[cache_dir]} when online"
   elif ! "$VENV/bin/edge" model fetch --help >/dev/null 2>&1; then
     warn model "this edge has no \`edge model fetch\`: the daemon downloads the model on first use"
-  elif ! PYTHONPATH="$SRC" PYTHONDONTWRITEBYTECODE=1 "$PY" -m edge.provision online "$MODEL_HOST" --timeout 5; then
-    warn model "offline ($MODEL_HOST did not answer in 5 s): not prefetched; run \`edge model fetch\` when online, or set NEMO_DIAR_MODEL_PATH"
+  elif ! provision online "$MODEL_HOST" --timeout 5; then
+    warn model "offline ($MODEL_HOST did not answer in 5 s): not prefetched;" \
+      "run \`edge model fetch\` when online, or set NEMO_DIAR_MODEL_PATH"
   else
     say model "fetching into ${probe[cache_dir]}"
     # As the service user, so the cache stays the daemon's to write.
