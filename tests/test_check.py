@@ -185,6 +185,9 @@ def test_edge_check_json_and_exit_code(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(checks, "_google_default", _no_google)
+    # A model in the cache: this machine's free space then cannot fail the cache check.
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / MODEL).write_bytes(b"weights")
     monkeypatch.setenv("NEMO_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("EDGE_PORT", "0")
     assert cli.main(["check", "--json"]) == 0
@@ -206,6 +209,7 @@ def test_edge_check_reads_google_credentials_from_the_env_file(
 ) -> None:
     creds = tmp_path / "sa.json"
     creds.write_text("{}")
+    (tmp_path / MODEL).write_bytes(b"weights")
     env = tmp_path / "edge.env"
     env.write_text(f"GOOGLE_APPLICATION_CREDENTIALS={creds}\nEDGE_PORT=0\n"
                    f"NEMO_CACHE_DIR={tmp_path}\n")
