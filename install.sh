@@ -29,6 +29,7 @@ Options:
 Environment:
   EDGE_TORCH_INDEX       pip index for torch (default: NVIDIA's Jetson wheels on a Jetson,
                          the CPU build elsewhere; set it empty for pip's configured index)
+  EDGE_TORCH_SPEC        which torch, e.g. "torch==2.8.0" (default: torch)
   EDGE_INSTALL_PIP_ARGS  extra pip arguments, e.g. "--no-index --find-links /srv/wheels"
   EDGE_INSTALL_NEED_VENV_MB / EDGE_INSTALL_NEED_CACHE_MB
                          free space required (defaults 4096 with NeMo, 512 without / 1024)
@@ -170,8 +171,8 @@ check_python() {
 venv_stamp() {
   {
     "$PY" -c 'import sys; print(sys.executable, sys.version)'
-    printf 'extras=%s torch_index=%s pip_args=%s\n' "$extras" "${EDGE_TORCH_INDEX-default}" \
-      "${EDGE_INSTALL_PIP_ARGS:-}"
+    printf 'extras=%s torch=%s %s pip_args=%s\n' "$extras" "${EDGE_TORCH_SPEC:-torch}" \
+      "${EDGE_TORCH_INDEX-default}" "${EDGE_INSTALL_PIP_ARGS:-}"
     (cd "$SRC" && find pyproject.toml edge -type f ! -path '*/__pycache__/*' -print0 |
       LC_ALL=C sort -z | xargs -0 sha256sum)
   } | sha256sum | cut -d' ' -f1
@@ -259,11 +260,17 @@ step_venv() {
       else
         index=${EDGE_TORCH_INDEX-$CPU_TORCH_INDEX}  # never PyPI's CUDA build off a Jetson
       fi
-      say venv "installing torch${index:+ from $index}"
-      if [[ -n $index ]]; then pip_install --index-url "$index" torch; else pip_install torch; fi
+      say venv "installing ${EDGE_TORCH_SPEC:-torch}${index:+ from $index}"
+      if [[ -n $index ]]; then
+        pip_install --index-url "$index" "${EDGE_TORCH_SPEC:-torch}"
+      else
+        pip_install "${EDGE_TORCH_SPEC:-torch}"
+      fi
     fi
-    # Pin the torch we have, so NeMo's requirements cannot swap it for another build.
-    "$D$VENV/bin/python" -c 'import torch; print(f"torch=={torch.__version__}")' \
+    # Pin the torch we have, so NeMo's requirements cannot swap it for another build. The
+    # public version: "==2.8.0" is met by the installed 2.8.0+cu126, and pip's resolver does
+    # not find "==2.8.0+cu126" outside the index that build came from.
+    "$D$VENV/bin/python" -W ignore -c 'import torch; print("torch==" + torch.__version__.split("+")[0])' \
       >"$D$PREFIX/constraints.txt"
     constraints=(-c "$D$PREFIX/constraints.txt")
   fi

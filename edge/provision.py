@@ -61,10 +61,10 @@ def probe(args: argparse.Namespace) -> tuple[list[tuple[str, str]], str | None]:
     configured = env.get("NEMO_CACHE_DIR")
     if configured:
         if args.cache_dir and Path(args.cache_dir) != Path(configured):
-            warnings.append(f"{args.env_file} already sets NEMO_CACHE_DIR={configured} and is "
+            warnings.append(f"the env file already sets NEMO_CACHE_DIR={configured} and is "
                             f"never overwritten: edit it to use {args.cache_dir}")
         choice = device.choose_cache_dir(need_cache, root=root, free=free, override=Path(configured))
-        choice_source, reason = "env-file", f"NEMO_CACHE_DIR in {args.env_file}"
+        choice_source, reason = "env-file", "NEMO_CACHE_DIR in the env file"
     else:
         override = Path(args.cache_dir) if args.cache_dir else None
         choice = device.choose_cache_dir(need_cache, root=root, free=free, override=override)
