@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from edge import __version__
-from edge.settings import Settings, SettingsError, load_settings
+from edge.settings import Settings, SettingsError, load_settings, resolve_env_file
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -61,6 +62,15 @@ def add_stream(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=lambda settings, args: asyncio.run(_stream(settings, args)))
 
 
+def add_check(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "check", help="check this device: platform, cache, model, NeMo, Google, port, unit"
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object instead of lines")
+    p.add_argument("--deep", action="store_true", help="import NeMo for real (seconds)")
+    p.set_defaults(run=_check)
+
+
 def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", help="daemon address (default: ws://EDGE_HOST:EDGE_PORT)")
     p.add_argument("--key", help="API key (default: the first of EDGE_API_KEYS)")
@@ -80,6 +90,22 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
 
     setup_logging(settings.edge_log_level)
     return run(settings)
+
+
+def _check(settings: Settings, args: argparse.Namespace) -> int:
+    from dotenv import dotenv_values
+
+    from edge.checks import failed, render, render_json, run_checks
+
+    env_file = resolve_env_file(os.environ)
+    # What the daemon's environment holds: the env file's values under the process's own
+    # (Google's variables are not settings, so only the file and the environment have them).
+    file_values = {k: v for k, v in dotenv_values(env_file).items() if v} if env_file else {}
+    url, _key = _client_target(settings, argparse.Namespace(url=None, key=None))
+    checks = run_checks(settings, env_file=env_file, environ={**file_values, **os.environ},
+                        daemon_url=url, deep=args.deep)
+    print(render_json(checks) if args.json else render(checks))
+    return 1 if failed(checks) else 0
 
 
 async def _status(settings: Settings, args: argparse.Namespace) -> int:
@@ -151,7 +177,7 @@ async def _stream(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if result.close_code == 1000 else 1
 
 
-COMMANDS = [add_serve, add_status, add_stream]
+COMMANDS = [add_serve, add_status, add_stream, add_check]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,24 +6,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(libsystemd-dev pkg-config systemd shellcheck bats sox)
-
-missing_apt() {
-  local p
-  for p in "${APT_PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"
-  done
-}
+# python3-venv: the install.sh tests build venvs with ensurepip.
+APT_PACKAGES=(libsystemd-dev pkg-config systemd shellcheck bats sox python3-venv)
 
 if [[ "${EDGE_SKIP_APT:-0}" != 1 ]] && command -v apt-get >/dev/null; then
-  mapfile -t need < <(missing_apt)
-  if ((${#need[@]})); then
-    echo "test.sh: installing system packages: ${need[*]}"
-    sudo_cmd=()
-    [[ $(id -u) -eq 0 ]] || sudo_cmd=(sudo)
-    "${sudo_cmd[@]}" apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq "${need[@]}" >/dev/null
-  fi
+  # shellcheck source=scripts/apt.sh
+  . scripts/apt.sh
+  apt_install "${APT_PACKAGES[@]}"
 fi
 
 PY=${PYTHON:-python3}

@@ -1,0 +1,1 @@
+"""Fakes that speak the real formats: a simulated machine root (mountinfo, sysfs, df)."""

@@ -1,0 +1,222 @@
+"""`edge check`: each check from simulated inputs, then the command itself."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import socket
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edge import checks, cli
+from edge.checks import Check
+from edge.settings import load_settings
+from tests.conftest import running_app
+from tests.fakes.machine import FakeMachine, sd_card_jetson
+
+MODEL = "diar_streaming_sortformer_4spk-v2.1.nemo"
+
+
+def _no_google() -> str:
+    raise RuntimeError("Your default credentials were not found")
+
+
+def _systemctl(active: str, load: str = "loaded") -> checks.Systemctl:
+    def run(args: Sequence[str]) -> str:
+        assert list(args[:2]) == ["show", "edge.service"]
+        return (f"LoadState={load}\nActiveState={active}\nSubState=running\n"
+                "UnitFileState=enabled\n")
+    return run
+
+
+def _run(tmp_path: Path, machine: FakeMachine | None = None, *, environ: dict[str, str] | None = None,
+         systemctl: checks.Systemctl | None = None, **settings: Any) -> dict[str, Check]:
+    if machine is None:  # a device booted from NVMe, made afresh for each call
+        machine = FakeMachine(Path(tempfile.mkdtemp(dir=tmp_path))).mount("/", "nvme0n1p1")
+    # Not under /tmp (which the check warns about); it need not exist.
+    settings.setdefault("nemo_cache_dir", Path("/srv/edge-cache"))
+    settings.setdefault("edge_port", 0)
+    found = checks.run_checks(
+        load_settings(**settings), env_file=None, environ=environ or {},
+        daemon_url="ws://127.0.0.1:1", root=machine.root, free=machine.free(),
+        systemctl=systemctl or _systemctl("active"), google_default=_no_google,
+    )
+    return {c.name: c for c in found}
+
+
+def _levels(found: dict[str, Check]) -> dict[str, str]:
+    return {name: c.level for name, c in found.items()}
+
+
+def test_every_check_has_a_line(tmp_path: Path) -> None:
+    found = _run(tmp_path)
+    assert list(found) == ["platform", "config", "packages", "cache", "model", "nemo", "google",
+                           "port", "unit"]
+    text = checks.render(list(found.values()))
+    assert text.splitlines()[0].startswith("ok    platform  ")
+    assert not checks.failed(list(found.values()))
+
+
+def test_cache_kinds_and_room(tmp_path: Path) -> None:
+    nvme = _run(tmp_path)["cache"]
+    assert nvme.level == "ok" and "(nvme nvme0n1, 100000 MB free)" in nvme.detail
+    sd = _run(tmp_path, sd_card_jetson(tmp_path / "sd"))["cache"]
+    assert sd.level == "warn" and "on the sd card" in sd.detail
+    full = FakeMachine(tmp_path / "full").mount("/", "nvme0n1p1", free_mb=100)
+    low = _run(tmp_path, full)["cache"]
+    assert low.level == "FAIL" and low.detail.endswith("100 MB free): the model needs 1024 MB")
+    tmp = _run(tmp_path, nemo_cache_dir=Path("/tmp/nemo_cache"))["cache"]
+    assert tmp.level == "warn" and "under /tmp the service sees another one" in tmp.detail
+
+
+def test_model_present_verified_mismatched_missing(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    missing = _run(tmp_path, nemo_cache_dir=cache)["model"]
+    assert missing.level == "warn" and "run `edge model fetch`" in missing.detail
+    snapshot = cache / "models--nvidia--x/snapshots/abc"  # Hugging Face's cache layout
+    snapshot.mkdir(parents=True)
+    (snapshot / MODEL).write_bytes(b"weights")
+    digest = hashlib.sha256(b"weights").hexdigest()
+    assert _run(tmp_path, nemo_cache_dir=cache)["model"].level == "ok"
+    verified = _run(tmp_path, nemo_cache_dir=cache, edge_model_sha256=digest.upper())["model"]
+    assert verified.level == "ok" and "sha256 verified" in verified.detail
+    wrong = _run(tmp_path, nemo_cache_dir=cache, edge_model_sha256="0" * 64)["model"]
+    assert wrong.level == "FAIL" and digest in wrong.detail
+    off = _run(tmp_path, stt_enable_nemo_diarization_fallback=False)
+    assert (off["model"].level, off["nemo"].detail) == ("ok", "local diarization is off")
+
+
+def test_configured_model_path_is_the_model(tmp_path: Path) -> None:
+    model = tmp_path / "mine.nemo"
+    model.write_bytes(b"x")
+    assert str(model) in _run(tmp_path, nemo_diar_model_path=model)["model"].detail
+
+
+def test_nemo_missing_is_a_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(checks, "nemo_diarization_available",
+                        lambda deep=False: (False, "No module named 'nemo'"))
+    nemo = _run(tmp_path)["nemo"]
+    assert (nemo.level, nemo.detail) == ("warn", "NeMo not available: No module named 'nemo'")
+
+
+def test_google_credentials(tmp_path: Path) -> None:
+    assert _run(tmp_path)["google"].level == "warn"
+    creds = tmp_path / "sa.json"
+    creds.write_text("{}")
+    found = _run(tmp_path, environ={"GOOGLE_APPLICATION_CREDENTIALS": str(creds)})["google"]
+    assert found.level == "ok"
+    gone = _run(tmp_path, environ={"GOOGLE_APPLICATION_CREDENTIALS": str(tmp_path / "no")})
+    assert gone["google"].level == "warn"
+    endpoint = _run(tmp_path, edge_stt_endpoint="127.0.0.1:50051")["google"]
+    assert endpoint.level == "ok" and "127.0.0.1:50051" in endpoint.detail
+    assert _run(tmp_path, edge_stt_api="none")["google"].level == "ok"
+
+
+def test_google_default_is_bounded() -> None:
+    # Whatever the machine has, the probe answers (ok or an exception) within its timeout.
+    try:
+        checks._google_default(timeout=0.001)
+    except Exception as exc:
+        assert isinstance(exc, TimeoutError | RuntimeError)
+
+
+def test_port_free_or_taken() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        taken = checks._port(load_settings(edge_port=port), f"ws://127.0.0.1:{port}")
+        assert taken == ("FAIL", f"127.0.0.1:{port} is taken by another process")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free_port = probe.getsockname()[1]
+    assert checks._port(load_settings(edge_port=free_port), "ws://127.0.0.1:1")[0] == "ok"
+
+
+async def test_port_held_by_our_daemon_is_ok() -> None:
+    async with running_app() as app:
+        port = app.server.port
+        settings = load_settings(edge_port=port)
+        # In a thread: the probe is a blocking HTTP request to the daemon on this loop.
+        level, detail = await asyncio.to_thread(checks._port, settings, f"ws://127.0.0.1:{port}")
+    assert (level, detail) == ("ok", f"127.0.0.1:{port} is served by edge (/health ok)")
+
+
+@pytest.mark.parametrize(("active", "load", "level"), [
+    ("active", "loaded", "ok"), ("activating", "loaded", "ok"), ("inactive", "loaded", "warn"),
+    ("failed", "loaded", "FAIL"), ("inactive", "not-found", "warn"),
+])
+def test_unit_state(tmp_path: Path, active: str, load: str, level: str) -> None:
+    machine = FakeMachine(tmp_path / "m").mount("/", "nvme0n1p1")
+    (machine.root / "run/systemd/system").mkdir(parents=True)
+    unit = _run(tmp_path, machine, systemctl=_systemctl(active, load))["unit"]
+    assert unit.level == level
+    if load == "not-found":
+        assert "not installed" in unit.detail
+
+
+def test_unit_without_systemd_is_a_warning(tmp_path: Path) -> None:
+    unit = _run(tmp_path)["unit"]
+    assert (unit.level, unit.detail) == (
+        "warn", "systemd is not running here: start the daemon with `edge serve`",
+    )
+
+
+def test_systemd_python_is_required_where_systemd_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    machine = FakeMachine(tmp_path / "m").mount("/", "nvme0n1p1")
+    (machine.root / "run/systemd/system").mkdir(parents=True)
+    real = checks.missing_packages
+    monkeypatch.setattr(checks, "missing_packages",
+                        lambda names: list(names) if names == ("systemd.daemon",) else real(names))
+    packages = _run(tmp_path, machine)["packages"]
+    assert packages.level == "FAIL" and "READY=1" in packages.detail
+
+
+# --- the command ---
+
+def test_edge_check_json_and_exit_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(checks, "_google_default", _no_google)
+    # A model in the cache: this machine's free space then cannot fail the cache check.
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / MODEL).write_bytes(b"weights")
+    monkeypatch.setenv("NEMO_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("EDGE_PORT", "0")
+    assert cli.main(["check", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] is True
+    assert {c["name"] for c in report["checks"]} >= {"platform", "cache", "model", "unit"}
+
+    with socket.socket() as busy:  # a foreign listener on the port is a required failure
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        monkeypatch.setenv("EDGE_PORT", str(busy.getsockname()[1]))
+        assert cli.main(["check"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("FAIL  port") for line in lines)
+
+
+def test_edge_check_reads_google_credentials_from_the_env_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    creds = tmp_path / "sa.json"
+    creds.write_text("{}")
+    (tmp_path / MODEL).write_bytes(b"weights")
+    env = tmp_path / "edge.env"
+    env.write_text(f"GOOGLE_APPLICATION_CREDENTIALS={creds}\nEDGE_PORT=0\n"
+                   f"NEMO_CACHE_DIR={tmp_path}\n")
+    monkeypatch.setenv("EDGE_ENV_FILE", str(env))
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    cli.main(["check", "--json"])
+    report = {c["name"]: c for c in json.loads(capsys.readouterr().out)["checks"]}
+    assert report["google"] == {"name": "google", "level": "ok",
+                                "detail": f"GOOGLE_APPLICATION_CREDENTIALS={creds}"}
+    assert report["config"]["detail"] == f"env file {env}"
