@@ -1,9 +1,10 @@
 """systemd glue: sd_notify, the watchdog interval, and logging to journald or stderr.
 
-Uses systemd-python where importable. Without it (a dev box, a container) every call is a
-no-op, said once in the log. A `NOTIFY_SOCKET` that names a missing path raises inside
-systemd-python: we log that once and carry on, since a notify failure must never stop the
-daemon.
+Uses systemd-python where importable. Without it (a device where the C extension could not
+be built) the same datagram goes out over a plain AF_UNIX socket — the sd_notify protocol is
+one datagram, so this fallback is exact; it is said once in the log. A `NOTIFY_SOCKET` that
+names a missing path raises: we log that once and carry on, since a notify failure must
+never stop the daemon.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import logging.handlers
 import os
 import queue
+import socket
 import sys
 from pathlib import Path
 
@@ -32,20 +34,20 @@ class Notifier:
         self.socket = env.get("NOTIFY_SOCKET")
         self._failed_once = False
         self.watchdog_interval = _watchdog_interval(env)
-        if self.socket and _sd_daemon is None:
-            log.warning("NOTIFY_SOCKET is set but systemd-python is missing: sd_notify disabled")
-        elif _sd_daemon is None:
-            log.info("systemd-python not installed: sd_notify is a no-op")
+        if _sd_daemon is None:
+            log.info("systemd-python not installed: sd_notify over a plain socket")
 
     @property
     def enabled(self) -> bool:
-        return bool(self.socket) and _sd_daemon is not None
+        return bool(self.socket)
 
     def notify(self, message: str) -> bool:
-        if not self.enabled:
+        if not self.socket:
             return False
         try:
-            return bool(_sd_daemon.notify(message))
+            if _sd_daemon is not None:
+                return bool(_sd_daemon.notify(message))
+            return _send_datagram(self.socket, message)
         except OSError as exc:
             if not self._failed_once:
                 log.warning("sd_notify to %s failed: %s", self.socket, exc)
@@ -66,6 +68,14 @@ class Notifier:
 
     def extend_timeout(self, seconds: float) -> bool:
         return self.notify(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}")
+
+
+def _send_datagram(path: str, message: str) -> bool:
+    # A leading "@" names a socket in the abstract namespace.
+    address = "\0" + path[1:] if path.startswith("@") else path
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        sock.sendto(message.encode(), address)
+    return True
 
 
 def _watchdog_interval(env: dict[str, str] | os._Environ[str]) -> float | None:

@@ -8,7 +8,9 @@ import socket
 import time
 from pathlib import Path
 
-from tests.conftest import daemon_process
+import pytest
+
+from tests.conftest import ROOT, daemon_process
 
 
 def _collect(sock: socket.socket, until: float) -> list[tuple[float, str]]:
@@ -22,13 +24,28 @@ def _collect(sock: socket.socket, until: float) -> list[tuple[float, str]]:
     return out
 
 
-def test_ready_status_watchdog_stopping(tmp_path: Path) -> None:
+@pytest.fixture(params=["systemd-python", "plain-socket"])
+def notify_impl(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
+    """Run the daemon with systemd-python, and once without it (the socket fallback)."""
+    if request.param == "systemd-python":
+        pytest.importorskip("systemd.daemon")
+        return {}
+    shadow = tmp_path / "shadow"
+    (shadow / "systemd").mkdir(parents=True)
+    (shadow / "systemd" / "__init__.py").write_text("raise ImportError('hidden for the test')\n")
+    return {"PYTHONPATH": f"{shadow}:{ROOT}"}
+
+
+def test_ready_status_watchdog_stopping(tmp_path: Path, notify_impl: dict[str, str]) -> None:
     path = tmp_path / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(path))
     try:
         # WATCHDOG_USEC=1 s: pings every 0.5 s.
-        with daemon_process(NOTIFY_SOCKET=str(path), WATCHDOG_USEC="1000000") as (proc, _port):
+        with daemon_process(NOTIFY_SOCKET=str(path), WATCHDOG_USEC="1000000", **notify_impl) as (
+            proc,
+            _port,
+        ):
             msgs = _collect(sock, time.monotonic() + 3.2)
             texts = [m for _, m in msgs]
             assert texts and texts[0].startswith("READY=1\nSTATUS=ready")
