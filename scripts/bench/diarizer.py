@@ -102,6 +102,7 @@ def _peak_rss() -> int:
 
 def _load(job: dict[str, Any]) -> tuple[Any, float]:
     import torch
+    from nemo.collections.asr.models import SortformerEncLabelModel  # import cost is not load cost
 
     from edge.diarization.model import load_model
     from edge.settings import Settings
@@ -110,8 +111,6 @@ def _load(job: dict[str, Any]) -> tuple[Any, float]:
     settings = Settings(_env_file=None, nemo_cache_dir=Path(job["cache"]))
     start = time.perf_counter()
     if job.get("stock"):
-        from nemo.collections.asr.models import SortformerEncLabelModel
-
         model = SortformerEncLabelModel.restore_from(job["model"], map_location="cpu").eval()
     else:
         model = load_model(Path(job["model"]), settings, "cpu")
@@ -228,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="stop repeating a config after this long (slow presets)")
     parser.add_argument("--piece-ms", type=int, default=500, help="piece size fed to the live engine")
     parser.add_argument("--only", nargs="*", help="config names to run (default: all)")
+    parser.add_argument("--parts", default="load,pairs,seed", help="what to measure (default: all)")
     parser.add_argument("--out", type=Path, default=Path("bench-diarizer.json"))
     args = parser.parse_args(argv)
     if args.child:
@@ -254,8 +254,10 @@ def main(argv: list[str] | None = None) -> int:
         "model": str(args.model), "audio": str(audio), "piece_ms": args.piece_ms,
     }
     print(f"model {args.model}, audio {audio}", file=sys.stderr)
+    parts = set(args.parts.split(","))
     loads: dict[str, list[dict[str, Any]]] = {"unpacked_cache": [], "stock_restore_from": []}
-    for _ in range(2):  # alternating, so the first (cold page cache) run does not decide
+    # Twice, alternating, so the first (cold page cache) run does not decide.
+    for _ in range(2 if "load" in parts else 0):
         for label, stock in (("stock_restore_from", True), ("unpacked_cache", False)):
             r = run_child({**common, "kind": "load", "stock": stock})
             loads[label].append(r)
@@ -263,11 +265,11 @@ def main(argv: list[str] | None = None) -> int:
                               "load_s_all": [r["load_s"] for r in rs],
                               "peak_rss_mb": max(r["peak_rss_load"] for r in rs) / 2**20,
                               "rss_after_load_mb": max(r["rss_after_load"] for r in rs) / 2**20}
-                      for label, rs in loads.items()}
+                      for label, rs in loads.items() if rs}
     print(f"load: {report['load']}", file=sys.stderr)
     rows = []
     for name, params in configs().items():
-        if args.only and name.split(" ")[0] not in args.only:
+        if "pairs" not in parts or (args.only and name.split(" ")[0] not in args.only):
             continue
         r = run_child({**common, "kind": "pair", "params": params})
         row = summarize(name, params, r)
@@ -276,13 +278,14 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(row), file=sys.stderr)
     report["configs"] = rows
     seed_params = configs()["very-high"]
-    r = run_child({**common, "kind": "seed", "params": seed_params, "repeats": 1})
-    report["seed_design"] = {
-        "what": "whole model re-run on the last 12 s every 2 s (speaker numbers not kept across windows)",
-        "params": seed_params, "rtf": r["runs"]["seed"][0]["rtf"],
-        "peak_rss_mb": r["runs"]["seed"][0]["peak_rss"] / 2**20,
-    }
-    print(json.dumps(report["seed_design"]), file=sys.stderr)
+    if "seed" in parts:
+        r = run_child({**common, "kind": "seed", "params": seed_params, "repeats": 1})
+        report["seed_design"] = {
+            "what": "whole model re-run on the last 12 s every 2 s (speaker numbers not kept across windows)",
+            "params": seed_params, "rtf": r["runs"]["seed"][0]["rtf"],
+            "peak_rss_mb": r["runs"]["seed"][0]["peak_rss"] / 2**20,
+        }
+        print(json.dumps(report["seed_design"]), file=sys.stderr)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(table(report))
     return 0
@@ -298,9 +301,11 @@ def table(report: dict[str, Any]) -> str:
                      f"{r['ratio_live_over_nemo']:.3f} | {r['ratio_cpu_live_over_nemo']:.3f} | "
                      f"{r['peak_rss_live_mb']:.0f} / "
                      f"{r['peak_rss_nemo_mb']:.0f} | {r['session_state_bytes'] / 1e6:.2f} MB |")
-    s = report["seed_design"]
-    lines.append(f"| seed: 12 s window every 2 s | {s['rtf']:.3f} | — | — | — | {s['peak_rss_mb']:.0f} | — |")
-    for label, v in report["load"].items():
+    if "seed_design" in report:
+        s = report["seed_design"]
+        lines.append(f"| seed: 12 s window every 2 s | {s['rtf']:.3f} | — | — | — | "
+                     f"{s['peak_rss_mb']:.0f} | — |")
+    for label, v in report.get("load", {}).items():
         lines.append(f"\nload ({label}): {v['load_s']:.1f} s, RSS after load "
                      f"{v['rss_after_load_mb']:.0f} MB, peak {v['peak_rss_mb']:.0f} MB")
     return "\n".join(lines)
