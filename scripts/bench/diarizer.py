@@ -214,6 +214,7 @@ def summarize(name: str, params: dict[str, int], r: dict[str, Any]) -> dict[str,
         "peak_rss_nemo_mb": max(x["peak_rss"] for x in nemo) / 2**20,
         "session_state_bytes": live[-1]["state_bytes"],
         "rss_after_load_mb": r["rss_after_load"] / 2**20,
+        "runs": r["runs"],  # every run, in the order it ran
     }
 
 
