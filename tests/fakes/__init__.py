@@ -1,1 +1,2 @@
-"""Fakes that speak the real formats: a simulated machine root (mountinfo, sysfs, df)."""
+"""Fakes that speak real protocols and formats (ARCHITECTURE.md, "Testing without the
+internet"): a simulated machine root, test Sortformer models, a Google Speech service."""
