@@ -143,7 +143,8 @@ class DiarizationEngine:
         """
         if not self._tasks or self._closing:
             return True
-        if any(t.done() for t in self._tasks):
+        supervisor, tick = self._tasks
+        if tick.done() or (supervisor.done() and not self._final):
             return False
         return time.monotonic() - self._last_tick < 5.0
 
@@ -210,7 +211,7 @@ class DiarizationEngine:
             log.exception("diarizer engine failed handling a worker message")
             self._kill("internal")
         rc = await proc.wait()
-        self._proc, self._ps, self._ready = None, None, False
+        self._proc, self._ps, self._ready, self._rss = None, None, False, 0
         how = f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exited with code {rc}"
         cause = self._kill_cause or cause
         if not (self._closing or self._final):
@@ -290,7 +291,7 @@ class DiarizationEngine:
 
     def _finalize(self, state: str, reason: str) -> None:
         """Unavailable (or disabled) for good: every session is told why."""
-        self._final = True
+        self._final, self._progress = True, None
         self._set_state(state, reason)
         self.status.set_check("nemo", "disabled" if state == "disabled" else (
             reason if reason.startswith("NeMo not available") else f"NeMo not available: {reason}"))
@@ -302,13 +303,17 @@ class DiarizationEngine:
     def _admit(self, s: DiarizerSession) -> None:
         if s.closing or s.sid is not None:
             return
-        if s.admitted or sum(x.admitted for x in self._sessions) < self.capacity:
+        # Slots in use are the streams already open (after a restart, admitted sessions
+        # reopen first; if the new worker fits fewer, the last ones are refused).
+        if sum(x.sid is not None for x in self._sessions) < self.capacity:
             s.admitted = True
             self._open_stream(s)
             if s.state != "degraded":
                 s.set_state("active", None)
             return
         per = self.figures.get("per_session", 0) // MB
+        s.admitted = False
+        s.feed.stop()
         s.set_state("refused", f"local diarization at capacity: {self.capacity} session(s) of {per} MB "
                                f"fit EDGE_DIARIZATION_MEMORY_MB={self.budget // MB}")
 
