@@ -1,0 +1,42 @@
+"""Shared by the diarization tests: settings for a temp cache, a loaded tiny model, test audio."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge.settings import Settings
+
+SR = 16000
+
+
+def settings(cache: Path, **overrides: Any) -> Settings:
+    """Settings with a private cache and no download, whatever the developer's environment says."""
+    values: dict[str, Any] = {"nemo_cache_dir": cache, "edge_model_download": False,
+                              "hf_hub_offline": False, "nemo_diar_model_path": None,
+                              "edge_model_sha256": None}
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+def speechlike(seconds: float, seed: int = 0) -> np.ndarray:
+    """Two alternating 'voices' (different pitch and formant-ish timbre), pauses and noise."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * SR)
+    t = np.arange(n) / SR
+    out = 0.01 * rng.standard_normal(n)
+    turn = 0
+    start = 0
+    while start < n:
+        length = int(rng.uniform(0.8, 3.0) * SR)
+        seg = slice(start, min(n, start + length))
+        f0 = (120.0, 210.0)[turn % 2] * (1 + 0.05 * np.sin(2 * np.pi * 3 * t[seg]))
+        phase = 2 * np.pi * np.cumsum(f0) / SR
+        voice = sum(np.sin(k * phase) / k for k in range(1, 8 + 4 * (turn % 2)))
+        envelope = (np.sin(2 * np.pi * 4 * t[seg]) > -0.3).astype(float)  # syllable-ish bursts
+        out[seg] += 0.2 * voice * envelope
+        start += length + int(rng.uniform(0.0, 0.6) * SR)
+        turn += 1
+    return np.clip(out, -1, 1).astype(np.float32)

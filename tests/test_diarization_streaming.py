@@ -1,0 +1,175 @@
+"""Live streaming == NeMo's own offline `model.forward()` on the whole file (tiny model)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.diarization_helpers import SR, settings, speechlike
+
+pytestmark = pytest.mark.nemo
+
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from edge.diarization.model import load_model, resolve_model
+    from tests.fakes.sortformer import tiny_model_path
+
+    s = settings(tmp_path_factory.mktemp("cache"), nemo_diar_model_path=tiny_model_path())
+    return load_model(resolve_model(s), s)
+
+
+@pytest.fixture(scope="module")
+def audio() -> np.ndarray:
+    return speechlike(45.0)
+
+
+def offline(model: Any, audio: np.ndarray, params: dict[str, int]) -> np.ndarray:
+    """NeMo's own path: features of the whole file, then `forward_streaming`."""
+    import torch
+
+    from edge.diarization.streaming import apply_streaming_params
+
+    apply_streaming_params(model, params)
+    with torch.inference_mode():
+        preds = model.forward(audio_signal=torch.from_numpy(audio)[None],
+                              audio_signal_length=torch.tensor([audio.size]))
+    return preds[0].numpy()
+
+
+def live(model: Any, audio: np.ndarray, params: dict[str, int], pieces: Iterator[int],
+         max_speakers: int = 4) -> tuple[np.ndarray, Any]:
+    from edge.diarization.streaming import StreamingDiarizer
+
+    diarizer = StreamingDiarizer(model, params, max_speakers=max_speakers)
+    session = diarizer.new_session()
+    out, i = [], 0
+    for n in pieces:
+        if i >= audio.size:
+            break
+        frames = session.feed(audio[i : i + n])
+        assert frames.dtype == np.float32 and frames.shape[1] == 4
+        out.append(frames)
+        i += n
+        assert session.frames_emitted == sum(len(o) for o in out)
+    out.append(session.finish())
+    diarizer.close()
+    return np.concatenate(out), session
+
+
+def sizes(seconds: float) -> Iterator[int]:
+    while True:
+        yield int(seconds * SR)
+
+
+def random_sizes(seed: int = 1) -> Iterator[int]:
+    rng = np.random.default_rng(seed)
+    while True:
+        yield int(rng.choice([0, 1, 7, 159, 160, 161, 1000, 4000, 23456, 77777]))
+
+
+def default_params() -> dict[str, int]:
+    return settings(Path("/nonexistent")).diarization_streaming_params()
+
+
+# Small cache/FIFO so that the speaker cache compresses many times within 45 s.
+SMALL = {"chunk_len": 6, "chunk_left_context": 1, "chunk_right_context": 7, "fifo_len": 20,
+         "spkcache_len": 40, "spkcache_update_period": 10}
+
+
+@pytest.mark.parametrize("pieces", ["0.1s", "0.5s", "3s", "random"])
+@pytest.mark.parametrize("which", ["default", "small"])
+def test_live_equals_offline(model: Any, audio: np.ndarray, pieces: str, which: str) -> None:
+    params = default_params() if which == "default" else SMALL
+    feed = random_sizes() if pieces == "random" else sizes(float(pieces[:-1]))
+    got, _ = live(model, audio, params, feed)
+    want = offline(model, audio, params)
+    assert got.shape == want.shape == (int(np.ceil(audio.size // 160 / 8)), 4)
+    assert np.abs(got - want).max() <= 1e-4
+    assert want.min() < 0.3 and want.max() > 0.7  # the model really discriminates frames
+
+
+@pytest.mark.parametrize("preset", ["very-high", "high", "low", "ultra-low"])
+def test_presets_equal_offline(model: Any, audio: np.ndarray, preset: str) -> None:
+    params = settings(Path("/nonexistent"),
+                      edge_diarization_preset=preset).diarization_streaming_params()
+    clip = audio[: 25 * SR + 1234]  # a length that is not a whole number of frames
+    got, _ = live(model, clip, params, sizes(0.5))
+    assert np.abs(got - offline(model, clip, params)).max() <= 1e-4
+
+
+def test_short_and_empty_audio(model: Any) -> None:
+    for n in (0, 100, 255, 256, 1279, 1280, 1281, 16000):
+        clip = speechlike(1.0, seed=n)[:n]
+        got, session = live(model, clip, SMALL, sizes(0.05))
+        if n >= 160:
+            want = offline(model, clip, SMALL)
+            assert got.shape == want.shape
+            assert np.abs(got - want).max() <= 1e-4
+        else:
+            assert got.shape == (0, 4)
+        assert session.finish().shape == (0, 4)  # finishing twice is harmless
+        with pytest.raises(RuntimeError):
+            session.feed(clip)
+
+
+def test_sessions_are_independent(model: Any, audio: np.ndarray) -> None:
+    from edge.diarization.streaming import StreamingDiarizer
+
+    d = StreamingDiarizer(model, SMALL)
+    a, b = d.new_session(), d.new_session()
+    other = speechlike(20.0, seed=7)
+    outs_a, outs_b = [], []
+    for i in range(0, 20 * SR, 8000):  # interleaved, as the worker runs them
+        outs_a.append(a.feed(audio[i : i + 8000]))
+        outs_b.append(b.feed(other[i : i + 8000]))
+    outs_a.append(a.finish())
+    outs_b.append(b.finish())
+    assert np.abs(np.concatenate(outs_a) - offline(model, audio[: 20 * SR], SMALL)).max() <= 1e-4
+    assert np.abs(np.concatenate(outs_b) - offline(model, other, SMALL)).max() <= 1e-4
+    assert 10_000 < a.state_bytes() < 5_000_000
+
+
+def test_fold_into_nearest_allowed_slot(model: Any, audio: np.ndarray) -> None:
+    full, _ = live(model, audio, SMALL, sizes(0.5))
+    folded, session = live(model, audio, SMALL, sizes(0.5), max_speakers=2)
+    assert set(session.fold_map) == {2, 3} and set(session.fold_map.values()) <= {0, 1}
+    want = full.copy()
+    for k, target in session.fold_map.items():
+        want[:, target] = np.maximum(want[:, target], full[:, k])
+    want[:, 2:] = 0
+    assert np.array_equal(folded, want)
+
+
+def test_nearest_slot_rule() -> None:
+    import torch
+
+    from edge.diarization.streaming import nearest_slot
+
+    voices = torch.eye(4, dtype=torch.float64)
+    voices[3] = torch.tensor([0.1, 0.9, 0.0, 0.0], dtype=torch.float64)  # slot 3 sounds like slot 1
+    mass = torch.tensor([2.0, 3.0, 1.0, 4.0], dtype=torch.float64)
+    hsum = voices * mass[:, None]
+    assert nearest_slot(hsum, mass, k=3, allowed=2) == 1
+    assert nearest_slot(hsum, mass, k=2, allowed=2) in (0, 1)
+    silent = mass.clone()
+    silent[:2] = 0
+    assert nearest_slot(hsum, silent, k=3, allowed=2) == 1  # nothing to compare: last allowed slot
+    assert nearest_slot(hsum, mass, k=3, allowed=1) == 0
+
+
+def test_rejects_bad_input(model: Any) -> None:
+    from edge.diarization.streaming import StreamingDiarizer
+
+    with pytest.raises(ValueError):
+        StreamingDiarizer(model, SMALL, max_speakers=5)
+    with pytest.raises(ValueError):
+        StreamingDiarizer(model, {**SMALL, "chunk_size": 3})
+    session = StreamingDiarizer(model, SMALL).new_session()
+    with pytest.raises(ValueError):
+        session.feed(np.zeros((10, 2), dtype=np.float32))
