@@ -123,7 +123,7 @@ def decode(payload: bytes) -> Message:
             raise WireError(f"bad shape {shape!r}")
         if int(np.prod(shape)) * DTYPE.itemsize != len(body):
             raise WireError(f"body of {len(body)} bytes does not match shape {shape}")
-        array = np.frombuffer(body, dtype=DTYPE).reshape(shape)
+        array = np.frombuffer(body, dtype=DTYPE).reshape(shape).copy()  # owned and writable
     elif body:
         raise WireError("body without a shape")
     return Message(kind_, meta, array)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import gc
 import logging
 import os
 import signal
@@ -31,15 +30,10 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from edge.diarization import wire
+from edge.diarization.model import rss_bytes, trim_memory
 from edge.diarization.wire import Kind
 
 log = logging.getLogger("edge.diarization.worker")
-
-
-def rss_bytes() -> int:
-    """This process's resident memory (from /proc; no psutil import needed here)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _peak_rss_bytes() -> int | None:
@@ -58,12 +52,6 @@ def _reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
-
-
-def _trim() -> None:
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back (glibc only)
 
 
 class Faults:
@@ -205,17 +193,13 @@ class Worker:
         self.faults = Faults(settings.edge_diarization_faults, generation)
         self.send(Kind.PROGRESS, {"phase": "import", "done": 0, "total": 0})
         try:
-            import torch
-
-            from edge.diarization.model import ModelUnavailable, load_model, resolve_model
+            from edge.diarization.model import ModelUnavailable, load_model, resolve_model, select_device
             from edge.diarization.streaming import StreamingDiarizer
         except Exception as exc:
             self.send(Kind.FATAL, {"reason": f"NeMo not available: {_one_line(exc)}"})
             return False
         try:
-            device = _device(settings.edge_diarization_device, torch)
-            if settings.edge_diarization_threads:
-                torch.set_num_threads(settings.edge_diarization_threads)
+            device = select_device(settings)
 
             def progress(done: int, total: int) -> None:
                 self.send(Kind.PROGRESS, {"phase": "download", "done": done, "total": total})
@@ -240,7 +224,7 @@ class Worker:
 
     def _warm_up(self, params: dict[str, int]) -> dict[str, Any]:
         """Measure what admission needs: model RSS, one session's state, one step's cost."""
-        _trim()
+        trim_memory()
         model_rss = rss_bytes()
         exact_peak = _reset_peak_rss()
         stream = self.diarizer.new_session()
@@ -258,21 +242,13 @@ class Worker:
         state = int(stream.state_bytes())
         stream.finish()
         del stream
-        _trim()
+        trim_memory()
         step_s = times[-1] if times else 0.0
         return {
             "model_rss": model_rss, "step_peak": step_peak, "session_bytes": state,
             "step_s": step_s, "chunk_s": chunk_s, "rtf": step_s / chunk_s if chunk_s else 0.0,
             "peak_exact": exact_peak,
         }
-
-
-def _device(wanted: str, torch: Any) -> str:
-    if wanted == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if wanted == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("EDGE_DIARIZATION_DEVICE=cuda but CUDA is not available")
-    return wanted
 
 
 def _one_line(exc: BaseException) -> str:
