@@ -319,3 +319,95 @@ def test_the_daemon_side_never_imports_torch_or_nemo() -> None:
             "bad = [m for m in ('torch', 'nemo') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+
+
+@needs_nemo
+@pytest.mark.nemo
+async def test_falling_behind_real_time_skips_to_the_newest_audio(make_engine: Callable[..., Any]) -> None:
+    # One 4 s stall; 2 s of backlog allowed: the session skips ahead instead of queueing.
+    engine = await make_engine(edge_diarization_max_backlog_s=2.0,
+                               edge_diarization_faults="step_sleep:session=s,after=10,seconds=4")
+    await ready(engine)
+    s = engine.open_session("s")
+    talker = Talker(s)
+    while not s.feed.skipped:
+        await talker.talk(0.5, speed=2.0)
+        assert talker.t < 60, "never fell behind"
+        assert s.feed.pending_samples <= 2.0 * SR + 0.1 * SR  # the backlog bound holds
+    a, b = s.feed.skipped[0]
+    assert s.state == "active"  # a stall shorter than the timeout: labels stay on
+    assert not await s.wait_covered((a + b) / 2, timeout=5)  # skipped audio: no waiting
+    await labels_flow(talker)
+    assert s.timeline.speaker_for(a, b) == (None, 0.0)  # the skipped span stays unlabelled
+    assert engine.metrics.queue_dropped.labels("diarizer")._value.get() == s.feed.skipped_frames > 0
+    assert any("behind real time" in n["message"] for n in engine.status.notices)
+    assert restarts(engine, "stuck") == 0
+
+
+@needs_nemo
+@pytest.mark.nemo
+async def test_worker_protocol_directly(tiny_model: Path, tmp_path: Path) -> None:
+    """The worker on its own: hello, load, open, audio -> frames, stats, errors, close, exit."""
+    from edge.diarization import wire
+    from edge.diarization.process import WorkerProcess
+    from edge.diarization.wire import Kind
+
+    proc = await WorkerProcess.spawn()
+    try:
+        hello = await proc.recv()
+        assert hello is not None and hello.kind is Kind.HELLO and hello.meta["pid"] == proc.pid
+        s = settings(tmp_path, nemo_diar_model_path=tiny_model)
+        proc.send(Kind.LOAD, {"settings": s.model_dump(mode="json"), "generation": 0})
+        phases = []
+        while (msg := await proc.recv()) is not None and msg.kind is Kind.PROGRESS:
+            phases.append(msg.meta["phase"])
+        assert phases == ["import", "load", "warmup"]
+        assert msg is not None and msg.kind is Kind.READY, msg
+        assert {"model_rss", "step_peak", "session_bytes", "step_s", "device"} <= set(msg.meta)
+        proc.send(Kind.OPEN, {"sid": "a/1"})
+        assert (await proc.recv()) == wire.Message(Kind.OPENED, {"sid": "a/1"})
+        audio = speechlike(3.0)
+        proc.send(Kind.AUDIO, {"sid": "a/1", "seq": 1}, audio)
+        frames = await proc.recv()
+        assert frames is not None and frames.kind is Kind.FRAMES and frames.meta["seq"] == 1
+        assert frames.meta["first"] == 0 and frames.array is not None and frames.array.shape[1] == 4
+        proc.send(Kind.AUDIO, {"sid": "nope/0", "seq": 7}, audio[:100])
+        err = await proc.recv()
+        assert err is not None and err.kind is Kind.ERROR and err.meta["seq"] == 7
+        proc.send(Kind.STATS)
+        stats = await proc.recv()
+        assert stats is not None and stats.kind is Kind.STATS_REPLY and stats.meta["streams"] == 1
+        proc.send(Kind.CLOSE, {"sid": "a/1"})
+        closed = await proc.recv()
+        assert closed is not None and closed.kind is Kind.CLOSED and closed.array is not None
+        assert closed.meta["first"] == len(frames.array)
+        assert len(frames.array) + len(closed.array) == 38  # ceil(3 s / 80 ms): the tail is padded
+        assert await proc.stop(grace=10) == 0
+    finally:
+        proc.kill()
+        await proc.wait()
+
+
+def test_the_worker_dies_with_the_daemon(tmp_path: Path) -> None:
+    """A daemon killed with SIGKILL leaves no worker behind (end of input / PDEATHSIG)."""
+    code = (
+        "import asyncio, os, sys\n"
+        "from edge.diarization.process import WorkerProcess\n"
+        "async def main():\n"
+        "    proc = await WorkerProcess.spawn()\n"
+        "    await proc.recv()\n"
+        "    print(proc.pid, flush=True)\n"
+        "    await asyncio.sleep(60)\n"
+        "asyncio.run(main())\n"
+    )
+    daemon = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert daemon.stdout is not None
+        worker = psutil.Process(int(daemon.stdout.readline()))
+        assert worker.is_running()
+        daemon.kill()
+        daemon.wait(10)
+        worker.wait(10)  # raises psutil.TimeoutExpired if the worker outlives the daemon
+    finally:
+        daemon.kill()
+        daemon.wait(10)
