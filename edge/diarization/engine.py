@@ -1,4 +1,4 @@
-"""The daemon side of local diarization: one engine spawns and supervises the worker process.
+"""The daemon side of local diarization: sessions, admission, routing, timeouts.
 
 Use (from the app and the session code; nothing here blocks the event loop):
 
@@ -9,31 +9,30 @@ Use (from the app and the session code; nothing here blocks the event loop):
     await s.close(); await engine.close()
     engine.healthy()                   # for the systemd watchdog
 
-Lifecycle: state "loading" (status `progress`: import, download done/total, load, warm-up) ->
-"ready" (device, model) | "unavailable: reason" (fallback off, NeMo missing, model missing or
-broken, does not fit the budget, worker unable to start 5 times running); "degraded" while the
-worker restarts or some session is degraded. Transcripts never depend on any of it.
+The worker process itself is kept alive by `WorkerSupervisor` (supervisor.py: restarts,
+backoff, memory and exit detection). State: "loading" (status `progress`: import, download %,
+load, warmup) -> "ready" | "unavailable" (fallback off, NeMo missing, model missing or broken,
+does not fit the budget, worker unable to start); "degraded" while the worker restarts or a
+session is degraded. Transcripts never depend on any of it.
 
-Budget (EDGE_DIARIZATION_MEMORY_MB): the worker measures at load its RSS with the model
-(`model`), one warm-up session's state and the RSS peak of its warm-up steps (`step_peak`).
-Sessions are admitted while `model + step_peak + n * per_session <= budget`, per_session =
-max(measured state, EDGE_DIARIZATION_SESSION_MB). Beyond that a session is "refused" (reason
-shown) and admitted in opening order when a slot frees. The engine polls the worker's RSS every
-second (psutil): above budget + max(64 MB, 10%) it kills and restarts the worker (cause
-"memory"). No RLIMIT_AS/RLIMIT_DATA: torch and CUDA reserve far more address space than they
-use, so such a limit breaks loading, not leaks; the unit's MemoryMax stays the last line.
+Budget (EDGE_DIARIZATION_MEMORY_MB): the worker measures at load its RSS with the model, one
+warm-up session's state and the RSS peak of two warm-up steps (`step_peak`). Sessions are
+admitted while `model + step_peak + n * per_session <= budget`, per_session = max(measured
+state, EDGE_DIARIZATION_SESSION_MB); beyond that a session is "refused" (reason shown) and is
+admitted, in opening order, the moment a slot frees. RSS is enforced by polling (supervisor.py),
+not RLIMIT_AS/RLIMIT_DATA: torch and CUDA reserve far more address space than they use, so such
+a limit breaks loading rather than catching leaks; the unit's MemoryMax stays the last line.
 
-Faults: a session whose oldest unanswered message is older than STT_NEMO_DIARIZATION_TIMEOUT_S
-is "degraded" (labels null) until the worker catches up. A worker silent for STUCK_FACTOR (3)
-times that with work outstanding is SIGKILLed (cause "stuck"). A worker exit of any kind is
-seen at once (its pipe reaches end of file); it is restarted with backoff (0.5 s doubling to 30
-s), admitted sessions are "degraded" meanwhile and open new streams in the new worker: labels
-come back, speaker numbers restart with the new stream. A failed step drops that stream only; it
-is reopened at once, and 3 failures within 60 s restart the worker (cause "errors").
+Timeouts: a session whose oldest unanswered message is older than
+STT_NEMO_DIARIZATION_TIMEOUT_S is "degraded" (labels null) until the worker answers in time
+again; a worker silent for STUCK_FACTOR (3) times that with work outstanding is killed ("stuck")
+and restarted. After any restart, admitted sessions open new streams: labels come back, speaker
+numbers restart with the new stream (a new stream knows nothing of earlier voices). A failed
+step drops only that stream, which reopens at once; 3 failures within 60 s restart the worker.
 
-Flow control: each session has at most MAX_INFLIGHT units (0.32 s) in the worker's pipe; the rest
-waits in its bounded backlog (catch-up policy: edge/diarization/feed.py). Metrics: step latency,
-RTF (worker compute / audio, last 30 s), restarts by cause, worker RSS, queue depth (80 ms
+Flow control: each session has at most MAX_INFLIGHT units (0.32 s each) in the worker's pipe;
+the rest waits in its bounded backlog (catch-up policy: feed.py). Metrics: step latency, RTF
+(worker compute / audio over the last 30 s), restarts by cause, worker RSS, queue depth (80 ms
 frames waiting, all sessions) and drops (frames skipped).
 """
 
@@ -43,19 +42,16 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import signal
 import time
 from collections import deque
 from typing import Any
 
 import numpy as np
-import psutil
-from pydantic import SecretStr
 
 from edge.diarization import nemo_diarization_available, wire
 from edge.diarization.feed import FRAME_SAMPLES, SAMPLE_RATE, SessionFeed
-from edge.diarization.process import WorkerProcess
 from edge.diarization.session import DiarizerSession
+from edge.diarization.supervisor import WorkerSupervisor
 from edge.diarization.wire import Kind
 from edge.health import Status
 from edge.metrics import Metrics
@@ -68,16 +64,11 @@ TICK_S = 0.25
 STUCK_FACTOR = 3.0
 MAX_INFLIGHT = 2
 UNIT_FRAMES = 4
-BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
-MAX_START_FAILURES = 5
-HEALTHY_RUN_S = 60.0  # a worker ready this long resets the backoff
-LOAD_STALL_S = 600.0  # a loading worker silent this long is stuck (downloads report progress)
-STATS_EVERY_S = 10.0
 ERRORS_WINDOW_S, ERRORS_MAX = 60.0, 3
 
 
 class DiarizationEngine:
-    """Owns the worker process and every session's diarizer state (see the module docstring)."""
+    """Owns every session's diarizer state and the worker's supervisor (module docstring)."""
 
     def __init__(self, settings: Settings, status: Status, metrics: Metrics) -> None:
         self.settings, self.status, self.metrics = settings, status, metrics
@@ -85,26 +76,17 @@ class DiarizationEngine:
         self.reason: str | None = None
         self.figures: dict[str, Any] = {}  # the worker's READY measurements
         self.capacity = 0
-        self.restarts = 0
-        self.budget = settings.edge_diarization_memory_mb * MB
-        self.rss_limit = self.budget + max(64 * MB, self.budget // 10)
-        self._proc: WorkerProcess | None = None
-        self._ps: psutil.Process | None = None
-        self._ready = False
-        self._final = False  # unavailable for good: never restart
+        self.worker = WorkerSupervisor(settings, metrics, self)
+        self.budget = self.worker.budget
+        self._final = False  # unavailable for good
         self._closing = False
-        self._generation = -1
-        self._kill_cause: str | None = None
         self._sessions: list[DiarizerSession] = []
         self._streams: dict[str, DiarizerSession] = {}
         self._stream_no = itertools.count()
         self._errors: deque[float] = deque(maxlen=ERRORS_MAX)
         self._work: deque[tuple[float, float, float]] = deque(maxlen=1024)  # (t, compute, audio)
         self._tasks: list[asyncio.Task[None]] = []
-        self._last_tick = self._last_msg = self._last_rss = self._last_stats = time.monotonic()
-        self._ready_at: float | None = None
-        self._rss = 0
-        self._progress: str | None = None
+        self._last_tick = time.monotonic()
 
     # --- lifecycle ---
     async def start(self) -> None:
@@ -120,23 +102,20 @@ class DiarizationEngine:
             return
         self._set_state("loading", "starting the worker")
         self.status.set_check("nemo", "loading")
-        self._tasks = [asyncio.create_task(self._supervise(), name="diarizer-supervisor"),
-                       asyncio.create_task(self._tick_loop(), name="diarizer-tick")]
+        self._tasks = [self.worker.start(), asyncio.create_task(self._tick_loop(), name="diarizer-tick")]
 
     async def close(self) -> None:
         """Stop the worker (SHUTDOWN, killed after 5 s) and end every session's diarization."""
         self._closing = True
         for s in list(self._sessions):
             self._release(s, "closed", None)
-        if self._proc is not None:
-            await self._proc.stop(grace=5.0)
+        await self.worker.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
 
     def healthy(self) -> bool:
-        """For the watchdog: the supervisor is alive and its tick ran in the last 5 s.
+        """For the watchdog: the supervisor is alive and the engine's tick ran in the last 5 s.
 
         True while the worker loads, restarts or is unavailable (transcripts still flow);
         False only if the supervisor itself died or is wedged.
@@ -150,7 +129,11 @@ class DiarizationEngine:
 
     @property
     def worker_pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        return self.worker.pid
+
+    @property
+    def restarts(self) -> int:
+        return self.worker.restarts
 
     def open_session(self, session_id: str) -> DiarizerSession:
         """A diarizer for one client session. Never raises: a session that cannot be served
@@ -162,103 +145,25 @@ class DiarizationEngine:
             s.set_state("unavailable", self.reason)
             return s
         self._sessions.append(s)
-        if not self._ready:
+        if not self.worker.ready:
             s.set_state("unavailable", "diarizer loading" if self.restarts == 0 else "diarizer restarting")
         else:
             self._admit(s)
         self._publish()
         return s
 
-    # --- supervision ---
-    async def _supervise(self) -> None:
-        failures = 0
-        while not (self._closing or self._final):
-            cause = await self._run_worker()
-            if self._closing or self._final:
-                break
-            healthy_run = self._ready_at is not None and time.monotonic() - self._ready_at >= HEALTHY_RUN_S
-            failures = 0 if healthy_run else failures + 1
-            self.restarts += 1
-            self.metrics.diarizer_restarts.labels(cause).inc()
-            if self._ready_at is None and failures >= MAX_START_FAILURES:
-                self._finalize("unavailable", f"worker failed to start {failures} times ({self.reason})")
-                break
-            await asyncio.sleep(BACKOFF_S[min(failures, len(BACKOFF_S) - 1)])
-
-    async def _run_worker(self) -> str:
-        """Run one worker from spawn to exit. Returns the cause of its end."""
-        self._ready, self._ready_at, self._kill_cause = False, None, None
-        self._generation += 1
-        try:
-            proc = await WorkerProcess.spawn()
-        except OSError as exc:
-            self._finalize("unavailable", f"cannot start the diarizer worker: {exc}")
-            return "spawn"
-        self._proc, self._ps = proc, None
-        with contextlib.suppress(psutil.Error):
-            self._ps = psutil.Process(proc.pid)
-        self._last_msg = time.monotonic()
-        proc.send(Kind.LOAD, {"settings": self._settings_payload(), "generation": self._generation})
-        cause = "crash"
-        try:
-            while (msg := await proc.recv()) is not None:
-                self._last_msg = time.monotonic()
-                self._dispatch(msg)
-        except wire.WireError as exc:
-            log.error("diarizer worker broke the protocol: %s", exc)
-            self._kill("protocol")
-        except Exception:  # a bug here must not end supervision: restart the worker instead
-            log.exception("diarizer engine failed handling a worker message")
-            self._kill("internal")
-        rc = await proc.wait()
-        self._proc, self._ps, self._ready, self._rss = None, None, False, 0
-        how = f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exited with code {rc}"
-        cause = self._kill_cause or cause
-        if not (self._closing or self._final):
-            self._worker_lost(f"worker {how}" + (f" ({cause})" if self._kill_cause else ""))
-            log.warning("diarizer worker %s (%s); restarting", how, cause)
-        return cause
-
-    def _dispatch(self, msg: wire.Message) -> None:
-        m, kind = msg.meta, msg.kind
-        if kind is Kind.FRAMES:
-            self._on_frames(m, msg.array)
-        elif kind is Kind.CLOSED:
-            s = self._streams.pop(m["sid"], None)
-            if s is not None:
-                s.sid = None
-                self._place(s, m["first"], msg.array)
-                if s.close_done is not None and not s.close_done.done():
-                    s.close_done.set_result(None)
-        elif kind is Kind.ERROR:
-            self._on_error(m["sid"], m["reason"])
-        elif kind is Kind.PROGRESS:
-            done, total = m.get("done", 0), m.get("total", 0)
-            self._progress = m["phase"] + (f" {done / total:.0%}" if total else "")
-            self._publish()
-        elif kind is Kind.READY:
-            self._on_ready(m)
-        elif kind is Kind.FATAL:
-            self._finalize("unavailable", m["reason"])
-        elif kind is Kind.HELLO and m.get("version") != wire.VERSION:
-            raise wire.WireError(f"worker speaks protocol {m.get('version')}, expected {wire.VERSION}")
-        elif kind is Kind.STATS_REPLY:
-            self.figures["stats"] = m
-
-    def _on_ready(self, fig: dict[str, Any]) -> None:
+    # --- what the supervisor reports ---
+    def on_ready(self, fig: dict[str, Any]) -> None:
         self.figures = dict(fig)
         per_session = max(int(fig["session_bytes"]), self.settings.edge_diarization_session_mb * MB)
         fixed = int(fig["model_rss"]) + int(fig["step_peak"])
         self.capacity = max(0, (self.budget - fixed) // per_session)
         self.figures["per_session"] = per_session
         if self.capacity == 0:
-            self._finalize("unavailable", (
+            self.worker.give_up(
                 f"model needs {fixed // MB} MB + {per_session // MB} MB per session: "
-                f"EDGE_DIARIZATION_MEMORY_MB={self.budget // MB} fits no session"))
-            if self._proc is not None:
-                asyncio.get_running_loop().create_task(self._proc.stop())
+                f"EDGE_DIARIZATION_MEMORY_MB={self.budget // MB} fits no session")
             return
-        self._ready, self._ready_at, self._progress = True, time.monotonic(), None
         self._set_state("ready", None)
         self.status.set_check("nemo", "ok")
         log.info("diarizer ready on %s: model %d MB, step peak %d MB, %d session(s) fit %d MB, "
@@ -269,7 +174,7 @@ class DiarizationEngine:
             self._admit(s)
         self._publish()
 
-    def _worker_lost(self, reason: str) -> None:
+    def on_lost(self, reason: str) -> None:
         self.status.notice("diarizer", f"{reason}; restarting")
         for s in self._streams.values():
             s.sid = None
@@ -284,14 +189,31 @@ class DiarizationEngine:
                 s.set_state("unavailable", "diarizer restarting")
         self._set_state("degraded", f"{reason}; restarting")
 
-    def _kill(self, cause: str) -> None:
-        if self._proc is not None and self._kill_cause is None:
-            self._kill_cause = cause
-            self._proc.kill()
+    def on_final(self, reason: str) -> None:
+        self._finalize("unavailable", reason)
+
+    def on_progress(self) -> None:
+        self._publish()
+
+    def on_message(self, msg: wire.Message) -> None:
+        m = msg.meta
+        if msg.kind is Kind.FRAMES:
+            self._on_frames(m, msg.array)
+        elif msg.kind is Kind.CLOSED:
+            s = self._streams.pop(m["sid"], None)
+            if s is not None:
+                s.sid = None
+                self._place(s, m["first"], msg.array)
+                if s.close_done is not None and not s.close_done.done():
+                    s.close_done.set_result(None)
+        elif msg.kind is Kind.ERROR:
+            self._on_error(m["sid"], m["reason"])
+        elif msg.kind is Kind.STATS_REPLY:
+            self.figures["stats"] = m
 
     def _finalize(self, state: str, reason: str) -> None:
         """Unavailable (or disabled) for good: every session is told why."""
-        self._final, self._progress = True, None
+        self._final = True
         self._set_state(state, reason)
         self.status.set_check("nemo", "disabled" if state == "disabled" else (
             reason if reason.startswith("NeMo not available") else f"NeMo not available: {reason}"))
@@ -318,7 +240,6 @@ class DiarizationEngine:
                                f"fit EDGE_DIARIZATION_MEMORY_MB={self.budget // MB}")
 
     def _open_stream(self, s: DiarizerSession) -> None:
-        assert self._proc is not None
         s.sid = f"{s.id}/{next(self._stream_no)}"
         self._streams[s.sid] = s
         s.inflight.clear()
@@ -326,12 +247,12 @@ class DiarizationEngine:
         # A new stream: its slots may name new people, and audio before it is never labelled.
         s.timeline.skip_to(s.feed.next_frame)
         s.timeline.break_turns()
-        self._proc.send(Kind.OPEN, {"sid": s.sid})
+        self.worker.send(Kind.OPEN, {"sid": s.sid})
         self._pump(s)
 
     def _pump(self, s: DiarizerSession, final: bool = False) -> None:
         """Send this session's units while it has credit (all of them when `final`)."""
-        if s.sid is None or self._proc is None or not self._ready:
+        if s.sid is None or not self.worker.ready:
             return
         now = time.monotonic()
         while final or len(s.inflight) < MAX_INFLIGHT:
@@ -339,7 +260,7 @@ class DiarizationEngine:
             if unit is None:
                 return
             seq = s.next_seq()
-            self._proc.send(Kind.AUDIO, {"sid": s.sid, "seq": seq}, unit)
+            self.worker.send(Kind.AUDIO, {"sid": s.sid, "seq": seq}, unit)
             s.inflight.append((seq, now, len(unit)))
 
     def _on_frames(self, m: dict[str, Any], probs: np.ndarray | None) -> None:
@@ -389,8 +310,8 @@ class DiarizationEngine:
         s.set_state("degraded", f"diarizer step failed: {reason}", cause="error")
         if len(self._errors) == ERRORS_MAX and now - self._errors[0] < ERRORS_WINDOW_S:
             self._errors.clear()
-            self._kill("errors")
-        elif self._ready:
+            self.worker.kill("errors")
+        elif self.worker.ready:
             self._open_stream(s)
 
     def _skipped(self, s: DiarizerSession, frames: int) -> None:
@@ -402,11 +323,11 @@ class DiarizationEngine:
 
     async def _close_session(self, s: DiarizerSession) -> None:
         s.closing = True
-        if s.sid is not None and self._proc is not None and self._ready:
+        if s.sid is not None and self.worker.ready:
             self._pump(s, final=True)
             s.close_done = asyncio.get_running_loop().create_future()
             s.close_sent = time.monotonic()
-            self._proc.send(Kind.CLOSE, {"sid": s.sid})
+            self.worker.send(Kind.CLOSE, {"sid": s.sid})
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(s.close_done, self.settings.stt_nemo_diarization_timeout_s)
         self._release(s, "closed", None)
@@ -415,8 +336,8 @@ class DiarizationEngine:
         """End a session's use of the worker and free its slot for a waiting session."""
         if s.sid is not None:
             self._streams.pop(s.sid, None)
-            if s.close_sent is None and self._proc is not None:
-                self._proc.send(Kind.CLOSE, {"sid": s.sid})  # the worker frees the state
+            if s.close_sent is None:
+                self.worker.send(Kind.CLOSE, {"sid": s.sid})  # the worker frees the state
             s.sid = None
         freed = s.admitted
         s.admitted = False
@@ -426,7 +347,7 @@ class DiarizationEngine:
         s.set_state(state, reason)
         if state == "closed" and s in self._sessions:
             self._sessions.remove(s)
-        if freed and self._ready and not self._closing:
+        if freed and self.worker.ready and not self._closing:
             for waiting in self._sessions:
                 if waiting.state == "refused":
                     self._admit(waiting)
@@ -444,8 +365,7 @@ class DiarizationEngine:
 
     def _tick(self, now: float) -> None:
         timeout = self.settings.stt_nemo_diarization_timeout_s
-        proc = self._proc
-        if proc is not None and self._ready:
+        if self.worker.ready:
             oldest = None
             for s in list(self._streams.values()):
                 sent = s.oldest_pending()
@@ -456,32 +376,12 @@ class DiarizationEngine:
                     s.set_state("degraded", f"diarizer step slower than {timeout:g} s", cause="timeout")
                     self.status.notice("diarizer", f"session {s.id}: step slower than {timeout:g} s")
             stuck_after = STUCK_FACTOR * timeout
-            if oldest is not None and now - oldest > stuck_after and now - self._last_msg > stuck_after:
-                log.error("diarizer worker silent for %.1f s with work outstanding: killing it",
-                          now - self._last_msg)
-                self._kill("stuck")
-            if now - self._last_stats >= STATS_EVERY_S:
-                self._last_stats = now
-                proc.send(Kind.STATS)
-        elif proc is not None and now - self._last_msg > LOAD_STALL_S:
-            self._kill("stuck")
-        if now - self._last_rss >= 1.0:
-            self._last_rss = now
-            self._poll_rss()
+            if oldest is not None and now - oldest > stuck_after and now - self.worker.last_msg > stuck_after:
+                log.error("diarizer worker silent for %.1f s with work outstanding",
+                          now - self.worker.last_msg)
+                self.worker.kill("stuck")
+        self.worker.poll(now)
         self._publish()
-
-    def _poll_rss(self) -> None:
-        if self._ps is None:
-            return
-        try:
-            self._rss = self._ps.memory_info().rss
-        except psutil.Error:
-            return
-        self.metrics.diarizer_memory.set(self._rss)
-        if self._ready and self._rss > self.rss_limit:
-            log.error("diarizer worker RSS %d MB passed the budget %d MB + margin (limit %d MB): "
-                      "restarting it", self._rss // MB, self.budget // MB, self.rss_limit // MB)
-            self._kill("memory")
 
     def _publish(self) -> None:
         """Push the engine's figures into the status object and the gauges."""
@@ -498,12 +398,13 @@ class DiarizationEngine:
         degraded = [s for s in self._sessions if s.state == "degraded"]
         if state == "ready" and degraded:
             state, reason = "degraded", f"{len(degraded)} session(s) degraded: {degraded[0].reason}"
-        if state == "loading" and self._progress:
-            reason = f"loading ({self._progress})"
+        if state == "loading" and self.worker.progress:
+            reason = f"loading ({self.worker.progress})"
         self.status.update_diarizer(
             state=state, reason=reason, device=self.figures.get("device"),
-            model=self.figures.get("model"), progress=self._progress,
-            memory_budget_mb=self.budget // MB, memory_used_mb=self._rss // MB if self._rss else None,
+            model=self.figures.get("model"), progress=self.worker.progress,
+            memory_budget_mb=self.budget // MB,
+            memory_used_mb=self.worker.rss // MB if self.worker.rss else None,
             sessions=sum(s.admitted for s in self._sessions), capacity=self.capacity, rtf=rtf,
             restarts=self.restarts,
         )
@@ -511,15 +412,6 @@ class DiarizationEngine:
     def _set_state(self, state: str, reason: str | None) -> None:
         self.state, self.reason = state, reason
         self._publish()
-
-    def _settings_payload(self) -> dict[str, Any]:
-        # The worker rebuilds the same Settings: secrets in clear (our own child, over a pipe).
-        values = self.settings.model_dump(mode="json")
-        for name in values:
-            value = getattr(self.settings, name)
-            if isinstance(value, SecretStr):
-                values[name] = value.get_secret_value()
-        return values
 
 
 __all__ = ["DiarizationEngine", "DiarizerSession"]
