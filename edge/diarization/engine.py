@@ -65,6 +65,7 @@ STUCK_FACTOR = 3.0
 MAX_INFLIGHT = 2
 UNIT_FRAMES = 4
 ERRORS_WINDOW_S, ERRORS_MAX = 60.0, 3
+VOLATILE_EVERY_S = 5.0
 
 
 class DiarizationEngine:
@@ -87,6 +88,8 @@ class DiarizationEngine:
         self._work: deque[tuple[float, float, float]] = deque(maxlen=1024)  # (t, compute, audio)
         self._tasks: list[asyncio.Task[None]] = []
         self._last_tick = time.monotonic()
+        self._volatile_at = 0.0
+        self._volatile: dict[str, Any] = {"rtf": None, "memory_used_mb": None}
 
     # --- lifecycle ---
     async def start(self) -> None:
@@ -142,7 +145,7 @@ class DiarizationEngine:
                            max_backlog_s=self.settings.edge_diarization_max_backlog_s)
         s = DiarizerSession(self, session_id, feed)
         if self._closing or self._final:
-            s.set_state("unavailable", self.reason)
+            s.set_state("unavailable", self.reason if self._final else "diarizer shut down")
             return s
         self._sessions.append(s)
         if not self.worker.ready:
@@ -336,7 +339,7 @@ class DiarizationEngine:
         """End a session's use of the worker and free its slot for a waiting session."""
         if s.sid is not None:
             self._streams.pop(s.sid, None)
-            if s.close_sent is None:
+            if s.close_sent is None and not self._closing:
                 self.worker.send(Kind.CLOSE, {"sid": s.sid})  # the worker frees the state
             s.sid = None
         freed = s.admitted
@@ -384,14 +387,21 @@ class DiarizationEngine:
         self._publish()
 
     def _publish(self) -> None:
-        """Push the engine's figures into the status object and the gauges."""
+        """Push the engine's figures into the status object and the gauges.
+
+        States go out at once; the ever-changing figures (RTF, worker RSS) at most every
+        VOLATILE_EVERY_S, so status subscribers are not pushed a snapshot four times a second.
+        """
         now = time.monotonic()
         while self._work and now - self._work[0][0] > 30.0:
             self._work.popleft()
         audio = sum(w[2] for w in self._work)
-        rtf = round(sum(w[1] for w in self._work) / audio, 4) if audio else None
+        rtf = round(sum(w[1] for w in self._work) / audio, 3) if audio else None
         if rtf is not None:
             self.metrics.diarizer_rtf.set(rtf)
+        if now - self._volatile_at >= VOLATILE_EVERY_S or self.worker.rss == 0:
+            self._volatile_at = now
+            self._volatile = {"rtf": rtf, "memory_used_mb": self.worker.rss // MB or None}
         waiting = sum(s.feed.pending_samples for s in self._sessions) // FRAME_SAMPLES
         self.metrics.queue_depth.labels("diarizer").set(waiting)
         state, reason = self.state, self.reason
@@ -403,10 +413,8 @@ class DiarizationEngine:
         self.status.update_diarizer(
             state=state, reason=reason, device=self.figures.get("device"),
             model=self.figures.get("model"), progress=self.worker.progress,
-            memory_budget_mb=self.budget // MB,
-            memory_used_mb=self.worker.rss // MB if self.worker.rss else None,
-            sessions=sum(s.admitted for s in self._sessions), capacity=self.capacity, rtf=rtf,
-            restarts=self.restarts,
+            memory_budget_mb=self.budget // MB, sessions=sum(s.admitted for s in self._sessions),
+            capacity=self.capacity, restarts=self.restarts, **self._volatile,
         )
 
     def _set_state(self, state: str, reason: str | None) -> None:

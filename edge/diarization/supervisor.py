@@ -74,6 +74,7 @@ class WorkerSupervisor:
         self._kill_cause: str | None = None
         self._ready_at: float | None = None
         self._last_rss = self._last_stats = time.monotonic()
+        self._stopping: asyncio.Task[int] | None = None  # held: the loop keeps only weak refs
 
     @property
     def pid(self) -> int | None:
@@ -102,7 +103,7 @@ class WorkerSupervisor:
         """Stop for good (the engine found the model cannot be used); the worker exits."""
         self.final = True
         if self.proc is not None:
-            asyncio.get_running_loop().create_task(self.proc.stop())
+            self._stopping = asyncio.get_running_loop().create_task(self.proc.stop())
         self.handler.on_final(reason)
 
     def poll(self, now: float) -> None:

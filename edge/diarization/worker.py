@@ -23,6 +23,7 @@ import os
 import signal
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -107,6 +108,7 @@ class Worker:
 
     def __init__(self, out: BinaryIO) -> None:
         self.out = out
+        self._lock = threading.Lock()
         self.diarizer: Any = None
         self.streams: dict[str, Any] = {}
         self.faults = Faults(None, 0)
@@ -114,8 +116,10 @@ class Worker:
         self.steps = 0
 
     def send(self, kind: Kind, meta: dict[str, Any] | None = None, array: np.ndarray | None = None) -> None:
-        self.out.write(wire.encode(kind, meta, array))
-        self.out.flush()
+        data = wire.encode(kind, meta, array)
+        with self._lock:  # download progress may be reported from a downloader thread
+            self.out.write(data)
+            self.out.flush()
 
     def handle(self, msg: wire.Message) -> bool:
         """Act on one message. Returns False when the worker should exit."""
