@@ -186,6 +186,21 @@ async def test_budget_refuses_beyond_capacity_and_admits_when_a_slot_frees(
 
 @needs_nemo
 @pytest.mark.nemo
+async def test_admission_stops_where_the_worker_could_not_keep_up(make_engine: Callable[..., Any]) -> None:
+    # A slow device: warm-up steps of 0.7 s+ for 2 s chunks (RTF >= 0.35).
+    engine = await make_engine(edge_diarization_faults="warmup_sleep:seconds=0.7,count=3")
+    await ready(engine)
+    f = engine.figures
+    assert f["rtf"] >= 0.35 and f["memory_capacity"] > 50
+    assert engine.capacity == f["compute_capacity"] == max(1, int(0.9 / f["rtf"])) <= 2
+    sessions = [engine.open_session(f"s{i}") for i in range(engine.capacity + 1)]
+    assert [s.state for s in sessions[:-1]] == ["active"] * engine.capacity
+    assert sessions[-1].state == "refused"
+    assert "keep up in real time on cpu" in (sessions[-1].reason or "")
+
+
+@needs_nemo
+@pytest.mark.nemo
 async def test_a_failing_step_degrades_that_session_then_its_labels_come_back(
     make_engine: Callable[..., Any],
 ) -> None:

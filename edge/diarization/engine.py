@@ -16,12 +16,14 @@ does not fit the budget, worker unable to start); "degraded" while the worker re
 session is degraded. Transcripts never depend on any of it.
 
 Budget (EDGE_DIARIZATION_MEMORY_MB): the worker measures at load its RSS with the model, one
-warm-up session's state and the RSS peak of two warm-up steps (`step_peak`). Sessions are
-admitted while `model + step_peak + n * per_session <= budget`, per_session = max(measured
-state, EDGE_DIARIZATION_SESSION_MB); beyond that a session is "refused" (reason shown) and is
-admitted, in opening order, the moment a slot frees. RSS is enforced by polling (supervisor.py),
-not RLIMIT_AS/RLIMIT_DATA: torch and CUDA reserve far more address space than they use, so such
-a limit breaks loading rather than catching leaks; the unit's MemoryMax stays the last line.
+warm-up session's state, the RSS peak of its warm-up steps (`step_peak`) and their time (RTF).
+Sessions are admitted while `model + step_peak + n * per_session <= budget`, per_session =
+max(measured state, EDGE_DIARIZATION_SESSION_MB), and while `n * RTF <= 0.9` (one worker steps
+every session in turn; past that all of them would fall behind). Beyond that a session is
+"refused" (the reason names the limit) and is admitted, in opening order, when a slot frees.
+RSS is enforced by polling (supervisor.py), not RLIMIT_AS/RLIMIT_DATA: torch and CUDA reserve far
+more address space than they use, so such a limit breaks loading rather than catching leaks;
+the unit's MemoryMax stays the last line.
 
 Timeouts: a session whose oldest unanswered message is older than
 STT_NEMO_DIARIZATION_TIMEOUT_S is "degraded" (labels null) until the worker answers in time
@@ -66,6 +68,7 @@ MAX_INFLIGHT = 2
 UNIT_FRAMES = 4
 ERRORS_WINDOW_S, ERRORS_MAX = 60.0, 3
 VOLATILE_EVERY_S = 5.0
+COMPUTE_TARGET = 0.9  # admit while sessions x warm-up RTF stays under this
 
 
 class DiarizationEngine:
@@ -160,18 +163,22 @@ class DiarizationEngine:
         self.figures = dict(fig)
         per_session = max(int(fig["session_bytes"]), self.settings.edge_diarization_session_mb * MB)
         fixed = int(fig["model_rss"]) + int(fig["step_peak"])
-        self.capacity = max(0, (self.budget - fixed) // per_session)
-        self.figures["per_session"] = per_session
-        if self.capacity == 0:
+        memory = max(0, (self.budget - fixed) // per_session)
+        # One worker runs every session's steps in turn: more sessions than it can step in
+        # real time would all fall behind (and skip audio), so admit no more than that.
+        compute = max(1, int(COMPUTE_TARGET / fig["rtf"])) if fig["rtf"] > 0 else memory
+        self.capacity = min(memory, compute)
+        self.figures.update(per_session=per_session, memory_capacity=memory, compute_capacity=compute)
+        if memory == 0:
             self.worker.give_up(
                 f"model needs {fixed // MB} MB + {per_session // MB} MB per session: "
                 f"EDGE_DIARIZATION_MEMORY_MB={self.budget // MB} fits no session")
             return
         self._set_state("ready", None)
         self.status.set_check("nemo", "ok")
-        log.info("diarizer ready on %s: model %d MB, step peak %d MB, %d session(s) fit %d MB, "
-                 "step %.3f s (RTF %.3f)", fig["device"], fig["model_rss"] // MB, fig["step_peak"] // MB,
-                 self.capacity, self.budget // MB, fig["step_s"], fig["rtf"])
+        log.info("diarizer ready on %s: model %d MB, step peak %d MB, step %.3f s (RTF %.3f): "
+                 "%d session(s) fit %d MB, %d keep up in real time", fig["device"], fig["model_rss"] // MB,
+                 fig["step_peak"] // MB, fig["step_s"], fig["rtf"], memory, self.budget // MB, compute)
         # Sessions that held a slot get a new stream first; then the waiting ones, in order.
         for s in sorted(self._sessions, key=lambda s: not s.admitted):
             self._admit(s)
@@ -236,11 +243,16 @@ class DiarizationEngine:
             if s.state != "degraded":
                 s.set_state("active", None)
             return
-        per = self.figures.get("per_session", 0) // MB
         s.admitted = False
         s.feed.stop()
-        s.set_state("refused", f"local diarization at capacity: {self.capacity} session(s) of {per} MB "
-                               f"fit EDGE_DIARIZATION_MEMORY_MB={self.budget // MB}")
+        f = self.figures
+        if f["memory_capacity"] <= f["compute_capacity"]:
+            why = (f"{self.capacity} session(s) of {f['per_session'] // MB} MB fit "
+                   f"EDGE_DIARIZATION_MEMORY_MB={self.budget // MB}")
+        else:
+            why = (f"{self.capacity} session(s) keep up in real time on {f['device']} "
+                   f"(step RTF {f['rtf']:.3f})")
+        s.set_state("refused", f"local diarization at capacity: {why}")
 
     def _open_stream(self, s: DiarizerSession) -> None:
         s.sid = f"{s.id}/{next(self._stream_no)}"
