@@ -34,6 +34,11 @@ needs_nemo = pytest.mark.skipif(not nemo_diarization_available()[0], reason="NeM
 pytestmark = [pytest.mark.timeout(240)]
 
 
+def engine_test(fn: Any) -> Any:
+    """A test that runs the real worker with NeMo: seconds to start, so also `slow`."""
+    return needs_nemo(pytest.mark.nemo(pytest.mark.slow(fn)))
+
+
 def worker_children() -> list[psutil.Process]:
     out = []
     for p in psutil.Process().children(recursive=True):
@@ -129,8 +134,7 @@ def restarts(engine: DiarizationEngine, cause: str) -> float:
     return engine.metrics.diarizer_restarts.labels(cause)._value.get()
 
 
-@needs_nemo
-@pytest.mark.nemo
+@engine_test
 async def test_labels_flow_and_close_flushes_the_stream(make_engine: Callable[..., Any]) -> None:
     engine = await make_engine()
     early = engine.open_session("early")  # opened while loading: admitted once ready
@@ -156,11 +160,16 @@ async def test_labels_flow_and_close_flushes_the_stream(make_engine: Callable[..
     await early.close()  # idempotent
     await until(lambda: engine.status.diarizer["sessions"] == 0, 3, "the slot to be freed")
     assert engine.metrics.diarizer_step._sum.get() > 0
-    assert engine.status.diarizer["memory_used_mb"] > 100
+    assert engine.worker.rss > 100 * 2**20
+    # The watchdog decision: healthy while the supervisor ticks, not once it stops.
+    assert engine.healthy()
+    engine._tasks[1].cancel()  # the engine's tick dying = a wedged supervisor
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert not engine.healthy()
 
 
-@needs_nemo
-@pytest.mark.nemo
+@engine_test
 async def test_budget_refuses_beyond_capacity_and_admits_when_a_slot_frees(
     make_engine: Callable[..., Any],
 ) -> None:
@@ -184,8 +193,7 @@ async def test_budget_refuses_beyond_capacity_and_admits_when_a_slot_frees(
     assert engine.open_session("s4").state == "refused"
 
 
-@needs_nemo
-@pytest.mark.nemo
+@engine_test
 async def test_admission_stops_where_the_worker_could_not_keep_up(make_engine: Callable[..., Any]) -> None:
     # A slow device: warm-up steps of 0.7 s+ for 2 s chunks (RTF >= 0.35).
     engine = await make_engine(edge_diarization_faults="warmup_sleep:seconds=0.7,count=3")
@@ -199,8 +207,7 @@ async def test_admission_stops_where_the_worker_could_not_keep_up(make_engine: C
     assert "keep up in real time on cpu" in (sessions[-1].reason or "")
 
 
-@needs_nemo
-@pytest.mark.nemo
+@engine_test
 async def test_a_failing_step_degrades_that_session_then_its_labels_come_back(
     make_engine: Callable[..., Any],
 ) -> None:
@@ -218,8 +225,7 @@ async def test_a_failing_step_degrades_that_session_then_its_labels_come_back(
     assert restarts(engine, "errors") == 0 and engine.worker_pid is not None
 
 
-@needs_nemo
-@pytest.mark.nemo
+@engine_test
 async def test_a_hung_step_degrades_then_the_stuck_worker_is_restarted(
     make_engine: Callable[..., Any],
 ) -> None:
@@ -245,8 +251,7 @@ async def test_a_hung_step_degrades_then_the_stuck_worker_is_restarted(
     assert s.state == "active" and engine.status.diarizer["restarts"] == 1
 
 
-@needs_nemo
-@pytest.mark.nemo
+@engine_test
 async def test_a_killed_worker_is_detected_at_once_restarted_and_labels_come_back(
     make_engine: Callable[..., Any],
 ) -> None:
@@ -273,8 +278,7 @@ async def test_a_killed_worker_is_detected_at_once_restarted_and_labels_come_bac
     assert any("SIGKILL" in n["message"] for n in engine.status.notices)
 
 
-@needs_nemo
-@pytest.mark.nemo
+@engine_test
 async def test_worker_over_its_memory_budget_is_restarted(make_engine: Callable[..., Any]) -> None:
     # The tiny model's worker is ~0.7 GB; 1024 MB fits it and a few 64 MB sessions. The fault
     # leaks 800 MB in one step: far past 1024 + 102 MB.
@@ -292,8 +296,7 @@ async def test_worker_over_its_memory_budget_is_restarted(make_engine: Callable[
     assert 0 < engine.worker.rss < 1024 * 2**20
 
 
-@needs_nemo
-@pytest.mark.nemo
+@engine_test
 async def test_a_corrupt_model_makes_the_diarizer_unavailable_not_the_daemon(
     make_engine: Callable[..., Any], tmp_path: Path,
 ) -> None:
@@ -336,8 +339,7 @@ def test_the_daemon_side_never_imports_torch_or_nemo() -> None:
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
 
 
-@needs_nemo
-@pytest.mark.nemo
+@engine_test
 async def test_falling_behind_real_time_skips_to_the_newest_audio(make_engine: Callable[..., Any]) -> None:
     # One 4 s stall; 2 s of backlog allowed: the session skips ahead instead of queueing.
     engine = await make_engine(edge_diarization_max_backlog_s=2.0,
@@ -359,8 +361,7 @@ async def test_falling_behind_real_time_skips_to_the_newest_audio(make_engine: C
     assert restarts(engine, "stuck") == 0
 
 
-@needs_nemo
-@pytest.mark.nemo
+@engine_test
 async def test_worker_protocol_directly(tiny_model: Path, tmp_path: Path) -> None:
     """The worker on its own: hello, load, open, audio -> frames, stats, errors, close, exit."""
     from edge.diarization import wire
