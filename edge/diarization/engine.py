@@ -152,7 +152,8 @@ class DiarizationEngine:
             return s
         self._sessions.append(s)
         if not self.worker.ready:
-            s.set_state("unavailable", "diarizer loading" if self.restarts == 0 else "diarizer restarting")
+            waiting = "diarizer loading" if self.state == "loading" else "diarizer restarting"
+            s.set_state("unavailable", waiting)  # admitted when the worker is ready
         else:
             self._admit(s)
         self._publish()

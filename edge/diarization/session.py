@@ -5,13 +5,15 @@ The session code uses only the public part: `state`, `reason`, `timeline`, `push
 
 States:
 - "active": admitted; frames flow into `timeline` (labels may lag by the model's latency).
-- "refused": the worker's memory budget is full. Admitted automatically, in order of opening,
-  as soon as another session frees a slot (its audio before then stays unlabelled).
+- "refused": the worker is full (memory budget, or as many sessions as it can step in real
+  time). Admitted automatically, in order of opening, as soon as another session frees a slot
+  (its audio before then stays unlabelled).
 - "degraded": admitted, but labels are null for now — a step exceeded the timeout, a step
   failed, or the worker is restarting. `reason` says which. Returns to "active" by itself when
   labels flow again; after a new stream starts, speaker numbers may name different people.
-- "unavailable": the engine cannot label now: loading (admitted once ready), or for good
-  (disabled, NeMo missing, model missing or broken, worker unable to start); see `reason`.
+- "unavailable": the engine cannot label now: loading or restarting ("diarizer loading",
+  "diarizer restarting": admitted once the worker is ready), or for good (disabled, NeMo
+  missing, model missing or broken, worker unable to start); see `reason`.
 - "closed": after `close()`.
 """
 
