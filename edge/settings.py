@@ -105,6 +105,9 @@ class Settings(BaseSettings):
     # Admission reserves at least this much per session (the measured state is ~1 MB; the
     # floor covers feature buffers and allocator slack, and makes capacity predictable).
     edge_diarization_session_mb: int = Field(16, ge=1, le=65536)
+    # Compute admission: sessions x measured RTF (per-session step time / audio) stays under
+    # this, since one worker steps every session in turn; 0 turns the compute limit off.
+    edge_diarization_max_rtf: float = Field(0.9, ge=0, le=100)
     # Catch-up bound: audio waiting for the worker beyond this is skipped (newest kept).
     edge_diarization_max_backlog_s: float = Field(8.0, ge=1, le=120)
     # TEST ONLY: fault injection rules for the worker (edge/diarization/worker.py `Faults`).

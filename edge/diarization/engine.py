@@ -18,9 +18,10 @@ session is degraded. Transcripts never depend on any of it.
 Budget (EDGE_DIARIZATION_MEMORY_MB): the worker measures at load its RSS with the model, one
 warm-up session's state, the RSS peak of its warm-up steps (`step_peak`) and their time (RTF).
 Sessions are admitted while `model + step_peak + n * per_session <= budget`, per_session =
-max(measured state, EDGE_DIARIZATION_SESSION_MB), and while `n * RTF <= 0.9` (one worker steps
-every session in turn; past that all of them would fall behind). Beyond that a session is
-"refused" (the reason names the limit) and is admitted, in opening order, when a slot frees.
+max(measured state, EDGE_DIARIZATION_SESSION_MB), and while `n * RTF <=
+EDGE_DIARIZATION_MAX_RTF` (0.9; one worker steps every session in turn: past that all would
+fall behind; RTF from warm-up, then live). Beyond that a session is "refused" (the reason names
+the limit) and is admitted, in opening order, when a slot frees.
 RSS is enforced by polling (supervisor.py), not RLIMIT_AS/RLIMIT_DATA: torch and CUDA reserve far
 more address space than they use, so such a limit breaks loading rather than catching leaks;
 the unit's MemoryMax stays the last line.
@@ -68,7 +69,7 @@ MAX_INFLIGHT = 2
 UNIT_FRAMES = 4
 ERRORS_WINDOW_S, ERRORS_MAX = 60.0, 3
 VOLATILE_EVERY_S = 5.0
-COMPUTE_TARGET = 0.9  # admit while sessions x warm-up RTF stays under this
+LIVE_RTF_MIN_STEPS = 8  # live steps needed before their RTF replaces the warm-up's
 
 
 class DiarizationEngine:
@@ -165,11 +166,8 @@ class DiarizationEngine:
         per_session = max(int(fig["session_bytes"]), self.settings.edge_diarization_session_mb * MB)
         fixed = int(fig["model_rss"]) + int(fig["step_peak"])
         memory = max(0, (self.budget - fixed) // per_session)
-        # One worker runs every session's steps in turn: more sessions than it can step in
-        # real time would all fall behind (and skip audio), so admit no more than that.
-        compute = max(1, int(COMPUTE_TARGET / fig["rtf"])) if fig["rtf"] > 0 else memory
-        self.capacity = min(memory, compute)
-        self.figures.update(per_session=per_session, memory_capacity=memory, compute_capacity=compute)
+        self.figures.update(per_session=per_session, memory_capacity=memory)
+        self._set_capacity(fig["rtf"], admit=False)  # admitted sessions reopen first, below
         if memory == 0:
             self.worker.give_up(
                 f"model needs {fixed // MB} MB + {per_session // MB} MB per session: "
@@ -179,7 +177,8 @@ class DiarizationEngine:
         self.status.set_check("nemo", "ok")
         log.info("diarizer ready on %s: model %d MB, step peak %d MB, step %.3f s (RTF %.3f): "
                  "%d session(s) fit %d MB, %d keep up in real time", fig["device"], fig["model_rss"] // MB,
-                 fig["step_peak"] // MB, fig["step_s"], fig["rtf"], memory, self.budget // MB, compute)
+                 fig["step_peak"] // MB, fig["step_s"], fig["rtf"], memory, self.budget // MB,
+                 self.figures["compute_capacity"])
         # Sessions that held a slot get a new stream first; then the waiting ones, in order.
         for s in sorted(self._sessions, key=lambda s: not s.admitted):
             self._admit(s)
@@ -221,6 +220,22 @@ class DiarizationEngine:
             self._on_error(m["sid"], m["reason"])
         elif msg.kind is Kind.STATS_REPLY:
             self.figures["stats"] = m
+            if m.get("rtf") and m["recent_steps"] >= LIVE_RTF_MIN_STEPS:
+                self._set_capacity(m["rtf"])
+
+    def _set_capacity(self, rtf: float, admit: bool = True) -> None:
+        """Capacity = min(memory, compute). One worker steps every session in turn: more
+        sessions than it can step in real time would all fall behind (and skip audio). The RTF
+        is the warm-up's at first, then the live one (STATS, every 10 s), so a device that was
+        merely busy during warm-up admits more later. Admitted sessions are never evicted."""
+        f, target = self.figures, self.settings.edge_diarization_max_rtf
+        compute = max(1, int(target / rtf)) if rtf > 0 and target > 0 else f["memory_capacity"]
+        f.update(compute_capacity=compute, rtf_estimate=round(rtf, 4))
+        before, self.capacity = self.capacity, min(f["memory_capacity"], compute)
+        if admit and self.capacity > before and self.worker.ready:
+            for s in self._sessions:
+                if s.state == "refused":
+                    self._admit(s)
 
     def _finalize(self, state: str, reason: str) -> None:
         """Unavailable (or disabled) for good: every session is told why."""
@@ -252,7 +267,7 @@ class DiarizationEngine:
                    f"EDGE_DIARIZATION_MEMORY_MB={self.budget // MB}")
         else:
             why = (f"{self.capacity} session(s) keep up in real time on {f['device']} "
-                   f"(step RTF {f['rtf']:.3f})")
+                   f"(RTF {f['rtf_estimate']:.3f} per session)")
         s.set_state("refused", f"local diarization at capacity: {why}")
 
     def _open_stream(self, s: DiarizerSession) -> None:

@@ -120,7 +120,7 @@ class Worker:
         self.diarizer: Any = None
         self.streams: dict[str, Any] = {}
         self.faults = Faults(None, 0)
-        self.step_times: list[float] = []  # the last 256, for STATS
+        self.step_times: list[tuple[float, int]] = []  # (seconds, frames) of the last 256 steps
         self.steps = 0
 
     def send(self, kind: Kind, meta: dict[str, Any] | None = None, array: np.ndarray | None = None) -> None:
@@ -170,7 +170,7 @@ class Worker:
             return
         if len(probs):
             self.steps += 1
-            self.step_times = [*self.step_times[-255:], dt]
+            self.step_times = [*self.step_times[-255:], (dt, len(probs))]
         first = stream.frames_emitted - len(probs)
         self.send(Kind.FRAMES, {"sid": sid, "seq": seq, "first": first, "compute_s": dt}, probs)
 
@@ -190,10 +190,12 @@ class Worker:
         self.send(Kind.CLOSED, {"sid": sid, "first": before}, probs)
 
     def stats(self) -> dict[str, Any]:
-        times = self.step_times or [0.0]
+        times = [t for t, _ in self.step_times] or [0.0]
+        audio_s = sum(n for _, n in self.step_times) * 0.08
         return {
             "rss": rss_bytes(), "streams": len(self.streams), "steps": self.steps,
             "step_median_s": statistics.median(times), "step_max_s": max(times),
+            "rtf": sum(times) / audio_s if audio_s else None, "recent_steps": len(self.step_times),
             "state_bytes": sum(int(s.state_bytes()) for s in self.streams.values()),
         }
 
