@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -90,7 +91,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         out["admission"] = {
             "model_rss_mb": round(f["model_rss"] / MB, 1), "step_peak_mb": round(f["step_peak"] / MB, 1),
             "warmup_session_bytes": f["session_bytes"], "per_session_reserved_mb": f["per_session"] // MB,
-            "capacity": engine.capacity, "peak_exact": f["peak_exact"],
+            "capacity": engine.capacity, "memory_capacity": f["memory_capacity"],
+            "compute_capacity_warmup": f["compute_capacity"], "peak_exact": f["peak_exact"],
             "warmup_step_s": round(f["step_s"], 4), "warmup_rtf": round(f["rtf"], 4),
         }
         # One session through a minute of audio at the pace the worker keeps up with.
@@ -142,8 +144,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                 "kill_to_ready_all": [round(x, 2) for x in times],
                                 "spawn_to_ready_median": round(statistics.median(load), 2),
                                 "detect_median_ms": round(1000 * statistics.median(detect), 1)}
+        out["compute_capacity_live"] = engine.figures.get("compute_capacity")
     finally:
         await engine.close()
+        shutil.rmtree(cache, ignore_errors=True)  # the extracted model copy (~470 MB for full)
     out["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     return out
 
