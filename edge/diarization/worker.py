@@ -203,8 +203,12 @@ class Worker:
     def _load(self, values: dict[str, Any], generation: int) -> bool:
         from edge.settings import Settings
 
-        settings = Settings(_env_file=None, **values)  # type: ignore[call-arg]
-        self.faults = Faults(settings.edge_diarization_faults, generation)
+        try:
+            settings = Settings(_env_file=None, **values)  # type: ignore[call-arg]
+            self.faults = Faults(settings.edge_diarization_faults, generation)
+        except Exception as exc:  # the daemon validated them: this is a version skew or a bad fault rule
+            self.send(Kind.FATAL, {"reason": f"worker cannot use the settings: {_one_line(exc)}"})
+            return False
         self.send(Kind.PROGRESS, {"phase": "import", "done": 0, "total": 0})
         try:
             from edge.diarization.model import ModelUnavailable, load_model, resolve_model, select_device
