@@ -104,6 +104,16 @@ class Settings(BaseSettings):
     edge_diarization_memory_mb: int = Field(2048, ge=256, le=1024 * 1024)
     edge_diarization_device: Literal["auto", "cpu", "cuda"] = "auto"
     edge_diarization_threads: int = Field(0, ge=0, le=256)
+    # Admission reserves at least this much per session (the measured state is ~1 MB; the
+    # floor covers feature buffers and allocator slack, and makes capacity predictable).
+    edge_diarization_session_mb: int = Field(16, ge=1, le=65536)
+    # Compute admission: sessions x measured RTF (per-session step time / audio) stays under
+    # this, since one worker steps every session in turn; 0 turns the compute limit off.
+    edge_diarization_max_rtf: float = Field(0.9, ge=0, le=100)
+    # Catch-up bound: audio waiting for the worker beyond this is skipped (newest kept).
+    edge_diarization_max_backlog_s: float = Field(8.0, ge=1, le=120)
+    # TEST ONLY: fault injection rules for the worker (edge/diarization/worker.py `Faults`).
+    edge_diarization_faults: str | None = None
     hf_hub_offline: bool = False
 
     @model_validator(mode="after")

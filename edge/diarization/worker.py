@@ -1,0 +1,308 @@
+"""The diarizer worker process: owns the Sortformer model and every session's stream state.
+
+Run by the engine as `python -m edge.diarization.worker PARENT_PID`, a fresh interpreter (a
+spawn, never a fork of the daemon). This is the only place that imports NeMo and torch. It
+reads `wire` frames on stdin and writes them on its original stdout; fd 1 is then pointed at
+stderr, so whatever NeMo prints goes to the log and can never corrupt the protocol.
+
+One thread, one message at a time, in arrival order: the steps of a session run in order, and
+a hung step hangs only this process (the engine kills it). The worker dies with the daemon:
+stdin reaching end of file ends it, and on Linux PR_SET_PDEATHSIG kills it if the daemon dies.
+
+Test-only fault hook: `EDGE_DIARIZATION_FAULTS` (see `Faults`) makes chosen steps raise, hang,
+leak memory or kill the process, so tests can exercise the real supervisor against the real
+worker. It is off unless that setting is given; never set it on a device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from edge.diarization import wire
+from edge.diarization.model import rss_bytes, trim_memory
+from edge.diarization.wire import Kind
+
+log = logging.getLogger("edge.diarization.worker")
+
+
+def _peak_rss_bytes() -> int | None:
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    # Linux >= 4.0: writing 5 resets VmHWM to the current RSS, so the next peak is the step's.
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class Faults:
+    """Test-only fault injection, parsed from `EDGE_DIARIZATION_FAULTS`.
+
+    Rules separated by `;`, each `kind[:key=value,...]`. Kinds: `step_raise` (the step raises),
+    `step_sleep` (`seconds=`, the step hangs), `step_alloc` (`mb=`, the step leaks that much
+    resident memory), `step_kill` (the process SIGKILLs itself, like the OOM killer),
+    `warmup_sleep` (`seconds=`, each warm-up step that much slower: a slow device).
+    Keys for all: `session=` (only that session id), `after=` (skip that many matching steps
+    first, default 0), `count=` (fire that often, default 1), `gen=` (only in that worker
+    generation, default 0 = the first worker; `any` for every one).
+    """
+
+    def __init__(self, spec: str | None, generation: int) -> None:
+        self.rules: list[dict[str, Any]] = []
+        for part in (spec or "").split(";"):
+            if not part.strip():
+                continue
+            kind, _, args = part.strip().partition(":")
+            rule: dict[str, Any] = {"kind": kind, "after": 0, "count": 1, "gen": "0"}
+            for item in filter(None, args.split(",")):
+                key, _, value = item.partition("=")
+                rule[key.strip()] = value.strip()
+            if rule["gen"] in ("any", str(generation)):
+                rule["after"], rule["count"] = int(rule["after"]), int(rule["count"])
+                self.rules.append(rule)
+        self._leak: list[bytearray] = []
+
+    def before_step(self, session_id: str) -> None:
+        for rule in self.rules:
+            if rule.get("session") not in (None, session_id) or rule["count"] <= 0:
+                continue
+            if rule["after"] > 0:
+                rule["after"] -= 1
+                continue
+            rule["count"] -= 1
+            kind = rule["kind"]
+            log.warning("test fault %s on session %s", kind, session_id)
+            if kind == "step_raise":
+                raise RuntimeError("injected fault: step_raise")
+            if kind == "step_sleep":
+                time.sleep(float(rule.get("seconds", 60)))
+            elif kind == "step_alloc":
+                block = bytearray(int(float(rule.get("mb", 100)) * 2**20))
+                block[::4096] = b"\x01" * len(block[::4096])  # touch every page: resident
+                self._leak.append(block)
+            elif kind == "step_kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    def warmup_step(self) -> None:
+        """`warmup_sleep` (`seconds=`): a warm-up step this much slower (a slow device)."""
+        for rule in self.rules:
+            if rule["kind"] == "warmup_sleep" and rule["count"] > 0:
+                rule["count"] -= 1
+                time.sleep(float(rule.get("seconds", 1)))
+
+
+class Worker:
+    """The protocol loop's state: the model, the open streams, step timings."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+        self._lock = threading.Lock()
+        self.diarizer: Any = None
+        self.streams: dict[str, Any] = {}
+        self.faults = Faults(None, 0)
+        self.step_times: list[tuple[float, int]] = []  # (seconds, frames) of the last 256 steps
+        self.steps = 0
+
+    def send(self, kind: Kind, meta: dict[str, Any] | None = None, array: np.ndarray | None = None) -> None:
+        data = wire.encode(kind, meta, array)
+        with self._lock:  # download progress may be reported from a downloader thread
+            self.out.write(data)
+            self.out.flush()
+
+    def handle(self, msg: wire.Message) -> bool:
+        """Act on one message. Returns False when the worker should exit."""
+        m = msg.meta
+        if msg.kind is Kind.AUDIO:
+            self._audio(m["sid"], m["seq"], msg.array)
+        elif msg.kind is Kind.OPEN:
+            try:
+                self.streams[m["sid"]] = self.diarizer.new_session()
+                self.send(Kind.OPENED, {"sid": m["sid"]})
+            except Exception as exc:
+                self.send(Kind.ERROR, {"sid": m["sid"], "seq": -1, "reason": _one_line(exc)})
+        elif msg.kind is Kind.CLOSE:
+            self._close(m["sid"])
+        elif msg.kind is Kind.STATS:
+            self.send(Kind.STATS_REPLY, self.stats())
+        elif msg.kind is Kind.LOAD:
+            return self._load(m["settings"], int(m.get("generation", 0)))
+        elif msg.kind is Kind.SHUTDOWN:
+            return False
+        else:
+            raise wire.WireError(f"unexpected {msg.kind.name} from the daemon")
+        return True
+
+    def _audio(self, sid: str, seq: int, samples: np.ndarray | None) -> None:
+        stream = self.streams.get(sid)
+        if stream is None:
+            self.send(Kind.ERROR, {"sid": sid, "seq": seq, "reason": "no such stream"})
+            return
+        try:
+            self.faults.before_step(sid.rpartition("/")[0])
+            t0 = time.perf_counter()
+            probs = stream.feed(np.asarray(samples, dtype=np.float32))
+            dt = time.perf_counter() - t0
+        except Exception as exc:
+            # The stream's state may be half-updated: drop it; the engine opens a new one.
+            self.streams.pop(sid, None)
+            log.exception("step failed on %s", sid)
+            self.send(Kind.ERROR, {"sid": sid, "seq": seq, "reason": _one_line(exc)})
+            return
+        if len(probs):
+            self.steps += 1
+            self.step_times = [*self.step_times[-255:], (dt, len(probs))]
+        first = stream.frames_emitted - len(probs)
+        self.send(Kind.FRAMES, {"sid": sid, "seq": seq, "first": first, "compute_s": dt}, probs)
+
+    def _close(self, sid: str) -> None:
+        stream = self.streams.pop(sid, None)
+        if stream is None:
+            self.send(Kind.CLOSED, {"sid": sid, "first": 0}, np.zeros((0, 4), np.float32))
+            return
+        try:
+            before = stream.frames_emitted
+            probs = stream.finish()
+            probs = np.zeros((0, 4), np.float32) if probs is None else probs
+        except Exception as exc:
+            log.exception("finish failed on %s", sid)
+            self.send(Kind.ERROR, {"sid": sid, "seq": -1, "reason": _one_line(exc)})
+            probs, before = np.zeros((0, 4), np.float32), 0
+        self.send(Kind.CLOSED, {"sid": sid, "first": before}, probs)
+
+    def stats(self) -> dict[str, Any]:
+        times = [t for t, _ in self.step_times] or [0.0]
+        audio_s = sum(n for _, n in self.step_times) * 0.08
+        return {
+            "rss": rss_bytes(), "streams": len(self.streams), "steps": self.steps,
+            "step_median_s": statistics.median(times), "step_max_s": max(times),
+            "rtf": sum(times) / audio_s if audio_s else None, "recent_steps": len(self.step_times),
+            "state_bytes": sum(int(s.state_bytes()) for s in self.streams.values()),
+        }
+
+    # --- loading ---
+    def _load(self, values: dict[str, Any], generation: int) -> bool:
+        from edge.settings import Settings
+
+        try:
+            settings = Settings(_env_file=None, **values)  # type: ignore[call-arg]
+            self.faults = Faults(settings.edge_diarization_faults, generation)
+        except Exception as exc:  # the daemon validated them: this is a version skew or a bad fault rule
+            self.send(Kind.FATAL, {"reason": f"worker cannot use the settings: {_one_line(exc)}"})
+            return False
+        self.send(Kind.PROGRESS, {"phase": "import", "done": 0, "total": 0})
+        try:
+            from edge.diarization.model import ModelUnavailable, load_model, resolve_model, select_device
+            from edge.diarization.streaming import StreamingDiarizer
+        except Exception as exc:
+            self.send(Kind.FATAL, {"reason": f"NeMo not available: {_one_line(exc)}"})
+            return False
+        try:
+            device = select_device(settings)
+
+            def progress(done: int, total: int) -> None:
+                self.send(Kind.PROGRESS, {"phase": "download", "done": done, "total": total})
+
+            path = Path(resolve_model(settings, progress=progress))
+            self.send(Kind.PROGRESS, {"phase": "load", "done": 0, "total": 0})
+            model = load_model(path, settings, device)
+            params = settings.diarization_streaming_params()
+            self.diarizer = StreamingDiarizer(model, params, settings.stt_nemo_diarization_max_speakers)
+            self.send(Kind.PROGRESS, {"phase": "warmup", "done": 0, "total": 0})
+            figures = self._warm_up(params)
+        except ModelUnavailable as exc:
+            self.send(Kind.FATAL, {"reason": _one_line(exc)})
+            return False
+        except Exception as exc:
+            log.exception("model load failed")
+            self.send(Kind.FATAL, {"reason": f"model failed to load: {_one_line(exc)}"})
+            return False
+        figures.update(device=device, model=path.name, pid=os.getpid())
+        self.send(Kind.READY, figures)
+        return True
+
+    def _warm_up(self, params: dict[str, int]) -> dict[str, Any]:
+        """Measure what admission needs: model RSS, one session's state, one step's cost."""
+        trim_memory()
+        model_rss = rss_bytes()
+        exact_peak = _reset_peak_rss()
+        stream = self.diarizer.new_session()
+        chunk_s = params["chunk_len"] * 0.08
+        piece = np.random.default_rng(0).normal(0, 0.1, 5120).astype(np.float32)  # 0.32 s
+        times: list[float] = []
+        # Three steps: the first pays one-time costs (allocator growth, lazy init); the best of
+        # the other two estimates what the hardware can do, not how busy it was just then.
+        deadline = time.monotonic() + 120
+        while len(times) < 3 and time.monotonic() < deadline:
+            t0 = time.perf_counter()
+            if len(stream.feed(piece)):
+                self.faults.warmup_step()
+                times.append(time.perf_counter() - t0)
+        peak = _peak_rss_bytes() if exact_peak else None
+        step_peak = max(0, (peak if peak is not None else rss_bytes()) - model_rss)
+        state = int(stream.state_bytes())
+        stream.finish()
+        del stream
+        trim_memory()
+        step_s = min(times[1:] or times or [0.0])
+        return {
+            "model_rss": model_rss, "step_peak": step_peak, "session_bytes": state,
+            "step_s": step_s, "chunk_s": chunk_s, "rtf": step_s / chunk_s if chunk_s else 0.0,
+            "peak_exact": exact_peak,
+        }
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:300]
+
+
+def _die_with_parent(parent: int | None) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if parent is not None and os.getppid() != parent:  # the daemon died before prctl
+        os._exit(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve the protocol on stdin/stdout until SHUTDOWN or end of input. Returns the exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    _die_with_parent(int(argv[0]) if argv else None)
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # stray prints (NeMo's) go to stderr, never into the protocol
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="diarizer worker %(process)d: %(levelname)s %(message)s")
+    worker = Worker(out)
+    worker.send(Kind.HELLO, {"version": wire.VERSION, "pid": os.getpid()})
+    read = sys.stdin.buffer.read
+    try:
+        while (msg := wire.read_message(read)) is not None:
+            if not worker.handle(msg):
+                break
+    except (BrokenPipeError, wire.WireError) as exc:
+        log.error("protocol ended: %s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""SpeakerTimeline: placement on the session clock, labels, turns, bounded memory."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge.diarization.merge import FRAME_S, SpeakerTimeline, SpeakerTurn
+
+
+def frames(*rows: tuple[float, float, float, float], repeat: int = 1) -> np.ndarray:
+    return np.repeat(np.array(rows, dtype=np.float32), repeat, axis=0)
+
+
+def one_hot(speaker: int | None, n: int, p: float = 0.9) -> np.ndarray:
+    out = np.full((n, 4), 0.05, dtype=np.float32)
+    if speaker is not None:
+        out[:, speaker] = p
+    return out
+
+
+def test_covered_until_follows_frame_index_and_gaps_are_unlabelled() -> None:
+    tl = SpeakerTimeline()
+    assert tl.covered_until == 0.0
+    tl.add(0, one_hot(1, 10))
+    assert tl.covered_until == pytest.approx(10 * FRAME_S)
+    tl.add(20, one_hot(2, 5))  # frames 10..19 never came: covered, but nobody labelled
+    assert tl.frames_end == 25
+    assert tl.covered_until == pytest.approx(2.0)
+    assert tl.speaker_for(0.9, 1.5) == (None, 0.0)
+    assert tl.speaker_for(1.6, 1.9)[0] == 2
+    assert tl.speaker_for(0.1, 0.7)[0] == 1
+
+
+def test_frames_must_arrive_in_order_and_be_n_by_4() -> None:
+    tl = SpeakerTimeline()
+    tl.add(0, one_hot(0, 5))
+    with pytest.raises(ValueError, match="before"):
+        tl.add(3, one_hot(0, 5))
+    with pytest.raises(ValueError, match="n x 4"):
+        tl.add(5, np.zeros((3, 2), dtype=np.float32))
+
+
+def test_speaker_for_picks_the_most_active_speaker_weighted_by_overlap() -> None:
+    tl = SpeakerTimeline()
+    # 0.0-0.8 s speaker 0, 0.8-1.6 s speaker 3
+    tl.add(0, np.concatenate([one_hot(0, 10), one_hot(3, 10)]))
+    assert tl.speaker_for(0.1, 0.5) == (0, pytest.approx(0.9))
+    assert tl.speaker_for(0.85, 1.5)[0] == 3
+    # a word over the boundary, mostly in speaker 3's part
+    speaker, conf = tl.speaker_for(0.7, 1.4)
+    assert speaker == 3 and 0.5 < conf < 0.9
+    # mostly speaker 0's part
+    assert tl.speaker_for(0.2, 0.9)[0] == 0
+    # a zero-length span asks about the frame containing it
+    assert tl.speaker_for(1.0, 1.0)[0] == 3
+
+
+def test_speaker_for_is_none_below_threshold_and_beyond_coverage() -> None:
+    tl = SpeakerTimeline(threshold=0.5)
+    tl.add(0, one_hot(None, 10))  # silence: every slot at 0.05
+    speaker, conf = tl.speaker_for(0.0, 0.8)
+    assert speaker is None and conf == pytest.approx(0.05)
+    assert tl.speaker_for(5.0, 6.0) == (None, 0.0)  # not covered yet
+    # half a span active at 0.9, half silent: mean 0.475 stays under the threshold
+    tl.add(10, one_hot(1, 5))
+    tl.add(15, one_hot(None, 5))
+    speaker, conf = tl.speaker_for(0.8, 1.6)
+    assert speaker is None and conf == pytest.approx(0.475)
+
+
+def test_overlapping_speakers_the_stronger_wins() -> None:
+    tl = SpeakerTimeline()
+    tl.add(0, frames((0.7, 0.95, 0.1, 0.1), repeat=10))
+    assert tl.speaker_for(0.0, 0.8) == (1, pytest.approx(0.95))
+
+
+def test_turns_incremental_with_gap_bridging_and_min_length() -> None:
+    tl = SpeakerTimeline(gap_s=0.24, min_turn_s=0.16)  # gap 3 frames, min 2 frames
+    tl.add(0, one_hot(0, 10))
+    # speaker 0 is still talking: one growing (interim) turn
+    assert tl.pop_turns() == [SpeakerTurn(0, 0.0, pytest.approx(0.8), False)]
+    assert tl.pop_turns() == []  # nothing grew, nothing repeated
+    tl.add(10, one_hot(None, 2))  # a 2-frame pause is bridged
+    assert tl.pop_turns() == []
+    tl.add(12, one_hot(0, 3))
+    turns = tl.pop_turns()
+    assert turns == [SpeakerTurn(0, 0.0, pytest.approx(15 * FRAME_S), False)]
+    tl.add(15, one_hot(1, 1))  # a one-frame blip of speaker 1: too short to report
+    tl.add(16, one_hot(2, 10))  # speaker 0 has been silent > 3 frames: turn ends
+    turns = tl.pop_turns()
+    assert SpeakerTurn(0, 0.0, pytest.approx(15 * FRAME_S), True) in turns
+    assert all(t.speaker != 1 for t in turns)
+    assert next(t for t in turns if t.speaker == 2).is_final is False
+    tl.finish()
+    assert tl.pop_turns() == [SpeakerTurn(2, pytest.approx(16 * FRAME_S), pytest.approx(2.08), True)]
+
+
+def test_a_gap_ends_open_turns() -> None:
+    tl = SpeakerTimeline()
+    tl.add(0, one_hot(1, 10))
+    tl.add(50, one_hot(1, 10))  # 40 unlabelled frames between (e.g. a worker restart)
+    turns = tl.pop_turns(include_open=False)
+    assert turns == [SpeakerTurn(1, 0.0, pytest.approx(0.8), True)]
+    tl.finish()
+    assert tl.pop_turns() == [SpeakerTurn(1, pytest.approx(4.0), pytest.approx(4.8), True)]
+
+
+def test_bounded_horizon_keeps_only_recent_frames() -> None:
+    tl = SpeakerTimeline(horizon_s=8.0)  # 100 frames
+    assert tl._buf.nbytes == 100 * 4 * 4
+    for i in range(100):  # 80 s of audio, 8 frames at a time, speaker = block index mod 4
+        tl.add(i * 8, one_hot(i % 4, 8))
+    assert tl.covered_until == pytest.approx(64.0)
+    assert tl._buf.nbytes == 100 * 4 * 4  # memory did not grow
+    assert tl.speaker_for(63.5, 63.9)[0] == 99 % 4
+    assert tl.speaker_for(56.1, 56.5)[0] == 95 % 4  # inside the last 8 s
+    assert tl.speaker_for(10.0, 11.0) == (None, 0.0)  # beyond the horizon: forgotten
+    # a jump larger than the horizon leaves only unlabelled frames behind it
+    tl.skip_to(2000)
+    assert tl.speaker_for(150.0, 159.0) == (None, 0.0)
+
+
+def test_pending_turns_are_bounded() -> None:
+    tl = SpeakerTimeline(max_pending_turns=4, gap_s=0.0)
+    for i in range(10):  # ten separate turns of speaker 0
+        tl.add(i * 6, np.concatenate([one_hot(0, 3), one_hot(None, 3)]))
+    turns = tl.pop_turns(include_open=False)
+    assert len(turns) == 4 and tl.turns_dropped == 6
+    assert turns[-1].start == pytest.approx(9 * 6 * FRAME_S)
