@@ -1,0 +1,1 @@
+"""Fakes that speak real protocols and formats (see ARCHITECTURE.md, Testing without the internet)."""
