@@ -167,6 +167,7 @@ class CallLog:
     audio_bytes: int = 0
     max_request_bytes: int = 0
     opened: float = field(default_factory=time.monotonic)
+    closed: float | None = None
     outcome: str = "open"
 
     @property
@@ -225,6 +226,8 @@ class FakeSpeech:
                 if log.outcome == "open":
                     log.outcome = "error"
                 raise
+            finally:
+                log.closed = time.monotonic()
         return handle
 
     async def _serve(self, api: str, log: CallLog, requests: AsyncIterator[Any],
