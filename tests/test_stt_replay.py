@@ -181,16 +181,31 @@ def test_a_word_never_starts_before_delivered_audio_ended() -> None:
     assert ev is not None and ev.words[0].start == 1.0 and ev.words[0].end == 1.4
 
 
-def test_speech_events_alternate_and_never_go_back() -> None:
+def test_speech_events_alternate_and_replays_do_not_repeat_them() -> None:
     buf = ReplayBuffer(30)
+    buf.push(AudioBlock(0, b"\0\0" * SAMPLE_RATE * 20))
     t = Transcript(buf)
+
+    def said(kind: str, offset: float, call: CallMap) -> list[tuple[str, float]]:
+        return [(e.kind, e.start) for e in t.on_speech_event(RawSpeechEvent(kind, offset), call)]
+
     call = CallMap()
     call.add(AudioBlock(16000, b"\0\0" * SAMPLE_RATE * 5))
-    begin = t.on_speech_event(RawSpeechEvent("speech_started", 0.5), call)
-    assert begin is not None and begin.kind == "speech_started" and begin.start == 1.5
-    assert t.on_speech_event(RawSpeechEvent("speech_started", 0.6), call) is None  # replayed
-    end = t.on_speech_event(RawSpeechEvent("speech_ended", 0.2), call)
-    assert end is not None and end.start == 1.5
+    assert said("speech_started", 0.5, call) == [("speech_started", 1.5)]
+    assert said("speech_started", 0.6, call) == []  # still the same utterance
+    # Cut mid-utterance; the next call replays from t_final (0) and hears it begin again.
+    again = CallMap()
+    again.add(AudioBlock(0, b"\0\0" * SAMPLE_RATE * 5))
+    assert said("speech_started", 1.55, again) == []
+    assert said("speech_ended", 2.5, again) == [("speech_ended", 2.5)]
+    assert said("speech_ended", 2.6, again) == []
+    assert said("speech_started", 3.0, again) == [("speech_started", 3.0)]
+    # The utterance is finalized, then the call is cut before it says "ended": the next
+    # begin first closes the finalized one at t_final.
+    t.on_result(_final([("a", 3.0, 3.5)], 3.8), again)
+    after = CallMap()
+    after.add(AudioBlock(round(3.8 * SAMPLE_RATE), b"\0\0" * SAMPLE_RATE * 5))
+    assert said("speech_started", 0.7, after) == [("speech_ended", 3.8), ("speech_started", 4.5)]
 
 
 def test_plain_word() -> None:

@@ -80,6 +80,11 @@ class ReplayBuffer:
         return self._samples / SAMPLE_RATE
 
     @property
+    def intact(self) -> bool:
+        """True while nothing unfinalized has been dropped: a replay from `t_final` is whole."""
+        return not self._at_risk
+
+    @property
     def start(self) -> int | None:
         """The first retained sample, or None when nothing is retained."""
         return self._blocks[0].start if self._blocks else None
@@ -254,6 +259,8 @@ class Transcript:
     def __init__(self, buffer: ReplayBuffer) -> None:
         self.buffer = buffer
         self._in_speech = False
+        self._any = False
+        self._started = 0.0
         self._last_event = 0.0
 
     def on_result(self, raw: RawResult, call: CallMap) -> TranscriptEvent | None:
@@ -300,16 +307,31 @@ class Transcript:
             confidence=raw.confidence, words=tuple(mapped), language=raw.language or None,
         )
 
-    def on_speech_event(self, raw: RawSpeechEvent, call: CallMap) -> TranscriptEvent | None:
-        """Voice activity, mapped; repeats from replayed audio are dropped (begin/end alternate
-        and never go back in time)."""
-        started = raw.kind == "speech_started"
-        if started == self._in_speech:
-            return None
-        at = call.to_session(raw.offset or 0.0, end=not started) / SAMPLE_RATE
-        at = max(at, self._last_event)
-        self._in_speech, self._last_event = started, at
-        return TranscriptEvent(kind=raw.kind, start=at, end=at)  # type: ignore[arg-type]
+    def on_speech_event(self, raw: RawSpeechEvent, call: CallMap) -> list[TranscriptEvent]:
+        """Voice activity, mapped. Replayed audio repeats events: one at or before the last
+        one delivered is dropped, as is a begin while speech is on (unless the utterance it
+        began has been finalized since: the call that would have said "ended" was cut, so
+        that is said first, at `t_final`). Begin and end alternate."""
+        at = call.to_session(raw.offset or 0.0) / SAMPLE_RATE
+        t_final = self.buffer.t_final / SAMPLE_RATE
+        out: list[TranscriptEvent] = []
+        if at <= self._last_event and self._any:
+            return out
+        if raw.kind == "speech_started":
+            if self._in_speech:
+                if self._started >= t_final:
+                    return out  # the same utterance, heard again after a replay
+                out.append(self._event("speech_ended", max(t_final, self._last_event)))
+            out.append(self._event("speech_started", at))
+            self._started = at
+        elif self._in_speech:
+            out.append(self._event("speech_ended", at))
+        return out
+
+    def _event(self, kind: str, at: float) -> TranscriptEvent:
+        self._in_speech = kind == "speech_started"
+        self._last_event, self._any = at, True
+        return TranscriptEvent(kind=kind, start=at, end=at)  # type: ignore[arg-type]
 
 
 # --- when to rotate, how long to wait -------------------------------------------------------

@@ -270,7 +270,7 @@ class StreamRun:
         loop = asyncio.get_running_loop()
         requests = self._requests(call)
         # Wall-time limit: a stalled session's call must still end before Google's limit.
-        hard = loop.call_at(call.opened + self.params.rotate_s, self._close, call, "rotate")
+        hard = loop.call_at(call.opened + self.params.rotate_s, self._rotate_now, call)
         rpc = reader = None
         try:
             try:
@@ -295,9 +295,20 @@ class StreamRun:
                 rpc.cancel()
             self._notify()  # let the request generator see `finished` and return
 
-    def _close(self, call: _Call, cause: str) -> None:
-        if call.close is None:
-            call.close = cause
+    def _rotate_now(self, call: _Call) -> None:
+        """The forced rotation at `rotate_s`. Cut and replay from `t_final` (the utterance in
+        progress is heard whole by the next call) while the buffer holds all unfinalized audio
+        and that is at most half a call; otherwise (long silence, mostly) half-close: Google
+        answers for all it got, and nothing is replayed or lost — at worst a word spanning
+        the close is split in two."""
+        if call.half_closed or call.close is not None or call.ended.done():
+            return
+        unfinalized_s = (self.buffer.end - self.buffer.t_final) / SAMPLE_RATE
+        # A replay longer than half a call could keep the next call from making progress.
+        if self.buffer.intact and unfinalized_s <= self.params.rotate_s / 2:
+            _cut(call, "rotate")
+        else:
+            call.close = "rotate"
             self._notify()
 
     async def _read(self, rpc: Any, call: _Call) -> _Outcome:
@@ -309,7 +320,8 @@ class StreamRun:
                     self.hooks.call_healthy(self.run_id)
                 results, speech = self.api.parse(response)
                 if speech is not None and self.config.vad_events:
-                    await self._emit(self.transcript.on_speech_event(speech, call.map))
+                    for event in self.transcript.on_speech_event(speech, call.map):
+                        await self._emit(event)
                 final = False
                 for result in results:
                     await self._emit(self.transcript.on_result(result, call.map))
@@ -340,10 +352,13 @@ class StreamRun:
         while not call.finished and call.close is None:
             stop_at = self.flushes[0] if self.flushes else (self.buffer.end if self.ended else None)
             room = rotate_samples - call.map.sent
-            if room <= 0:
-                call.close = "rotate"  # audio time reached the limit: forced, graceful
-                break
             changed = self._changed
+            if room <= 0:  # audio time reached the limit
+                self._rotate_now(call)
+                if call.close is None:  # cut: wait for the supervisor to cancel the call
+                    await changed.wait()
+                    continue
+                break
             piece = self.buffer.read(cursor, min(REQUEST_SAMPLES, room))
             if piece is not None and (stop_at is None or piece.start < stop_at):
                 if stop_at is not None and piece.end > stop_at:
