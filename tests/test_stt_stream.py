@@ -184,6 +184,22 @@ async def test_v1_with_diarization_deduplicates_repeated_words_and_labels_speake
     assert not s.errors
 
 
+@pytest.mark.parametrize("mode", ["auto", "google"])
+async def test_v2_diarizes_only_when_forced(mode: str) -> None:
+    pcm, script = encode(utterances(8))
+    async with google(edge_stt_diarization=mode) as g:
+        s = Session()
+        await asyncio.wait_for(s.run(g.upstream, feed(pcm, s)), 30)
+    assert_exact(s.words, script)
+    features = g.fake.calls[0].config.config.features
+    if mode == "google":
+        assert features.diarization_config.max_speaker_count == V2.max_speakers
+        assert [w.speaker_label for w in s.words] == [str(w.id % 3 + 1) for w in script]
+    else:  # chirp_3 with language auto: Google cannot, so it is not asked to
+        assert "diarization_config" not in features
+        assert all(w.speaker_label is None for w in s.words)
+
+
 async def test_outage_longer_than_the_replay_buffer_is_reported_and_later_audio_transcribed(
 ) -> None:
     # Period 2.5 s (4 words of 0.5 s, 0.5 s of silence): silence at [2.5k, 2.5k + 0.5).

@@ -102,6 +102,7 @@ class _Call:
     finished: bool = False
     responses: int = 0
     drain: asyncio.TimerHandle | None = None
+    rpc: Any = None  # the client's streaming call, once connected
 
 
 @dataclass(frozen=True)
@@ -271,28 +272,25 @@ class StreamRun:
         requests = self._requests(call)
         # Wall-time limit: a stalled session's call must still end before Google's limit.
         hard = loop.call_at(call.opened + self.params.rotate_s, self._rotate_now, call)
-        rpc = reader = None
+        # Connecting is part of the reader, so a cut (the wall-time limit) also ends a call
+        # whose connection hangs.
+        reader = asyncio.create_task(self._read(requests, call), name=f"stt-read-{self.run_id}")
         try:
-            try:
-                rpc = await self.client.streaming_recognize(requests=requests)
-            except Exception as exc:
-                return self._failed(exc)
-            reader = asyncio.create_task(self._read(rpc, call))
             await asyncio.wait({reader, call.ended}, return_when=asyncio.FIRST_COMPLETED)
-            if reader.done():
-                return reader.result()
-            return _Outcome("cut", call.ended.result())
+            outcome = reader.result() if reader.done() else _Outcome("cut", call.ended.result())
+            log.debug("stt[%d]: call ended (%s, %s) after %.1f s of audio", self.run_id,
+                      outcome.kind, outcome.cause or outcome.error, call.map.audio_s)
+            return outcome
         finally:
             call.finished = True
             hard.cancel()
             if call.drain is not None:
                 call.drain.cancel()
-            if reader is not None:
-                reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await reader
-            if rpc is not None:
-                rpc.cancel()
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+            if call.rpc is not None:
+                call.rpc.cancel()
             self._notify()  # let the request generator see `finished` and return
 
     def _rotate_now(self, call: _Call) -> None:
@@ -311,10 +309,12 @@ class StreamRun:
             call.close = "rotate"
             self._notify()
 
-    async def _read(self, rpc: Any, call: _Call) -> _Outcome:
+    async def _read(self, requests: AsyncIterator[Any], call: _Call) -> _Outcome:
         loop = asyncio.get_running_loop()
         try:
-            async for response in rpc:
+            # No `retry=`: with the service down it retries, then hangs (notes/google-speech.md).
+            call.rpc = await self.client.streaming_recognize(requests=requests)
+            async for response in call.rpc:
                 call.responses += 1
                 if call.responses == 1:
                     self.hooks.call_healthy(self.run_id)
