@@ -258,11 +258,8 @@ class StreamRun:
 
     async def _give_up(self) -> None:
         """The audio has ended and Google stays unreachable: report the rest as lost."""
-        rest = self.buffer.take_lost()
-        pending = self._pending()
-        if pending is not None:
-            rest += self.buffer.end - pending.start
-            self.buffer.finalize(self.buffer.end)
+        rest = self.buffer.take_lost() + round(self.buffer.retained_s * SAMPLE_RATE)
+        self.buffer.finalize(self.buffer.end)
         await self._report_lost(rest)
         await self._answer_flushes()
 

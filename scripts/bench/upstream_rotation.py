@@ -9,7 +9,9 @@ is 5, so a 60 s run rotates ~12 times; production rotates at 290 s). Measured:
 - final latency: from the moment the audio that completes a final result was fed to the
   moment the session got the final, for the first final of every rotated call vs all others;
   `extra_ms` is the difference (mean, p95);
-- handover gap: from the old call's end to the new call's start, on the service's clock;
+- call gap: from one call's end to the next call's start, on the service's clock (when the
+  old call left nothing unfinalized the next opens with the next audio block, so up to one
+  block later: that waits for audio, it does not delay it);
 - replayed audio per rotation, and words lost / duplicated (every scripted word must arrive
   exactly once, at its place on the session clock).
 
@@ -126,7 +128,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "final_latency_ms": {"baseline": base, "after_rotation": after},
         "extra_ms": {k: round(after[k] - base[k], 2) for k in ("mean", "p95")
                      if k in after and k in base},
-        "handover_gap_ms": summary(handover),
+        "call_gap_ms": summary(handover),
         "replayed_s_per_call": round((sum(c.audio_s for c in calls) - total_s)
                                      / max(1, len(calls) - 1), 3),
         "words": {"scripted": len(want), "delivered": len(got),

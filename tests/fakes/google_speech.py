@@ -227,6 +227,8 @@ class FakeSpeech:
                     log.outcome = "error"
                 raise
             finally:
+                if log.outcome == "open":  # closed by grpc (GeneratorExit): the client left
+                    log.outcome = "cancelled"
                 log.closed = time.monotonic()
         return handle
 
