@@ -1,0 +1,207 @@
+"""Google Cloud Speech-to-Text v2 and v1 streaming: clients, requests and responses.
+
+Imported only when an upstream is created (it pulls in grpc and the google packages), so the
+daemon starts without paying for them when the upstream is off. Each API shape turns our
+`StreamConfig` into the first (config) request, audio into audio requests, and responses into
+the neutral `RawResult` / `RawSpeechEvent` of `edge.stt.replay`.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any, Literal
+
+import grpc
+from google.api_core import exceptions as gexc
+from google.cloud import speech_v1, speech_v2
+from google.cloud.speech_v1.services.speech.transports import (
+    SpeechGrpcAsyncIOTransport as V1Transport,
+)
+from google.cloud.speech_v2.services.speech.transports import (
+    SpeechGrpcAsyncIOTransport as V2Transport,
+)
+
+from edge.stt.base import SAMPLE_RATE, StreamConfig
+from edge.stt.replay import RawResult, RawSpeechEvent, RawWord
+
+ErrorKind = Literal["retry", "limit", "fatal"]
+
+# Google's per-call limit surfaces as these: "start a new stream", not a failure.
+LIMIT_ERRORS: tuple[type[Exception], ...] = (gexc.Aborted, gexc.OutOfRange)
+RETRYABLE_ERRORS: tuple[type[Exception], ...] = (
+    gexc.ServiceUnavailable, gexc.DeadlineExceeded, gexc.InternalServerError,
+    gexc.ResourceExhausted,
+    # A reset connection or a proxy dropping the stream shows up as these.
+    gexc.Unknown, gexc.Cancelled,
+)
+FATAL_ERRORS: tuple[type[Exception], ...] = (
+    gexc.InvalidArgument, gexc.Unauthenticated, gexc.PermissionDenied, gexc.NotFound,
+)
+
+
+def classify(exc: BaseException) -> ErrorKind:
+    """How to treat a failed streaming call: reconnect at once (`limit`), reconnect with
+    backoff (`retry`), or end the session's upstream (`fatal`, also for anything unexpected)."""
+    if isinstance(exc, LIMIT_ERRORS):
+        return "limit"
+    if isinstance(exc, RETRYABLE_ERRORS):
+        return "retry"
+    return "fatal"
+
+
+def api_endpoint(location: str) -> str:
+    """Google's host for a location: regional `{location}-speech.googleapis.com`, or the
+    global `speech.googleapis.com`."""
+    return "speech.googleapis.com" if location == "global" else f"{location}-speech.googleapis.com"
+
+
+def _seconds(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    return float(value.seconds) + value.nanos / 1e9  # a raw protobuf Duration
+
+
+def _client(module: Any, transport_cls: Any, *, endpoint: str, insecure: bool,
+            credentials: Any) -> Any:
+    # Must run inside the event loop that will use it (grpc.aio channels bind to it).
+    if insecure:
+        # Tests and on-prem proxies: a plaintext channel; with a channel the transport never
+        # looks for credentials (notes/google-speech.md).
+        channel = grpc.aio.insecure_channel(endpoint)
+        return module.SpeechAsyncClient(transport=transport_cls(channel=channel))
+    return module.SpeechAsyncClient(credentials=credentials,
+                                    client_options={"api_endpoint": endpoint})
+
+
+class V2:
+    """`google.cloud.speech.v2.Speech/StreamingRecognize` (primary)."""
+
+    name = "v2"
+    classify = staticmethod(classify)
+
+    def __init__(self, project: str, location: str) -> None:
+        self.recognizer = f"projects/{project}/locations/{location}/recognizers/_"
+
+    def client(self, *, endpoint: str, insecure: bool, credentials: Any) -> Any:
+        return _client(speech_v2, V2Transport, endpoint=endpoint, insecure=insecure,
+                       credentials=credentials)
+
+    def config_request(self, config: StreamConfig, *, diarize: bool) -> Any:
+        m = speech_v2
+        features = m.RecognitionFeatures(
+            enable_word_time_offsets=True, enable_word_confidence=True,
+            enable_automatic_punctuation=config.punctuate, max_alternatives=1,
+        )
+        if diarize:
+            features.diarization_config = m.SpeakerDiarizationConfig(
+                min_speaker_count=1, max_speaker_count=config.max_speakers)
+        recognition = m.RecognitionConfig(
+            explicit_decoding_config=m.ExplicitDecodingConfig(
+                encoding=m.ExplicitDecodingConfig.AudioEncoding.LINEAR16,
+                sample_rate_hertz=SAMPLE_RATE, audio_channel_count=1),
+            model=config.model, language_codes=[config.language], features=features,
+        )
+        return m.StreamingRecognizeRequest(
+            recognizer=self.recognizer,
+            streaming_config=m.StreamingRecognitionConfig(
+                config=recognition,
+                streaming_features=m.StreamingRecognitionFeatures(
+                    interim_results=config.interim_results,
+                    enable_voice_activity_events=config.vad_events),
+            ),
+        )
+
+    def audio_request(self, pcm: bytes) -> Any:
+        return speech_v2.StreamingRecognizeRequest(audio=pcm)
+
+    def parse(self, response: Any) -> tuple[list[RawResult], RawSpeechEvent | None]:
+        kinds = speech_v2.StreamingRecognizeResponse.SpeechEventType
+        event = None
+        if response.speech_event_type in (kinds.SPEECH_ACTIVITY_BEGIN, kinds.SPEECH_ACTIVITY_END):
+            event = RawSpeechEvent(
+                "speech_started" if response.speech_event_type == kinds.SPEECH_ACTIVITY_BEGIN
+                else "speech_ended", _seconds(response.speech_event_offset))
+        results = []
+        for r in response.results:
+            if not r.alternatives:
+                continue
+            alt = r.alternatives[0]
+            results.append(RawResult(
+                is_final=r.is_final, transcript=alt.transcript, confidence=alt.confidence,
+                words=tuple(RawWord(w.word, _seconds(w.start_offset) or 0.0,
+                                    _seconds(w.end_offset) or 0.0, w.confidence,
+                                    w.speaker_label or None) for w in alt.words),
+                end=_seconds(r.result_end_offset), language=r.language_code or None,
+            ))
+        return results, event
+
+
+class V1:
+    """`google.cloud.speech.v1.Speech/StreamingRecognize`: for models and languages where v1
+    diarizes. v1 needs one BCP-47 language (no `auto`)."""
+
+    name = "v1"
+    classify = staticmethod(classify)
+
+    def client(self, *, endpoint: str, insecure: bool, credentials: Any) -> Any:
+        return _client(speech_v1, V1Transport, endpoint=endpoint, insecure=insecure,
+                       credentials=credentials)
+
+    def config_request(self, config: StreamConfig, *, diarize: bool) -> Any:
+        m = speech_v1
+        if config.language == "auto":
+            raise ValueError("language 'auto' needs EDGE_STT_API=v2 (v1 takes one BCP-47 code)")
+        recognition = m.RecognitionConfig(
+            encoding=m.RecognitionConfig.AudioEncoding.LINEAR16, sample_rate_hertz=SAMPLE_RATE,
+            audio_channel_count=1, language_code=config.language, model=config.model,
+            enable_word_time_offsets=True, enable_word_confidence=True,
+            enable_automatic_punctuation=config.punctuate, max_alternatives=1,
+        )
+        if diarize:
+            recognition.diarization_config = m.SpeakerDiarizationConfig(
+                enable_speaker_diarization=True, min_speaker_count=1,
+                max_speaker_count=config.max_speakers)
+        return m.StreamingRecognizeRequest(streaming_config=m.StreamingRecognitionConfig(
+            config=recognition, interim_results=config.interim_results,
+            enable_voice_activity_events=config.vad_events))
+
+    def audio_request(self, pcm: bytes) -> Any:
+        return speech_v1.StreamingRecognizeRequest(audio_content=pcm)
+
+    def parse(self, response: Any) -> tuple[list[RawResult], RawSpeechEvent | None]:
+        if response.error.code:
+            # v1 may report a failure in-band; treat it like the same status on the call.
+            raise gexc.from_grpc_status(_status_code(response.error.code), response.error.message)
+        kinds = speech_v1.StreamingRecognizeResponse.SpeechEventType
+        event = None
+        if response.speech_event_type in (kinds.SPEECH_ACTIVITY_BEGIN, kinds.SPEECH_ACTIVITY_END):
+            event = RawSpeechEvent(
+                "speech_started" if response.speech_event_type == kinds.SPEECH_ACTIVITY_BEGIN
+                else "speech_ended", _seconds(response.speech_event_time))
+        results = []
+        for r in response.results:
+            if not r.alternatives:
+                continue
+            alt = r.alternatives[0]
+            results.append(RawResult(
+                is_final=r.is_final, transcript=alt.transcript, confidence=alt.confidence,
+                words=tuple(RawWord(w.word, _seconds(w.start_time) or 0.0,
+                                    _seconds(w.end_time) or 0.0, w.confidence,
+                                    str(w.speaker_tag) if w.speaker_tag else None)
+                            for w in alt.words),
+                end=_seconds(r.result_end_time), language=r.language_code or None,
+            ))
+        return results, event
+
+
+def _status_code(number: int) -> grpc.StatusCode:
+    for code in grpc.StatusCode:
+        if code.value[0] == number:
+            return code
+    return grpc.StatusCode.UNKNOWN
+
+
+__all__ = ["FATAL_ERRORS", "LIMIT_ERRORS", "RETRYABLE_ERRORS", "V1", "V2", "api_endpoint",
+           "classify"]

@@ -1,0 +1,385 @@
+"""Rotation and replay without loss or doubling, sans I/O.
+
+The invariant (see notes/google-speech.md): keep every audio block from the end of the last final
+result (`t_final`) onward. When a streaming call ends abnormally (our quiet-moment rotation, a
+retryable error, Google's duration limit) the next call's first audio is that retained audio;
+each call remembers where its offset 0 sits on the session clock (`CallMap`), every offset it
+returns is mapped through that, a final word is delivered only if it ends after `t_final`, and
+`t_final` then advances to the final's end, dropping the audio before it. When a call ends
+*cleanly* (we half-closed it and Google answered everything), all the audio it was sent is
+covered, so `t_final` advances to the end of what it was sent.
+
+Everything here is plain state and arithmetic on sample indices (16 kHz, the session clock):
+no sockets, no tasks, no clocks, so it is unit-tested without a server.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from bisect import bisect_left, bisect_right
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from edge.stt.base import SAMPLE_RATE, AudioBlock, TranscriptEvent, Word
+
+MAX_LOST_SPANS = 256  # bound on remembered dropped spans; beyond it neighbours are merged
+
+
+# --- what an upstream call says, in call time (seconds since the call's first sample) ---------
+@dataclass(frozen=True)
+class RawWord:
+    word: str
+    start: float
+    end: float
+    confidence: float = 0.0
+    speaker_label: str | None = None
+
+
+@dataclass(frozen=True)
+class RawResult:
+    """One recognition result as the API gave it; `end` is its result end offset, if given."""
+
+    is_final: bool
+    transcript: str
+    confidence: float = 0.0
+    words: tuple[RawWord, ...] = ()
+    end: float | None = None
+    language: str | None = None
+
+
+@dataclass(frozen=True)
+class RawSpeechEvent:
+    kind: str  # "speech_started" | "speech_ended"
+    offset: float | None
+
+
+# --- the retained audio ---------------------------------------------------------------------
+class ReplayBuffer:
+    """Audio from `t_final` onward, at most `max_s` seconds of it.
+
+    Overflow policy: drop the oldest samples. Dropped samples that are not yet finalized are
+    remembered as *at risk*: if the call they were sent on later completes or finalizes past
+    them nothing is lost; if a call boundary comes first (`take_lost()`), they are lost.
+    """
+
+    def __init__(self, max_s: float) -> None:
+        """`max_s`: the replay bound in seconds (EDGE_STT_REPLAY_S). Raises ValueError if <= 0."""
+        if max_s <= 0:
+            raise ValueError("max_s must be > 0")
+        self.max_samples = round(max_s * SAMPLE_RATE)
+        self._blocks: deque[AudioBlock] = deque()
+        self._samples = 0
+        self.end = 0  # session sample just past the newest audio pushed
+        self.t_final = 0  # session sample before which everything is delivered (or given up)
+        self._at_risk: deque[list[int]] = deque()  # [start, end) spans dropped before finalizing
+
+    @property
+    def retained_s(self) -> float:
+        return self._samples / SAMPLE_RATE
+
+    @property
+    def intact(self) -> bool:
+        """True while nothing unfinalized has been dropped: a replay from `t_final` is whole."""
+        return not self._at_risk
+
+    @property
+    def start(self) -> int | None:
+        """The first retained sample, or None when nothing is retained."""
+        return self._blocks[0].start if self._blocks else None
+
+    def push(self, block: AudioBlock) -> None:
+        """Append audio. Overlap with audio already pushed is cut off (the clock never goes
+        backwards); a gap is kept as a gap (`CallMap` maps across it)."""
+        if block.start < self.end:
+            if block.end <= self.end:
+                return
+            cut = (self.end - block.start) * 2
+            block = AudioBlock(self.end, block.pcm[cut:])
+        if not block.samples:
+            return
+        self._blocks.append(block)
+        self._samples += block.samples
+        self.end = block.end
+        excess = self._samples - self.max_samples
+        while excess > 0:
+            oldest = self._blocks[0]
+            n = min(excess, oldest.samples)
+            self._drop_front(n)
+            self._note_at_risk(oldest.start, oldest.start + n)
+            excess -= n
+
+    def read(self, cursor: int, max_samples: int) -> AudioBlock | None:
+        """Up to `max_samples` contiguous retained samples from the first one at/after `cursor`.
+
+        Returns None when nothing is retained at/after `cursor`. Consecutive blocks are joined
+        (so a request carries ~100 ms whatever the block size); a gap ends the piece.
+        """
+        parts: list[bytes] = []
+        start = pos = -1
+        taken = 0
+        for block in self._iter_from(cursor):
+            if parts and block.start != pos:
+                break
+            a = max(cursor, block.start) if not parts else block.start
+            n = min(block.end - a, max_samples - taken)
+            off = (a - block.start) * 2
+            parts.append(block.pcm[off:off + n * 2])
+            if start < 0:
+                start = a
+            pos, taken = a + n, taken + n
+            if taken >= max_samples or pos < block.end:
+                break
+        return AudioBlock(start, b"".join(parts)) if parts else None
+
+    def finalize(self, until: int) -> None:
+        """Everything before session sample `until` is delivered: advance `t_final`, drop it."""
+        if until <= self.t_final:
+            return
+        self.t_final = until
+        while self._blocks and self._blocks[0].start < until:
+            self._drop_front(min(self._blocks[0].samples, until - self._blocks[0].start))
+        while self._at_risk and self._at_risk[0][1] <= until:
+            self._at_risk.popleft()
+        if self._at_risk and self._at_risk[0][0] < until:
+            self._at_risk[0][0] = until
+
+    def take_lost(self) -> int:
+        """At a call boundary: the dropped, never-finalized samples are lost for good.
+
+        Returns how many samples; `t_final` moves past them so they are counted once.
+        """
+        lost = sum(b - a for a, b in self._at_risk)
+        if self._at_risk:
+            self.t_final = max(self.t_final, self._at_risk[-1][1])
+            self._at_risk.clear()
+        return lost
+
+    def take_skipped(self, cursor: int, upto: int) -> int:
+        """A call skipped from `cursor` to `upto` because that audio was dropped before it was
+        ever sent on the call: those samples are lost now. Returns how many."""
+        lost = 0
+        for span in self._at_risk:
+            a, b = max(span[0], cursor), min(span[1], upto)
+            if b > a:
+                lost += b - a
+        if lost:
+            # Keep the parts outside [cursor, upto) at risk; the skipped part is accounted for.
+            kept: list[list[int]] = []
+            for a, b in self._at_risk:
+                if a < cursor:
+                    kept.append([a, min(b, cursor)])
+                if b > upto:
+                    kept.append([max(a, upto), b])
+            self._at_risk = deque(kept)
+        return lost
+
+    def _iter_from(self, cursor: int) -> list[AudioBlock]:
+        # The cursor is almost always at the tail (live audio): scan from the right.
+        found: list[AudioBlock] = []
+        for block in reversed(self._blocks):
+            if block.end <= cursor:
+                break
+            found.append(block)
+        found.reverse()
+        return found
+
+    def _drop_front(self, n: int) -> None:
+        oldest = self._blocks.popleft()
+        if n < oldest.samples:
+            self._blocks.appendleft(AudioBlock(oldest.start + n, oldest.pcm[n * 2:]))
+        self._samples -= n
+
+    def _note_at_risk(self, a: int, b: int) -> None:
+        a = max(a, self.t_final)
+        if b <= a:
+            return
+        if self._at_risk and self._at_risk[-1][1] == a:
+            self._at_risk[-1][1] = b
+        else:
+            self._at_risk.append([a, b])
+        if len(self._at_risk) > MAX_LOST_SPANS:
+            # Keep the bound: merge the two oldest spans (the gap between them then counts as
+            # lost too, an overestimate only for sessions with many audio gaps).
+            first = self._at_risk.popleft()
+            self._at_risk[0][0] = first[0]
+
+
+# --- one call's clock -----------------------------------------------------------------------
+class CallMap:
+    """Where a streaming call's offsets sit on the session clock.
+
+    Offsets restart at 0 on every call and count only the audio the call was sent, which may
+    skip session time (a gap in the session audio, dropped audio). So the map is piecewise:
+    one (call sample, session sample) anchor per contiguous piece sent.
+    """
+
+    def __init__(self) -> None:
+        self._call: list[int] = []
+        self._session: list[int] = []
+        self.sent = 0  # samples sent on this call
+        self.session_end: int | None = None  # session sample just past the last one sent
+
+    @property
+    def audio_s(self) -> float:
+        return self.sent / SAMPLE_RATE
+
+    def add(self, piece: AudioBlock) -> None:
+        """Record a piece of audio as sent (in order)."""
+        if piece.start != self.session_end:
+            self._call.append(self.sent)
+            self._session.append(piece.start)
+        self.sent += piece.samples
+        self.session_end = piece.end
+
+    def to_session(self, offset_s: float, *, end: bool = False) -> int:
+        """The session sample of call offset `offset_s` (seconds). An `end` offset that falls
+        exactly on a piece boundary belongs to the piece before it (a word ends there)."""
+        c = round(offset_s * SAMPLE_RATE)
+        if not self._call:
+            return c
+        i = (bisect_left(self._call, c) if end else bisect_right(self._call, c)) - 1
+        i = max(i, 0)
+        return self._session[i] + c - self._call[i]
+
+
+# --- turning a call's results into session events -------------------------------------------
+_EDGE_PUNCT = re.compile(r"^[^\w']+|[^\w']+$")
+
+
+def plain_word(text: str) -> str:
+    """Deepgram's `word`: lower case, without the punctuation around it."""
+    return _EDGE_PUNCT.sub("", text).lower() or text.lower()
+
+
+class Transcript:
+    """Applies results to the session: maps, de-duplicates, advances `t_final`."""
+
+    def __init__(self, buffer: ReplayBuffer) -> None:
+        self.buffer = buffer
+        self._in_speech = False
+        self._any = False
+        self._started = 0.0
+        self._last_event = 0.0
+
+    def on_result(self, raw: RawResult, call: CallMap) -> TranscriptEvent | None:
+        """The session event for `raw` (None when it adds nothing new). A final advances
+        `t_final` and drops the retained audio before it."""
+        t_final = self.buffer.t_final
+        mapped: list[Word] = []
+        seen: set[tuple[int, int, str]] = set()
+        last_end = t_final
+        for w in raw.words:
+            start = call.to_session(w.start)
+            end = call.to_session(w.end, end=True)
+            key = (start, end, w.word)
+            # Already delivered (before t_final) or repeated in this result (v1 resends every
+            # word of the call with diarization on): skip.
+            if end <= t_final or key in seen:
+                continue
+            seen.add(key)
+            # A word cannot begin before audio that is already delivered ended.
+            start = min(max(start, t_final), end)
+            mapped.append(Word(
+                word=plain_word(w.word), start=start / SAMPLE_RATE, end=end / SAMPLE_RATE,
+                confidence=w.confidence, punctuated_word=w.word, speaker_label=w.speaker_label,
+            ))
+            last_end = max(last_end, end)
+        result_end = call.to_session(raw.end, end=True) if raw.end is not None else last_end
+        result_end = max(result_end, last_end)
+        if raw.words and not mapped:
+            transcript = ""
+        elif len(mapped) == len(raw.words):
+            transcript = raw.transcript
+        else:
+            transcript = " ".join(w.punctuated_word or w.word for w in mapped)
+        if raw.is_final:
+            fresh = result_end > t_final
+            self.buffer.finalize(result_end)
+            if not transcript.strip() or not fresh:
+                return None
+        elif not transcript.strip():
+            return None
+        return TranscriptEvent(
+            kind="result", start=t_final / SAMPLE_RATE, end=result_end / SAMPLE_RATE,
+            is_final=raw.is_final, speech_final=raw.is_final, transcript=transcript,
+            confidence=raw.confidence, words=tuple(mapped), language=raw.language or None,
+        )
+
+    def on_speech_event(self, raw: RawSpeechEvent, call: CallMap) -> list[TranscriptEvent]:
+        """Voice activity, mapped. Replayed audio repeats events: one at or before the last
+        one delivered is dropped, as is a begin while speech is on (unless the utterance it
+        began has been finalized since: the call that would have said "ended" was cut, so
+        that is said first, at `t_final`). Begin and end alternate."""
+        at = call.to_session(raw.offset or 0.0) / SAMPLE_RATE
+        t_final = self.buffer.t_final / SAMPLE_RATE
+        out: list[TranscriptEvent] = []
+        if at <= self._last_event and self._any:
+            return out
+        if raw.kind == "speech_started":
+            if self._in_speech:
+                if self._started >= t_final:
+                    return out  # the same utterance, heard again after a replay
+                out.append(self._event("speech_ended", max(t_final, self._last_event)))
+            out.append(self._event("speech_started", at))
+            self._started = at
+        elif self._in_speech:
+            out.append(self._event("speech_ended", at))
+        return out
+
+    def _event(self, kind: str, at: float) -> TranscriptEvent:
+        self._in_speech = kind == "speech_started"
+        self._last_event, self._any = at, True
+        return TranscriptEvent(kind=kind, start=at, end=at)  # type: ignore[arg-type]
+
+
+# --- when to rotate, how long to wait -------------------------------------------------------
+@dataclass(frozen=True)
+class RotationPolicy:
+    """Rotate a call before Google's per-call limit.
+
+    A call's age is the larger of the audio it was sent and the wall time it has been open:
+    for a live stream the two agree; when the session stalls, wall time still ends the call in
+    time (Google's limit is on wall time); when audio is replayed or fed faster than real time
+    (tests), audio time does. Past `rotate_s - quiet_s`, the next final result is a quiet
+    moment (an utterance just ended): rotate then. At `rotate_s`, rotate whatever is going on.
+    """
+
+    rotate_s: float
+    quiet_s: float
+
+    @classmethod
+    def for_limit(cls, rotate_s: float) -> RotationPolicy:
+        return cls(rotate_s=rotate_s, quiet_s=min(30.0, rotate_s / 5))
+
+    def due(self, audio_s: float, wall_s: float, *, after_final: bool) -> bool:
+        age = max(audio_s, wall_s)
+        return age >= self.rotate_s or (after_final and age >= self.rotate_s - self.quiet_s)
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with jitter ("equal jitter": half fixed, half random)."""
+
+    initial: float = 0.25
+    maximum: float = 8.0
+    multiplier: float = 2.0
+
+    def delay(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
+        """Seconds to wait before reconnect number `attempt` (1-based)."""
+        cap = min(self.maximum, self.initial * self.multiplier ** max(0, attempt - 1))
+        return cap / 2 + rand() * cap / 2
+
+
+__all__ = [
+    "Backoff",
+    "CallMap",
+    "RawResult",
+    "RawSpeechEvent",
+    "RawWord",
+    "ReplayBuffer",
+    "RotationPolicy",
+    "Transcript",
+    "plain_word",
+]

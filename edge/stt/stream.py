@@ -1,0 +1,392 @@
+"""One session's Google stream: calls opened, rotated and reconnected around a replay buffer.
+
+`StreamRun.run(audio)` is the upstream's `stream()` for one session. Three parts, one loop:
+
+- the *pump* moves the session's audio into the `ReplayBuffer` (bounded by EDGE_STT_REPLAY_S,
+  drop-oldest with lost-audio accounting) and never waits on Google;
+- the *supervisor* opens one streaming call at a time; each call's request generator sends the
+  buffer's audio in ~100 ms requests (never above Google's 25 KB) from the call's start cursor,
+  and half-closes it for a FLUSH, for the end of the audio, or when the call reaches
+  EDGE_STT_ROTATE_S; its reader maps results onto the session clock (`Transcript`);
+- events go to the session through a bounded queue (`OUT_QUEUE`); when it is full the reader
+  waits (backpressure onto Google's stream, never onto the audio pump).
+
+How a call ends decides where the next one starts:
+- *clean* (we half-closed, Google answered everything): all audio it was sent is covered; the
+  next call starts where it stopped. Used for FLUSH, end of audio, and the forced rotation at
+  EDGE_STT_ROTATE_S (no quiet moment came: usually silence, where a cut would replay it all).
+- *cut* (quiet rotation right after a final past `rotate_s - quiet_s`, or a drain that takes too
+  long): cancelled; the next call replays the unfinalized audio from `t_final`, so the utterance
+  in progress is heard whole by the new call.
+- *failed*: `limit` (Google's duration limit) reconnects at once, `retry` after exponential
+  backoff with jitter, both replaying from `t_final`; `fatal` ends this session's upstream with
+  an `error` event (fatal=True). Other sessions have their own runs and are unaffected.
+Rotation clock: a call's age is max(audio sent, wall time open) (`RotationPolicy`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from edge.stt.base import SAMPLE_RATE, AudioBlock, AudioItem, StreamConfig, TranscriptEvent
+from edge.stt.replay import (
+    Backoff,
+    CallMap,
+    RawResult,
+    RawSpeechEvent,
+    ReplayBuffer,
+    RotationPolicy,
+    Transcript,
+)
+
+log = logging.getLogger("edge.stt")
+
+OUT_QUEUE = 64  # events waiting for the session; full -> the call's reader waits
+REQUEST_SAMPLES = SAMPLE_RATE // 10  # 100 ms = 3200 bytes per request (Google's limit: 25 KB)
+
+
+class Api(Protocol):
+    """What the run needs from an API shape (`edge.stt.google_api.V1`/`V2`)."""
+
+    name: str
+
+    def client(self, *, endpoint: str, insecure: bool, credentials: Any) -> Any: ...
+
+    def config_request(self, config: StreamConfig, *, diarize: bool) -> Any: ...
+
+    def audio_request(self, pcm: bytes) -> Any: ...
+
+    def parse(self, response: Any) -> tuple[list[RawResult], RawSpeechEvent | None]: ...
+
+    def classify(self, exc: BaseException) -> str: ...
+
+
+class Hooks:
+    """Where a run reports to the daemon (metrics, status). The base class ignores it all."""
+
+    def call_opened(self, run_id: int, cause: str | None) -> None: ...
+
+    def call_healthy(self, run_id: int) -> None: ...
+
+    def call_failed(self, run_id: int, exc: BaseException | str, kind: str) -> None: ...
+
+    def audio_lost(self, run_id: int, seconds: float) -> None: ...
+
+    def run_ended(self, run_id: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class RunParams:
+    rotate_s: float = 290.0
+    replay_s: float = 30.0
+    backoff: Backoff = field(default_factory=Backoff)
+    drain_timeout_s: float = 10.0  # a half-closed call must finish within this, else cut
+    end_timeout_s: float = 30.0  # after the audio ended, give up reconnecting after this
+
+
+@dataclass
+class _Call:
+    """One streaming call's state, shared by its request generator and its reader."""
+
+    map: CallMap
+    opened: float
+    ended: asyncio.Future[str]  # set (with a cause) to cut the call
+    close: str | None = None  # set to half-close at the next chance ("rotate")
+    half_closed: bool = False
+    finished: bool = False
+    responses: int = 0
+    drain: asyncio.TimerHandle | None = None
+    rpc: Any = None  # the client's streaming call, once connected
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    kind: str  # clean | cut | closed | limit | retry | fatal
+    cause: str | None = None
+    error: BaseException | None = None
+
+
+_DONE = object()
+
+
+class StreamRun:
+    """One session's upstream stream (see the module docstring)."""
+
+    def __init__(self, api: Api, client: Any, config: StreamConfig, *, diarize: bool,
+                 params: RunParams, hooks: Hooks, run_id: int = 0) -> None:
+        self.api, self.client, self.config, self.diarize = api, client, config, diarize
+        self.params, self.hooks, self.run_id = params, hooks, run_id
+        self.policy = RotationPolicy.for_limit(params.rotate_s)
+        self.buffer = ReplayBuffer(params.replay_s)
+        self.transcript = Transcript(self.buffer)
+        self.flushes: deque[int] = deque()  # session sample of each pending FLUSH
+        self.ended = False
+        self._changed = asyncio.Event()
+        self._out: asyncio.Queue[Any] = asyncio.Queue(OUT_QUEUE)
+        self._config_request: Any = None
+
+    # --- the session side ---
+    async def run(self, audio: AsyncIterator[AudioItem]) -> AsyncIterator[TranscriptEvent]:
+        """Consume `audio`, yield events until every final is out (or a fatal error)."""
+        pump = asyncio.create_task(self._pump(audio), name=f"stt-pump-{self.run_id}")
+        work = asyncio.create_task(self._supervise(), name=f"stt-calls-{self.run_id}")
+        try:
+            while (item := await self._out.get()) is not _DONE:
+                yield item
+        finally:
+            for task in (pump, work):
+                task.cancel()
+            await asyncio.gather(pump, work, return_exceptions=True)
+            self.hooks.run_ended(self.run_id)
+
+    async def _pump(self, audio: AsyncIterator[AudioItem]) -> None:
+        try:
+            async for item in audio:
+                if isinstance(item, AudioBlock):
+                    self.buffer.push(item)
+                else:
+                    self.flushes.append(self.buffer.end)
+                self._notify()
+        except Exception:
+            log.exception("stt[%d]: the audio source failed; ending the stream", self.run_id)
+        finally:
+            self.ended = True
+            self._notify()
+
+    def _notify(self) -> None:
+        # Wake every waiter once: each waits on the event current when it checked.
+        event, self._changed = self._changed, asyncio.Event()
+        event.set()
+
+    async def _emit(self, event: TranscriptEvent | None) -> None:
+        if event is not None:
+            await self._out.put(event)
+
+    # --- the supervisor: one call after another ---
+    async def _supervise(self) -> None:
+        try:
+            await self._calls()
+        except Exception as exc:  # a bug, not Google: say so rather than hang the session
+            log.exception("stt[%d]: upstream stream failed", self.run_id)
+            self.hooks.call_failed(self.run_id, exc, "fatal")
+            await self._emit(TranscriptEvent(kind="error", fatal=True,
+                                             message=f"upstream failed: {exc!r}"))
+        await self._out.put(_DONE)
+
+    async def _calls(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            self._config_request = self.api.config_request(self.config, diarize=self.diarize)
+        except ValueError as exc:  # a config the API cannot take (v1 with language auto)
+            self.hooks.call_failed(self.run_id, exc, "fatal")
+            await self._emit(TranscriptEvent(kind="error", fatal=True, message=str(exc)))
+            return
+        failures, cause = 0, None
+        ended_at: float | None = None
+        while True:
+            await self._until_work()
+            await self._answer_flushes()
+            if self._pending() is None:
+                if self.ended:
+                    return
+                continue
+            if self.ended:
+                ended_at = ended_at if ended_at is not None else loop.time()
+                if failures and loop.time() - ended_at > self.params.end_timeout_s:
+                    await self._give_up()
+                    return
+            await self._report_lost(self.buffer.take_lost())
+            self.hooks.call_opened(self.run_id, cause)
+            call = _Call(CallMap(), loop.time(), loop.create_future())
+            outcome = await self._call(call)
+            if call.responses:
+                failures = 0  # it worked for a while: the next failure starts a new streak
+            if outcome.kind == "clean":
+                if call.map.session_end is not None:
+                    self.buffer.finalize(call.map.session_end)
+                await self._answer_flushes()
+                cause = outcome.cause
+                continue
+            if outcome.kind == "fatal":
+                assert outcome.error is not None
+                self.hooks.call_failed(self.run_id, outcome.error, "fatal")
+                await self._emit(TranscriptEvent(
+                    kind="error", fatal=True, message=f"upstream refused the stream: "
+                    f"{type(outcome.error).__name__}: {_message(outcome.error)}"))
+                return
+            if outcome.kind == "cut" and outcome.cause == "rotate":
+                cause = "rotate"
+                continue
+            failures += 1
+            self.hooks.call_failed(self.run_id, outcome.error or outcome.cause or outcome.kind,
+                                   outcome.kind)
+            cause = "limit" if outcome.kind == "limit" else "error"
+            if outcome.kind == "limit" and failures == 1:
+                continue  # "start a new stream": at once, the first time
+            await asyncio.sleep(self.params.backoff.delay(failures))
+
+    def _pending(self) -> AudioBlock | None:
+        """Retained audio not yet covered by a final: what the next call starts with."""
+        return self.buffer.read(self.buffer.t_final, 1)
+
+    async def _until_work(self) -> None:
+        while not (self.ended or self.flushes or self._pending() is not None):
+            await self._changed.wait()
+
+    async def _answer_flushes(self) -> None:
+        """Emit `flushed` for each FLUSH with no unfinalized audio left before it."""
+        pending = self._pending()
+        while self.flushes and (pending is None or pending.start >= self.flushes[0]):
+            pos = self.flushes.popleft() / SAMPLE_RATE
+            await self._emit(TranscriptEvent(kind="flushed", start=pos, end=pos))
+
+    async def _report_lost(self, samples: int) -> None:
+        if samples <= 0:
+            return
+        seconds = samples / SAMPLE_RATE
+        self.hooks.audio_lost(self.run_id, seconds)
+        await self._emit(TranscriptEvent(
+            kind="error", lost_s=seconds,
+            message=f"{seconds:.1f} s of audio not transcribed: the upstream outage outlasted "
+                    f"the {self.params.replay_s:g} s replay buffer"))
+
+    async def _give_up(self) -> None:
+        """The audio has ended and Google stays unreachable: report the rest as lost."""
+        rest = self.buffer.take_lost() + round(self.buffer.retained_s * SAMPLE_RATE)
+        self.buffer.finalize(self.buffer.end)
+        await self._report_lost(rest)
+        await self._answer_flushes()
+
+    # --- one call ---
+    async def _call(self, call: _Call) -> _Outcome:
+        loop = asyncio.get_running_loop()
+        requests = self._requests(call)
+        # Wall-time limit: a stalled session's call must still end before Google's limit.
+        hard = loop.call_at(call.opened + self.params.rotate_s, self._rotate_now, call)
+        # Connecting is part of the reader, so a cut (the wall-time limit) also ends a call
+        # whose connection hangs.
+        reader = asyncio.create_task(self._read(requests, call), name=f"stt-read-{self.run_id}")
+        try:
+            await asyncio.wait({reader, call.ended}, return_when=asyncio.FIRST_COMPLETED)
+            outcome = reader.result() if reader.done() else _Outcome("cut", call.ended.result())
+            log.debug("stt[%d]: call ended (%s, %s) after %.1f s of audio", self.run_id,
+                      outcome.kind, outcome.cause or outcome.error, call.map.audio_s)
+            return outcome
+        finally:
+            call.finished = True
+            hard.cancel()
+            if call.drain is not None:
+                call.drain.cancel()
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+            if call.rpc is not None:
+                call.rpc.cancel()
+            self._notify()  # let the request generator see `finished` and return
+
+    def _rotate_now(self, call: _Call) -> None:
+        """The forced rotation at `rotate_s`. Cut and replay from `t_final` (the utterance in
+        progress is heard whole by the next call) while the buffer holds all unfinalized audio
+        and that is at most half a call; otherwise (long silence, mostly) half-close: Google
+        answers for all it got, and nothing is replayed or lost — at worst a word spanning
+        the close is split in two."""
+        if call.half_closed or call.close is not None or call.ended.done():
+            return
+        unfinalized_s = (self.buffer.end - self.buffer.t_final) / SAMPLE_RATE
+        # A replay longer than half a call could keep the next call from making progress.
+        if self.buffer.intact and unfinalized_s <= self.params.rotate_s / 2:
+            _cut(call, "rotate")
+        else:
+            call.close = "rotate"
+            self._notify()
+
+    async def _read(self, requests: AsyncIterator[Any], call: _Call) -> _Outcome:
+        loop = asyncio.get_running_loop()
+        try:
+            # No `retry=`: with the service down it retries, then hangs (notes/google-speech.md).
+            call.rpc = await self.client.streaming_recognize(requests=requests)
+            async for response in call.rpc:
+                call.responses += 1
+                if call.responses == 1:
+                    self.hooks.call_healthy(self.run_id)
+                results, speech = self.api.parse(response)
+                if speech is not None and self.config.vad_events:
+                    for event in self.transcript.on_speech_event(speech, call.map):
+                        await self._emit(event)
+                final = False
+                for result in results:
+                    await self._emit(self.transcript.on_result(result, call.map))
+                    final = final or result.is_final
+                if (final and not call.half_closed and call.close is None
+                        and self.policy.due(call.map.audio_s, loop.time() - call.opened,
+                                            after_final=True)
+                        and not call.ended.done()):
+                    call.ended.set_result("rotate")  # a quiet moment: cut and replay the tail
+                    return _Outcome("cut", "rotate")
+        except Exception as exc:
+            return self._failed(exc)
+        if call.half_closed:
+            return _Outcome("clean", call.close)
+        return _Outcome("closed", "closed by the server")
+
+    def _failed(self, exc: BaseException) -> _Outcome:
+        kind = self.api.classify(exc)
+        if kind == "fatal" and not _is_api_error(exc):
+            log.error("stt[%d]: unexpected upstream error", self.run_id, exc_info=exc)
+        return _Outcome(kind, error=exc)
+
+    async def _requests(self, call: _Call) -> AsyncIterator[Any]:
+        """The call's requests: config, then audio from `t_final` on, then half-close."""
+        yield self._config_request
+        cursor = self.buffer.t_final
+        rotate_samples = round(self.params.rotate_s * SAMPLE_RATE)
+        while not call.finished and call.close is None:
+            stop_at = self.flushes[0] if self.flushes else (self.buffer.end if self.ended else None)
+            room = rotate_samples - call.map.sent
+            changed = self._changed
+            if room <= 0:  # audio time reached the limit
+                self._rotate_now(call)
+                if call.close is None:  # cut: wait for the supervisor to cancel the call
+                    await changed.wait()
+                    continue
+                break
+            piece = self.buffer.read(cursor, min(REQUEST_SAMPLES, room))
+            if piece is not None and (stop_at is None or piece.start < stop_at):
+                if stop_at is not None and piece.end > stop_at:
+                    piece = AudioBlock(piece.start, piece.pcm[:(stop_at - piece.start) * 2])
+                if piece.start > cursor:  # dropped before it was ever sent on this call
+                    await self._report_lost(self.buffer.take_skipped(cursor, piece.start))
+                call.map.add(piece)
+                cursor = piece.end
+                yield self.api.audio_request(piece.pcm)
+                continue
+            if stop_at is not None:
+                break  # everything up to the FLUSH / end is sent: half-close
+            await changed.wait()
+        if call.finished:
+            return
+        call.half_closed = True
+        call.drain = asyncio.get_running_loop().call_later(
+            self.params.drain_timeout_s, _cut, call, "drain timeout")
+
+
+def _cut(call: _Call, cause: str) -> None:
+    if not call.ended.done():
+        call.ended.set_result(cause)
+
+
+def _is_api_error(exc: BaseException) -> bool:
+    return type(exc).__module__.startswith("google.api_core")
+
+
+def _message(exc: BaseException) -> str:
+    return str(getattr(exc, "message", None) or exc)
+
+
+__all__ = ["OUT_QUEUE", "REQUEST_SAMPLES", "Api", "Hooks", "RunParams", "StreamRun"]
