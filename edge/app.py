@@ -16,12 +16,14 @@ import time
 from collections.abc import Callable
 
 from edge.diarization import nemo_diarization_available
+from edge.diarization.engine import DiarizationEngine
 from edge.health import REQUIRED_PACKAGES, UPSTREAM_PACKAGES, LoopMonitor, Status, missing_packages
 from edge.listen import ListenService
 from edge.metrics import Metrics
 from edge.server import Server
 from edge.session import SessionDeps
 from edge.settings import Settings
+from edge.stt.google import create_upstream
 from edge.systemd import Notifier
 
 log = logging.getLogger("edge.app")
@@ -39,12 +41,13 @@ class App:
         self.metrics = Metrics()
         self.notifier = notifier or Notifier()
         self.monitor = LoopMonitor(observe=self.metrics.loop_lag.observe)
-        self.listen = ListenService(
-            SessionDeps(settings, self.status, self.metrics, upstream=None, engine=None)
-        )
+        self.engine = DiarizationEngine(settings, self.status, self.metrics)
+        self.deps = SessionDeps(settings, self.status, self.metrics, upstream=None,
+                                engine=self.engine)
+        self.listen = ListenService(self.deps)
         self.server = Server(settings, self.status, self.metrics, self.listen)
         # Each returns True while its part is healthy; all must hold for WATCHDOG=1.
-        self.watchdog_checks: list[Callable[[], bool]] = [self.monitor.healthy]
+        self.watchdog_checks: list[Callable[[], bool]] = [self.monitor.healthy, self.engine.healthy]
         self._stop: asyncio.Event | None = None
         self._signals = 0
         self._shutdown_task: asyncio.Task[None] | None = None
@@ -68,6 +71,9 @@ class App:
     async def startup(self) -> None:
         self._check_packages()
         self._report_nemo()
+        # Credentials are found before READY so "ready" means "ready to transcribe"; it is
+        # bounded (a GCE metadata probe at worst) and takes milliseconds with a key file.
+        self.deps.upstream = await create_upstream(self.settings, self.status, self.metrics)
         await self.server.start()
         self.listen.start()
         self._tasks.append(asyncio.create_task(self.monitor.run(), name="loop-monitor"))
@@ -76,6 +82,8 @@ class App:
             log.info("ready in %.2f s", time.monotonic() - self.started_at)
         else:
             log.error("not ready: %s", self.status.summary())
+        # The model loads after READY, in the worker: systemd's start timeout never waits on it.
+        await self.engine.start()
 
     def _check_packages(self) -> None:
         names = REQUIRED_PACKAGES
@@ -131,6 +139,9 @@ class App:
         except asyncio.CancelledError:
             log.warning("second signal: drain cut short")
         await self.listen.close()
+        if self.deps.upstream is not None:
+            await self.deps.upstream.close()
+        await self.engine.close()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

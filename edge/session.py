@@ -29,7 +29,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -42,11 +42,16 @@ from edge.protocol import ListenParams, ModelInfo
 from edge.settings import Settings
 from edge.stt.base import FLUSH, AudioBlock, AudioItem, StreamConfig, TranscriptEvent, Upstream, Word
 
+if TYPE_CHECKING:
+    from edge.diarization.engine import DiarizationEngine
+    from edge.diarization.session import DiarizerSession
+
 log = logging.getLogger("edge.session")
 
 UPSTREAM_QUEUE_S = 10.0
 OUTBOUND_MAX = 512
 FINISH_TIMEOUT_S = 15.0  # how long CloseStream waits for the upstream's last finals
+TURNS_INTERVAL_S = 0.25  # how often growing SpeakerTurns are reported
 
 End = Literal["close", "shutdown", "idle", "gone", "too_large", "slow"]
 _END_CLOSE: dict[End, tuple[int, str]] = {
@@ -57,30 +62,6 @@ _END_CLOSE: dict[End, tuple[int, str]] = {
     "slow": (protocol.CLOSE_POLICY, protocol.REASON_NOT_READING),
     "gone": (protocol.CLOSE_NORMAL, ""),
 }
-
-
-class SpeakerTimeline(Protocol):
-    covered_until: float
-
-    def speaker_for(self, start: float, end: float) -> tuple[int | None, float]: ...
-
-
-class DiarizerSession(Protocol):
-    """What a session needs of the local diarizer (edge/diarization/engine.py)."""
-
-    state: str
-    reason: str | None
-    timeline: SpeakerTimeline
-
-    def push(self, block: AudioBlock) -> None: ...
-
-    async def wait_covered(self, t: float, timeout: float) -> bool: ...
-
-    async def close(self) -> None: ...
-
-
-class DiarizationEngine(Protocol):
-    def open_session(self, session_id: str) -> DiarizerSession: ...
 
 
 @dataclass
@@ -116,7 +97,8 @@ class Session:
             vad_events=params.vad_events or params.utterance_end_ms is not None,
             max_speakers=s.stt_nemo_diarization_max_speakers,
         )
-        self.model = ModelInfo(self.config.model, __version__, f"google-speech-{s.edge_stt_api}")
+        arch = f"google-speech-{s.edge_stt_api}" if deps.upstream is not None else "none"
+        self.model = ModelInfo(self.config.model, __version__, arch)
         self.diarizer_model = ModelInfo("diar_streaming_sortformer_4spk-v2.1", __version__, "sortformer")
         self.last_activity = time.monotonic()
         self.created = datetime.now(timezone.utc)
@@ -133,6 +115,7 @@ class Session:
         self._speaker_map: dict[str, int] = {}  # Google's labels -> 0-based arrival order
         self._last_word_end = 0.0
         self.diar: DiarizerSession | None = None
+        self._wants_turns = False
 
     # --- lifecycle ---
     async def run(self) -> End:
@@ -145,16 +128,25 @@ class Session:
             self.params.diarize and not self._google_labels
         )
         if wants_local and deps.engine is not None:
-            self.diar = deps.engine.open_session(self.request_id)
-            if self.diar.state != "active" and self.diar.reason:
-                self._send(protocol.error_message(
-                    "DIARIZATION_UNAVAILABLE",
-                    f"local speaker labels unavailable: {self.diar.reason}"))
+            if deps.engine.final:  # off or broken for good: hold nothing
+                # Broken is news to the client; switched off by the operator is not.
+                if deps.engine.state != "disabled" and (
+                    self.params.diarize or self.params.speaker_turns
+                ):
+                    self._send(protocol.error_message(
+                        "DIARIZATION_UNAVAILABLE",
+                        f"local speaker labels unavailable: {deps.engine.reason}"))
+            else:
+                self.diar = deps.engine.open_session(self.request_id)
         sender = asyncio.create_task(self._send_loop(), name=f"send-{self.request_id}")
         workers = []
+        upstream_task = None
         if deps.upstream is not None:
-            workers.append(asyncio.create_task(self._upstream_loop(), name="upstream"))
-        if self.diar is not None and (self.params.speaker_turns or deps.upstream is None):
+            upstream_task = asyncio.create_task(self._upstream_loop(), name="upstream")
+            workers.append(upstream_task)
+        self._wants_turns = self.diar is not None and (
+            self.params.speaker_turns or deps.upstream is None)
+        if self._wants_turns:
             workers.append(asyncio.create_task(self._turns_loop(), name="turns"))
         self._recv_task = asyncio.create_task(self._receive_loop(), name=f"recv-{self.request_id}")
         end: End = "gone"
@@ -166,7 +158,7 @@ class Session:
                     raise
                 end = self._end
             self._end = end
-            await self._finish(end, workers)
+            await self._finish(end, upstream_task)
         finally:
             for task in workers:
                 task.cancel()
@@ -184,7 +176,7 @@ class Session:
             if self._recv_task is not None:
                 self._recv_task.cancel()
 
-    async def _finish(self, end: End, workers: list[asyncio.Task[None]]) -> None:
+    async def _finish(self, end: End, upstream: asyncio.Task[None] | None) -> None:
         """Flush what the client is owed: every final result, turns, then Metadata."""
         if end in ("gone", "too_large", "slow"):
             return
@@ -195,10 +187,11 @@ class Session:
             self._put_audio(_END_OF_AUDIO)
         if self.diar is not None:
             with contextlib.suppress(Exception):
-                await self.diar.close()
+                await self.diar.close()  # places the last frames and ends open turns
+            if self._wants_turns:
+                self._send_turns()
         timeout = FINISH_TIMEOUT_S if end == "close" else self.deps.settings.edge_drain_s
-        done, _ = await asyncio.wait(workers, timeout=timeout) if workers else (set(), set())
-        if len(done) < len(workers):
+        if upstream is not None and not (await asyncio.wait({upstream}, timeout=timeout))[0]:
             log.warning("session %s: upstream did not finish within %.0f s", self.request_id, timeout)
         if end in ("close", "shutdown"):
             self._send(protocol.metadata_message(
@@ -376,13 +369,15 @@ class Session:
 
     async def _turns_loop(self) -> None:
         """SpeakerTurn messages from the local diarizer (diarization-only mode, or asked)."""
-        assert self.diar is not None
-        timeline: Any = self.diar.timeline
         while True:
-            await asyncio.sleep(0.25)
-            for turn in timeline.pop_turns():
-                self._send(protocol.speaker_turn_message(
-                    turn.speaker, turn.start, turn.end, turn.is_final))
+            await asyncio.sleep(TURNS_INTERVAL_S)
+            self._send_turns()
+
+    def _send_turns(self) -> None:
+        assert self.diar is not None
+        for turn in self.diar.timeline.pop_turns():
+            self._send(protocol.speaker_turn_message(
+                turn.speaker, turn.start, turn.end, turn.is_final))
 
     def _send(self, message: dict[str, Any]) -> None:
         try:

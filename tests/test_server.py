@@ -46,7 +46,7 @@ async def test_ready_serves_the_status_object(app: App) -> None:
         body = r.json()
         assert body["ready"] is True
         assert body["checks"]["config"] == "ok" and body["checks"]["packages"] == "ok"
-        assert body["checks"]["upstream"] == "unconfigured"
+        assert body["checks"]["upstream"].startswith("unconfigured: no Google credentials")
         assert body["sessions"] == {"active": 0, "max": 16}
         # A failed required check makes the daemon unready; optional ones never do.
         app.status.set_check("nemo", "NeMo not available: test")

@@ -135,6 +135,11 @@ class DiarizationEngine:
         return time.monotonic() - self._last_tick < 5.0
 
     @property
+    def final(self) -> bool:
+        """True once local diarization is off or unavailable for good (not just loading)."""
+        return self._final
+
+    @property
     def worker_pid(self) -> int | None:
         return self.worker.pid
 
@@ -243,7 +248,8 @@ class DiarizationEngine:
         self._set_state(state, reason)
         self.status.set_check("nemo", "disabled" if state == "disabled" else (
             reason if reason.startswith("NeMo not available") else f"NeMo not available: {reason}"))
-        log.warning("local diarization %s: %s", state, reason)
+        if state != "disabled":  # seed contract: no message when the fallback is switched off
+            log.warning("local diarization %s: %s", state, reason)
         for s in list(self._sessions):
             self._release(s, "unavailable", reason)
 
