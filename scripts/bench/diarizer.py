@@ -100,6 +100,14 @@ def _peak_rss() -> int:
     return 0
 
 
+def _io(field: str) -> int:
+    """A counter of /proc/self/io (`wchar`: bytes this process wrote, whatever the device)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
 def _load(job: dict[str, Any]) -> tuple[Any, float]:
     import torch
     from nemo.collections.asr.models import SortformerEncLabelModel  # import cost is not load cost
@@ -126,8 +134,10 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
 
     _reset_peak()
     base = rss_bytes()
+    written = _io("wchar")
     model, load_s = _load(job)
-    result: dict[str, Any] = {"load_s": load_s, "peak_rss_load": _peak_rss(), "rss_before_load": base}
+    result: dict[str, Any] = {"load_s": load_s, "peak_rss_load": _peak_rss(), "rss_before_load": base,
+                              "bytes_written_by_load": _io("wchar") - written}
     trim_memory()
     result["rss_after_load"] = rss_bytes()
     if job["kind"] == "load":
@@ -230,10 +240,10 @@ def summarize(name: str, params: dict[str, int], r: dict[str, Any]) -> dict[str,
         "outside_steps_cpu_s_nemo": med(x["outside_cpu_s"] for x in nemo),
         # CPU seconds are less disturbed by other processes on a shared machine.
         "ratio_cpu_live_over_nemo": med(a["cpu_s"] / b["cpu_s"] for a, b in zip(live, nemo, strict=False)),
-        "peak_rss_live_mb": max(x["peak_rss"] for x in live) / 2**20,
-        "peak_rss_nemo_mb": max(x["peak_rss"] for x in nemo) / 2**20,
+        "peak_rss_live_mib": max(x["peak_rss"] for x in live) / 2**20,
+        "peak_rss_nemo_mib": max(x["peak_rss"] for x in nemo) / 2**20,
         "session_state_bytes": live[-1]["state_bytes"],
-        "rss_after_load_mb": r["rss_after_load"] / 2**20,
+        "rss_after_load_mib": r["rss_after_load"] / 2**20,
         "runs": r["runs"],  # every run, in the order it ran
     }
 
@@ -293,8 +303,9 @@ def main(argv: list[str] | None = None) -> int:
             loads[label].append(r)
     report["load"] = {label: {"load_s": statistics.median(r["load_s"] for r in rs),
                               "load_s_all": [r["load_s"] for r in rs],
-                              "peak_rss_mb": max(r["peak_rss_load"] for r in rs) / 2**20,
-                              "rss_after_load_mb": max(r["rss_after_load"] for r in rs) / 2**20}
+                              "peak_rss_mib": max(r["peak_rss_load"] for r in rs) / 2**20,
+                              "rss_after_load_mib": max(r["rss_after_load"] for r in rs) / 2**20,
+                              "mb_written": max(r["bytes_written_by_load"] for r in rs) / 1e6}
                       for label, rs in loads.items() if rs}
     print(f"load: {report['load']}", file=sys.stderr)
     rows = []
@@ -313,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         report["seed_design"] = {
             "what": "whole model re-run on the last 12 s every 2 s (speaker numbers not kept across windows)",
             "params": seed_params, "rtf": r["runs"]["seed"][0]["rtf"],
-            "peak_rss_mb": r["runs"]["seed"][0]["peak_rss"] / 2**20,
+            "peak_rss_mib": r["runs"]["seed"][0]["peak_rss"] / 2**20,
         }
         print(json.dumps(report["seed_design"]), file=sys.stderr)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
@@ -324,21 +335,22 @@ def main(argv: list[str] | None = None) -> int:
 def table(report: dict[str, Any]) -> str:
     """The report as a Markdown table."""
     lines = ["| config | RTF live | RTF NeMo | live/NeMo: wall (median pair) | fastest runs | CPU | "
-             "steps + own work | peak RSS live / NeMo (MB) | state/session |",
+             "steps + own work | peak RSS live / NeMo (MiB) | state/session |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["configs"]:
         lines.append(f"| {r['config']} | {r['rtf_live']:.3f} | {r['rtf_nemo']:.3f} | "
                      f"{r['ratio_live_over_nemo']:.3f} | {r['ratio_min_live_over_nemo']:.3f} | "
                      f"{r['ratio_cpu_live_over_nemo']:.3f} | {r['ratio_steps_plus_overhead']:.4f} | "
-                     f"{r['peak_rss_live_mb']:.0f} / "
-                     f"{r['peak_rss_nemo_mb']:.0f} | {r['session_state_bytes'] / 1e6:.2f} MB |")
+                     f"{r['peak_rss_live_mib']:.0f} / "
+                     f"{r['peak_rss_nemo_mib']:.0f} | {r['session_state_bytes'] / 1e6:.2f} MB |")
     if "seed_design" in report:
         s = report["seed_design"]
         lines.append(f"| seed: 12 s window every 2 s | {s['rtf']:.3f} | — | — | — | — | — | "
-                     f"{s['peak_rss_mb']:.0f} | — |")
+                     f"{s['peak_rss_mib']:.0f} | — |")
     for label, v in report.get("load", {}).items():
         lines.append(f"\nload ({label}): {v['load_s']:.1f} s, RSS after load "
-                     f"{v['rss_after_load_mb']:.0f} MB, peak {v['peak_rss_mb']:.0f} MB")
+                     f"{v['rss_after_load_mib']:.0f} MiB, peak {v['peak_rss_mib']:.0f} MiB, "
+                     f"{v.get('mb_written', 0):.0f} MB written")
     return "\n".join(lines)
 
 
