@@ -11,6 +11,7 @@ import asyncio
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from edge import __version__
 from edge.settings import Settings, SettingsError, load_settings
@@ -87,7 +88,112 @@ async def _status(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = [add_serve, add_status]
+def add_model(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("model", help="manage the diarization model")
+    msub = p.add_subparsers(dest="model_command", required=True)
+    f = msub.add_parser("fetch", help="resolve/download the model, unpack it once into the cache, load it")
+    f.add_argument("--no-load", action="store_true", help="stop after download and unpacking (no NeMo)")
+    f.set_defaults(run=_model_fetch)
+
+
+def _model_fetch(settings: Settings, args: argparse.Namespace) -> int:
+    import time
+
+    from edge.diarization.model import ModelUnavailable, extract_model, resolve_model
+
+    bar = _ProgressBar("download", unit="MB", scale=1e6)
+    try:
+        path = resolve_model(settings, progress=bar)
+        bar.close()
+        folder = extract_model(path, settings)
+        print(f"model: {path} (unpacked in {folder})", file=sys.stderr)
+        if args.no_load:
+            return 0
+        from edge.diarization.model import load_model, rss_bytes, select_device
+
+        device = select_device(settings)
+        start = time.perf_counter()
+        load_model(path, settings, device)
+        took = time.perf_counter() - start
+    except ModelUnavailable as exc:
+        bar.close()
+        print(f"edge: model unavailable: {exc}", file=sys.stderr)
+        return 1
+    print(f"model: ready on {device} in {took:.1f} s, RSS {rss_bytes() / 2**30:.2f} GiB", file=sys.stderr)
+    return 0
+
+
+def add_diarize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("diarize", help="run the live diarizer over an audio file, fed in pieces")
+    p.add_argument("file", type=Path, help="audio file (any rate/channels soundfile reads)")
+    p.add_argument("--piece-ms", type=int, default=500, help="piece size fed to the engine (default 500)")
+    p.add_argument("--rttm", type=Path, metavar="OUT", help="write speaker turns as RTTM")
+    p.add_argument("--probs", type=Path, metavar="OUT.npy",
+                   help="write frame probabilities (frames x 4) and OUT.json with the streaming parameters")
+    p.add_argument("--model", type=Path, metavar="PATH", help="a .nemo instead of the configured model")
+    p.set_defaults(run=_diarize)
+
+
+def _diarize(settings: Settings, args: argparse.Namespace) -> int:
+    from edge.diarization.files import diarize_file, read_audio, write_probs, write_rttm
+    from edge.diarization.model import ModelUnavailable
+
+    if args.model is not None and not args.model.is_file():
+        print(f"edge: --model {args.model}: file does not exist", file=sys.stderr)
+        return 2
+    bar = _ProgressBar("diarize", unit="s", scale=1.0)
+    try:
+        audio = read_audio(args.file)
+        result = diarize_file(audio, settings, args.piece_ms, args.model, progress=bar)
+    except (ModelUnavailable, ValueError) as exc:
+        bar.close()
+        print(f"edge: {exc}", file=sys.stderr)
+        return 1
+    bar.close()
+    print(f"diarized {result.audio_s:.1f} s in {result.compute_s:.1f} s on {result.device} "
+          f"(RTF {result.compute_s / max(result.audio_s, 1e-9):.3f}), {len(result.probs)} frames",
+          file=sys.stderr)
+    if args.rttm:
+        write_rttm(result.probs, args.rttm, args.file.stem)
+    if args.probs:
+        write_probs(result, args.probs)
+    if not args.rttm and not args.probs:
+        from edge.diarization.files import rttm_lines
+
+        print("\n".join(rttm_lines(result.probs, args.file.stem)))
+    return 0
+
+
+class _ProgressBar:
+    """A one-line progress bar on stderr (a line per 10% when stderr is not a terminal)."""
+
+    def __init__(self, label: str, unit: str, scale: float) -> None:
+        self.label, self.unit, self.scale = label, unit, scale
+        self.tty = sys.stderr.isatty()
+        self.shown = -1
+        self.open = False
+
+    def __call__(self, done: float, total: float) -> None:
+        pct = int(100 * done / total) if total else 0
+        if pct == self.shown or (not self.tty and pct < 100 and pct // 10 == self.shown // 10):
+            return
+        self.shown = pct
+        filled = pct * 30 // 100
+        line = (f"{self.label} [{'#' * filled}{'.' * (30 - filled)}] {pct:3d}% "
+                f"{done / self.scale:.1f}/{total / self.scale:.1f} {self.unit}")
+        if self.tty:
+            print("\r" + line, end="", file=sys.stderr, flush=True)
+            self.open = True
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.open:
+            print(file=sys.stderr, flush=True)
+            self.open = False
+
+
+COMMANDS = [add_serve, add_status, add_model, add_diarize]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -173,7 +173,8 @@ class Settings(BaseSettings):
                 "chunk_len": chunk,
                 "chunk_right_context": 1,
                 "fifo_len": window - chunk,
-                "spkcache_update_period": 144,
+                # 144 as in the model card; above chunk + FIFO NeMo clamps it anyway (and warns).
+                "spkcache_update_period": min(144, window),
                 "spkcache_len": 188,
             }
         params["chunk_left_context"] = 1

@@ -173,3 +173,17 @@ def test_rejects_bad_input(model: Any) -> None:
     session = StreamingDiarizer(model, SMALL).new_session()
     with pytest.raises(ValueError):
         session.feed(np.zeros((10, 2), dtype=np.float32))
+
+
+def test_params_not_given_keep_the_checkpoint_values(model: Any, audio: np.ndarray) -> None:
+    from edge.diarization.streaming import STREAMING_PARAM_NAMES, StreamingDiarizer
+
+    StreamingDiarizer(model, SMALL)
+    d = StreamingDiarizer(model, {"chunk_len": 12})
+    assert set(d.params) == set(STREAMING_PARAM_NAMES)
+    assert d.params == {**SMALL, "chunk_len": 12}
+    got, _ = live(model, audio[: 10 * SR], d.params, sizes(0.5))
+    StreamingDiarizer(model, default_params())  # another diarizer changes the shared model...
+    session = d.new_session()  # ...and this one's steps put its own parameters back
+    out = np.concatenate([session.feed(audio[: 10 * SR]), session.finish()])
+    assert np.abs(out - got).max() <= 1e-4

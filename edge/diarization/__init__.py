@@ -2,6 +2,12 @@
 
 The daemon itself never imports NeMo or torch: `nemo_diarization_available()` only finds the
 module specs (cheap, safe on the start-up path); the worker process does the real import.
+
+- `model.py`: resolve (path -> cache -> Hugging Face), verify, unpack once, load (`ModelUnavailable`).
+- `features.py`: log-mel features computed incrementally, identical to NeMo's on the whole file.
+- `streaming.py`: `StreamingDiarizer` / `SessionStream`, one NeMo streaming state per session.
+- `files.py`: the live engine over an audio file (`edge diarize`), RTTM and probability output.
+This file, `files.py` and `model.py` (until `load_model` runs) import without torch.
 """
 
 from __future__ import annotations

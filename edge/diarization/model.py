@@ -110,12 +110,11 @@ def load_model(path: Path, settings: Settings, device: str = "cpu") -> Any:
     try:
         import torch
         from nemo.collections.asr.models import SortformerEncLabelModel
-        from nemo.core.connectors.save_restore_connector import SaveRestoreConnector
     except Exception as exc:  # a broken NeMo install raises many kinds
         raise ModelUnavailable(f"NeMo is not usable: {type(exc).__name__}: {_first_line(exc)}") from exc
     if settings.edge_diarization_threads > 0:
         torch.set_num_threads(settings.edge_diarization_threads)
-    connector = SaveRestoreConnector()
+    connector = _connector()
     connector.model_extracted_dir = str(folder)
     try:
         model = SortformerEncLabelModel.restore_from(
@@ -129,6 +128,22 @@ def load_model(path: Path, settings: Settings, device: str = "cpu") -> Any:
     model.eval()
     trim_memory()
     return model
+
+
+def _connector() -> Any:
+    """NeMo's `SaveRestoreConnector`, reading the weights with `weights_only=True` stated
+    explicitly (so no environment variable can re-enable the pickle loader) and `mmap=True`
+    (tensors are paged in from the unpacked file instead of a second in-memory copy, which
+    lowers the load-time peak)."""
+    import torch
+    from nemo.core.connectors.save_restore_connector import SaveRestoreConnector
+
+    class Connector(SaveRestoreConnector):
+        @staticmethod
+        def _load_state_dict_from_disk(model_weights: str, map_location: Any = "cpu") -> Any:
+            return torch.load(model_weights, map_location=map_location, weights_only=True, mmap=True)
+
+    return Connector()
 
 
 def extract_model(path: Path, settings: Settings) -> Path:

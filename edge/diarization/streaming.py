@@ -67,8 +67,9 @@ class StreamingDiarizer:
         self.model = model.eval()
         # Batch-1 sessions use NeMo's synchronous update (stock async seeding is buggy, see notes).
         self.model.async_streaming = False
-        self.params = {k: int(v) for k, v in params.items()}
-        apply_streaming_params(self.model, self.params)
+        apply_streaming_params(self.model, params)
+        # Names not given keep the checkpoint's values; all of them are pinned for later steps.
+        self.params = {k: int(getattr(model.sortformer_modules, k)) for k in STREAMING_PARAM_NAMES}
         self.max_speakers = max_speakers
         self.device = next(model.parameters()).device
         self.subsampling = int(model.encoder.subsampling_factor)

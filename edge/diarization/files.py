@@ -1,0 +1,132 @@
+"""Diarize an audio file with the live engine, and write what comes out (RTTM, probabilities).
+
+`edge diarize FILE` uses this: the file is fed in pieces exactly as a live session would be,
+so its output is what a session would have produced for the same audio.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge.settings import FRAME_S, Settings
+
+SAMPLE_RATE = 16000
+THRESHOLD = 0.5  # a speaker is talking in a frame when its probability exceeds this
+
+
+@dataclass
+class FileResult:
+    """Frame probabilities (frames x 4, 80 ms frames) and how they were made."""
+
+    probs: np.ndarray
+    params: dict[str, int]
+    device: str
+    model: Path
+    audio_s: float
+    compute_s: float
+
+
+def read_audio(path: Path) -> np.ndarray:
+    """Read any file soundfile can, as float32 mono 16 kHz in [-1, 1].
+
+    Channels are averaged; other rates are resampled with soxr. Raises `ValueError` with one
+    line when the file cannot be read.
+    """
+    import soundfile
+    import soxr
+
+    try:
+        data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except (OSError, RuntimeError, soundfile.LibsndfileError) as exc:
+        raise ValueError(f"{path}: cannot read audio: {exc}") from exc
+    mono = data.mean(axis=1)
+    if rate != SAMPLE_RATE:
+        mono = soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ")
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def diarize_file(
+    audio: np.ndarray,
+    settings: Settings,
+    piece_ms: int = 500,
+    model_path: Path | None = None,
+    progress: Callable[[float, float], None] | None = None,
+) -> FileResult:
+    """Resolve and load the model, then run the live engine over `audio` in `piece_ms` pieces.
+
+    `progress(done_s, total_s)` is called after each piece. Returns a `FileResult`. Raises
+    `ModelUnavailable` when the model cannot be had, `ValueError` for a bad piece size.
+    """
+    import time
+
+    from edge.diarization.model import load_model, resolve_model, select_device
+    from edge.diarization.streaming import StreamingDiarizer
+
+    if piece_ms <= 0:
+        raise ValueError(f"--piece-ms must be > 0, got {piece_ms}")
+    if model_path is not None:
+        settings = settings.model_copy(update={"nemo_diar_model_path": model_path})
+    path = resolve_model(settings)
+    device = select_device(settings)
+    model = load_model(path, settings, device)
+    params = settings.diarization_streaming_params()
+    diarizer = StreamingDiarizer(model, params, settings.stt_nemo_diarization_max_speakers)
+    session = diarizer.new_session()
+    piece = max(1, SAMPLE_RATE * piece_ms // 1000)
+    total_s = audio.size / SAMPLE_RATE
+    out = []
+    start = time.perf_counter()
+    for i in range(0, audio.size, piece):
+        out.append(session.feed(audio[i : i + piece]))
+        if progress is not None:
+            progress(min(audio.size, i + piece) / SAMPLE_RATE, total_s)
+    out.append(session.finish())
+    compute_s = time.perf_counter() - start
+    probs = np.concatenate(out) if out else np.zeros((0, 4), dtype=np.float32)
+    return FileResult(probs, params, device, path, total_s, compute_s)
+
+
+def rttm_lines(probs: np.ndarray, file_id: str, threshold: float = THRESHOLD) -> list[str]:
+    """RTTM `SPEAKER` lines: one per run of frames where a slot's probability > `threshold`.
+
+    Speakers are named `speaker_<slot>`; times in seconds on the 80 ms frame grid.
+    """
+    lines = []
+    for spk in range(probs.shape[1]):
+        active = np.concatenate(([False], probs[:, spk] > threshold, [False]))
+        edges = np.flatnonzero(active[1:] != active[:-1])
+        for a, b in zip(edges[::2], edges[1::2], strict=True):
+            start, dur = a * FRAME_S, (b - a) * FRAME_S
+            lines.append(f"SPEAKER {file_id} 1 {start:.2f} {dur:.2f} <NA> <NA> speaker_{spk} <NA> <NA>")
+    return sorted(lines, key=lambda line: float(line.split()[3]))
+
+
+def write_rttm(probs: np.ndarray, path: Path, file_id: str) -> None:
+    """Write `rttm_lines` to `path`."""
+    text = "\n".join(rttm_lines(probs, file_id))
+    path.write_text(text + "\n" if text else "")
+
+
+def write_probs(result: FileResult, path: Path) -> Path:
+    """Write `result.probs` (frames x 4, float32) to `path` (.npy) and the streaming parameters,
+    under NeMo's `sortformer_modules` names, to the `.json` beside it. Returns the JSON path."""
+    np.save(path, result.probs.astype(np.float32))
+    meta: dict[str, Any] = {
+        "sortformer_modules": result.params,
+        "frame_s": FRAME_S,
+        "frames": int(result.probs.shape[0]),
+        "model": str(result.model),
+        "device": result.device,
+    }
+    json_path = path.with_suffix(".json")
+    json_path.write_text(json.dumps(meta, indent=2) + "\n")
+    return json_path
+
+
+__all__ = ["FileResult", "diarize_file", "read_audio", "rttm_lines", "write_probs", "write_rttm"]

@@ -1,0 +1,84 @@
+"""`edge diarize FILE` end to end with the tiny model: RTTM, probabilities and their parameters."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import soxr
+
+from tests.conftest import ROOT
+from tests.diarization_helpers import speechlike
+
+
+def run_edge(*args: str, cache: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("EDGE_", "NEMO_", "HF_", "STT_"))}
+    empty = cache.parent / "empty.env"
+    empty.write_text("")
+    base.update({"NEMO_CACHE_DIR": str(cache), "EDGE_ENV_FILE": str(empty), "HF_HUB_OFFLINE": "1"})
+    base.update(env)
+    return subprocess.run([sys.executable, "-m", "edge", *args], cwd=ROOT, env=base,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.nemo
+def test_diarize_file(tmp_path: Path) -> None:
+    from tests.fakes.sortformer import tiny_model_path
+
+    audio = speechlike(12.0)
+    # 44.1 kHz stereo on disk: the command resamples and mixes down like any input.
+    wav = tmp_path / "meeting.wav"
+    stereo = np.stack([soxr.resample(audio, 16000, 44100)] * 2, axis=1)
+    soundfile.write(wav, stereo, 44100)
+    probs, rttm = tmp_path / "out.npy", tmp_path / "out.rttm"
+    run = run_edge("diarize", str(wav), "--piece-ms", "300", "--rttm", str(rttm), "--probs", str(probs),
+                   "--model", str(tiny_model_path()), cache=tmp_path / "cache",
+                   STT_NEMO_DIARIZATION_HOP_S="0.48", STT_NEMO_DIARIZATION_WINDOW_S="3.2")
+    assert run.returncode == 0, run.stderr
+    assert "diarize [" in run.stderr and "RTF" in run.stderr
+    p = np.load(probs)
+    assert p.shape == (150, 4) and p.dtype == np.float32  # 12 s / 80 ms
+    meta = json.loads(probs.with_suffix(".json").read_text())
+    assert meta["sortformer_modules"] == {"chunk_len": 6, "chunk_right_context": 1, "fifo_len": 34,
+                                          "spkcache_update_period": 40, "spkcache_len": 188,
+                                          "chunk_left_context": 1}
+    lines = rttm.read_text().splitlines()
+    assert lines and all(line.startswith("SPEAKER meeting 1 ") for line in lines)
+    total = sum(float(line.split()[4]) for line in lines)
+    assert total == pytest.approx(float((p > 0.5).sum()) * 0.08, abs=0.05)
+
+
+def test_diarize_reports_a_missing_model(tmp_path: Path) -> None:
+    wav = tmp_path / "a.wav"
+    soundfile.write(wav, speechlike(1.0), 16000)
+    run = run_edge("diarize", str(wav), cache=tmp_path / "cache")
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines()[-1].startswith("edge: no model: NEMO_DIAR_MODEL_PATH is unset")
+
+
+def test_rttm_lines() -> None:
+    from edge.diarization.files import rttm_lines
+
+    p = np.zeros((10, 4), dtype=np.float32)
+    p[2:5, 0] = 0.9
+    p[4:10, 1] = 0.7
+    assert rttm_lines(p, "f") == [
+        "SPEAKER f 1 0.16 0.24 <NA> <NA> speaker_0 <NA> <NA>",
+        "SPEAKER f 1 0.32 0.48 <NA> <NA> speaker_1 <NA> <NA>",
+    ]
+
+
+@pytest.mark.nemo
+def test_model_fetch_loads_the_configured_model(tmp_path: Path) -> None:
+    from tests.fakes.sortformer import tiny_model_path
+
+    run = run_edge("model", "fetch", cache=tmp_path / "cache", NEMO_DIAR_MODEL_PATH=str(tiny_model_path()))
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("model: ready on cpu in ")
+    assert (tmp_path / "cache" / "extracted" / tiny_model_path().stem / "edge-extracted.json").is_file()
