@@ -52,6 +52,8 @@ def add_stream(sub: argparse._SubParsersAction) -> None:
     p.add_argument("file", type=Path)
     _client_args(p)
     p.add_argument("--fast", action="store_true", help="send as fast as the daemon accepts")
+    p.add_argument("--speed", type=float, default=1.0,
+                   help="pace at this multiple of real time (default 1)")
     p.add_argument("--frame-ms", type=int, default=100, help="audio per frame (default 100)")
     p.add_argument("--language", help="BCP-47 code or auto (default: the daemon's)")
     p.add_argument("--model", help="upstream model (default: the daemon's)")
@@ -161,7 +163,8 @@ async def _stream(settings: Settings, args: argparse.Namespace) -> int:
           file=sys.stderr)
     try:
         result = await client.stream_audio(url, samples, rate, key=key, query=query,
-                                           fast=args.fast, frame_ms=args.frame_ms, on_message=show)
+                                           fast=args.fast, speed=args.speed,
+                                           frame_ms=args.frame_ms, on_message=show)
     except InvalidStatus as exc:
         print(f"edge: {url} refused: HTTP {exc.response.status_code} "
               f"{exc.response.body.decode(errors='replace')}", file=sys.stderr)

@@ -65,11 +65,13 @@ async def stream_audio(
     key: str | None = None,
     query: dict[str, Any] | None = None,
     fast: bool = False,
+    speed: float = 1.0,
     frame_ms: int = 100,
     on_message: Callable[[dict[str, Any]], None] | None = None,
 ) -> StreamResult:
-    """Send `samples` (mono int16 at `rate`) to `url` + `/v1/listen`, paced at real time unless
-    `fast`, then CloseStream; returns everything received. Raises websockets' InvalidStatus
+    """Send `samples` (mono int16 at `rate`) to `url` + `/v1/listen`, paced at `speed` times
+    real time (or as fast as the daemon accepts with `fast`), then CloseStream; returns
+    everything received. Raises websockets' InvalidStatus
     when the handshake is refused and OSError when the daemon is unreachable."""
     params = {"encoding": "linear16", "sample_rate": rate, **(query or {})}
     params = {k: str(v).lower() if isinstance(v, bool) else v for k, v in params.items()}
@@ -92,7 +94,7 @@ async def stream_audio(
             await ws.send(frame)
             result.sent_audio_s += len(frame) / 2 / rate
             if not fast:
-                delay = start + result.sent_audio_s - time.monotonic()
+                delay = start + result.sent_audio_s / speed - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
         await ws.send(json.dumps({"type": "CloseStream"}))

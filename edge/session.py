@@ -332,12 +332,15 @@ class Session:
             self._send(protocol.utterance_end_message(self._last_word_end))
 
     def _label(self, words: tuple[Word, ...]) -> tuple[list[dict[str, Any]], str | None]:
-        out = []
+        """Words with speakers, and where the labels came from. Local labels count wherever
+        the timeline covers the words — also after the diarizer closed or degraded, since
+        frames already placed stay valid."""
         source: str | None = None
         if self._google_labels:
             source = "google"
-        elif self.diar is not None and self.diar.state == "active":
+        elif self.diar is not None and words and self.diar.timeline.covered_until >= words[-1].end:
             source = "sortformer"
+        out = []
         for w in words:
             speaker: int | None = None
             conf: float | None = None
@@ -354,13 +357,19 @@ class Session:
         from_finalize: bool = False,
     ) -> dict[str, Any]:
         words, source = labelled
-        return protocol.results_message(
+        message = protocol.results_message(
             request_id=self.request_id, model=self.model, start=ev.start, end=ev.end,
             is_final=ev.is_final, speech_final=ev.speech_final, from_finalize=from_finalize,
             transcript=ev.transcript, confidence=ev.confidence, words=words,
             speaker_source=source if self.params.diarize else None,
             diarizer=self.diarizer_model if source == "sortformer" else None,
         )
+        if source is None and self.params.diarize and words:
+            # Extension: why these words carry no speaker (loading, refused, degraded, ...).
+            message["speaker_note"] = (
+                self.diar.reason or f"local diarizer {self.diar.state}" if self.diar is not None
+                else "no speaker labels for this model and language")
+        return message
 
     def _send_empty_final(self, from_finalize: bool) -> None:
         now = self.audio.clock

@@ -1,0 +1,185 @@
+"""End to end: real clients -> the daemon -> the fake Google service (gRPC, the official
+client) and the tiny random-weight Sortformer in the real worker process.
+
+Random weights prove plumbing, not accuracy: speaker numbers here are whatever the tiny model
+says, and the tests check that every final word gets one, that they are 0-based slots, and
+that the words and their times are exactly the scripted ones on the session clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edge.app import App
+from edge.client import stream_audio
+from tests.conftest import KEY, ROOT, running_app
+from tests.fakes.google_speech import ScriptWord, encode, fake_speech, utterances
+from tests.fakes.sortformer import tiny_model_path
+
+pytestmark = [pytest.mark.nemo, pytest.mark.slow]
+SR = 16000
+
+
+@contextlib.asynccontextmanager
+async def appliance(tmp_path: Path, *, upstream: str | None, diarizer: bool = True,
+                    **overrides: Any) -> AsyncIterator[App]:
+    """The daemon with the fake Google service at `upstream` (None: no credentials at all)
+    and the tiny Sortformer; yields once the diarizer is ready."""
+    settings: dict[str, Any] = {
+        "stt_enable_nemo_diarization_fallback": diarizer,
+        "nemo_cache_dir": tmp_path / "cache",
+        "edge_model_download": False,
+        "edge_diarization_max_rtf": 0,
+    }
+    if diarizer:
+        settings["nemo_diar_model_path"] = tiny_model_path()
+    if upstream is not None:
+        settings.update(edge_stt_endpoint=upstream, edge_stt_insecure=True)
+    settings.update(overrides)
+    async with running_app(**settings) as app:
+        if diarizer:
+            deadline = time.monotonic() + 120
+            while app.status.diarizer["state"] != "ready":
+                assert time.monotonic() < deadline, app.status.snapshot()
+                assert app.status.diarizer["state"] in ("loading", "ready"), app.status.snapshot()
+                await asyncio.sleep(0.1)
+        yield app
+
+
+def url(app: App) -> str:
+    return f"ws://127.0.0.1:{app.server.port}"
+
+
+def samples(audio: bytes) -> np.ndarray:
+    return np.frombuffer(audio, dtype="<i2")
+
+
+def final_words(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [w for m in messages if m.get("type") == "Results" and m.get("is_final")
+            for w in m["channel"]["alternatives"][0]["words"]]
+
+
+def assert_words_on_the_session_clock(words: list[dict[str, Any]], script: list[ScriptWord]) -> None:
+    assert [w["word"] for w in words] == [s.text for s in script]
+    for w, s in zip(words, script, strict=True):
+        assert w["start"] == pytest.approx(s.start / SR, abs=0.002)
+        assert w["end"] == pytest.approx(s.end / SR, abs=0.002)
+
+
+async def test_chirp3_auto_labels_every_final_word_from_sortformer(tmp_path: Path) -> None:
+    audio, script = encode(utterances(4, words=4))
+    async with fake_speech() as (_fake, endpoint), appliance(
+        tmp_path, upstream=endpoint, edge_stt_model="chirp_3", edge_stt_language="auto"
+    ) as app:
+        result = await stream_audio(url(app), samples(audio), SR, key=KEY, speed=8,
+                                    query={"diarize": True})
+    assert result.close_code == 1000
+    assert result.messages[-1]["type"] == "Metadata"
+    words = final_words(result.messages)
+    assert_words_on_the_session_clock(words, script)
+    assert all(isinstance(w["speaker"], int) and 0 <= w["speaker"] < 4 for w in words), words
+    finals = [m for m in result.finals if m["channel"]["alternatives"][0]["words"]]
+    assert finals and all(m["speaker_source"] == "sortformer" for m in finals)
+    assert all(m["metadata"]["diarize_info"]["arch"] == "sortformer" for m in finals)
+
+
+async def test_google_diarization_labels_in_arrival_order(tmp_path: Path) -> None:
+    audio, script = encode(utterances(3, words=3))
+    async with fake_speech() as (_fake, endpoint), appliance(
+        tmp_path, upstream=endpoint, diarizer=False, edge_stt_api="v1",
+        edge_stt_model="latest_long", edge_stt_language="en-US",
+    ) as app:
+        result = await stream_audio(url(app), samples(audio), SR, key=KEY, speed=8)
+    words = final_words(result.messages)
+    assert_words_on_the_session_clock(words, script)  # v1's repeated words de-duplicated
+    # The fake tags word wN with speaker N % 3 + 1; we number tags by first appearance.
+    order: dict[int, int] = {}
+    for w, s in zip(words, script, strict=True):
+        tag = s.id % 3 + 1
+        assert w["speaker"] == order.setdefault(tag, len(order))
+    sources = {m["speaker_source"] for m in result.finals if m["channel"]["alternatives"][0]["words"]}
+    assert sources == {"google"}
+
+
+async def test_no_credentials_runs_diarization_only(tmp_path: Path) -> None:
+    audio, _ = encode(utterances(3))
+    async with appliance(tmp_path, upstream=None) as app:
+        assert app.status.ready
+        assert app.status.checks["upstream"].startswith("unconfigured")
+        result = await stream_audio(url(app), samples(audio), SR, key=KEY, speed=8)
+    turns = [m for m in result.messages if m["type"] == "SpeakerTurn"]
+    assert turns and any(t["is_final"] for t in turns)
+    for t in turns:
+        assert 0 <= t["speaker"] < 4 and 0 <= t["start"] < t["end"] <= len(audio) / 2 / SR + 0.1
+    assert result.messages[-1]["type"] == "Metadata" and result.close_code == 1000
+
+
+async def test_deepgram_sdk_streams_and_parses(tmp_path: Path) -> None:
+    deepgram = pytest.importorskip("deepgram")
+    from deepgram.core.api_error import ApiError
+    from deepgram.environment import DeepgramClientEnvironment
+
+    audio, script = encode(utterances(3, words=3))
+    async with fake_speech() as (_fake, endpoint), appliance(tmp_path, upstream=endpoint) as app:
+        base = f"127.0.0.1:{app.server.port}"
+        env = DeepgramClientEnvironment(base=f"http://{base}", production=f"ws://{base}",
+                                        agent=f"ws://{base}", agent_rest=f"http://{base}")
+        client = deepgram.AsyncDeepgramClient(api_key=KEY, environment=env)
+        received: list[Any] = []
+        async with client.listen.v1.connect(
+            model="nova-3", encoding="linear16", sample_rate=SR, diarize=True,
+            interim_results=True, utterance_end_ms=1000, vad_events=True,
+        ) as conn:
+            for i in range(0, len(audio), 3200):
+                await conn.send_media(audio[i:i + 3200])
+            await conn.send_close_stream()
+            async for message in conn:
+                received.append(message)
+        names = [type(m).__name__ for m in received]
+        assert "ListenV1Metadata" in names and "ListenV1UtteranceEnd" in names
+        finals = [m for m in received if type(m).__name__ == "ListenV1Results" and m.is_final]
+        words = [w for m in finals for w in m.channel.alternatives[0].words]
+        assert [w.word for w in words] == [s.text for s in script]
+        assert all(isinstance(w.speaker, int) for w in words)
+        assert all(m.speaker_source == "sortformer" for m in finals if m.channel.alternatives[0].words)
+
+        bad = deepgram.AsyncDeepgramClient(api_key="wrong", environment=env)
+        with pytest.raises(ApiError) as err:
+            async with bad.listen.v1.connect(model="nova-3", encoding="linear16", sample_rate=SR):
+                pass
+        assert err.value.status_code == 401
+
+
+async def test_edge_stream_cli_prints_labelled_lines(tmp_path: Path) -> None:
+    import soundfile as sf
+
+    audio, script = encode(utterances(2, words=3))
+    wav = tmp_path / "meeting.wav"
+    sf.write(wav, samples(audio), SR, subtype="PCM_16")
+    async with fake_speech() as (_fake, endpoint), appliance(tmp_path, upstream=endpoint) as app:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "edge", "stream", str(wav), "--speed", "8", "--url", url(app),
+            "--key", KEY, "--jsonl", str(tmp_path / "out.jsonl"), "--rttm", str(tmp_path / "out.rttm"),
+            cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={"EDGE_ENV_FILE": "/dev/null", "PATH": "/usr/bin:/bin"},
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, err.decode()
+    lines = out.decode().splitlines()
+    assert lines and all(line.startswith("[") and "speaker " in line for line in lines)
+    spoken = " ".join(line.split(": ", 1)[1] for line in lines).replace(".", "").split()
+    assert spoken == [s.text for s in script]
+    rttm = (tmp_path / "out.rttm").read_text().splitlines()
+    assert rttm and all(r.startswith("SPEAKER meeting 1 ") for r in rttm)
+    jsonl = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert jsonl[-1]["type"] == "Metadata"
