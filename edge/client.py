@@ -46,7 +46,14 @@ class StreamResult:
     close_reason: str = ""
     # monotonic time each message arrived, and when each audio frame was sent
     received_at: list[float] = field(default_factory=list)
+    sent_at: list[float] = field(default_factory=list)  # per frame, monotonic
     sent_audio_s: float = 0.0
+    frame_s: float = 0.1
+
+    def sent_time(self, t: float) -> float | None:
+        """When the frame holding session time `t` was sent (None if never)."""
+        i = int(t / self.frame_s)
+        return self.sent_at[i] if 0 <= i < len(self.sent_at) else None
 
     @property
     def finals(self) -> list[dict[str, Any]]:
@@ -76,7 +83,7 @@ async def stream_audio(
     params = {"encoding": "linear16", "sample_rate": rate, **(query or {})}
     params = {k: str(v).lower() if isinstance(v, bool) else v for k, v in params.items()}
     headers = {"Authorization": f"Token {key}"} if key else None
-    result = StreamResult()
+    result = StreamResult(frame_s=max(1, rate * frame_ms // 1000) / rate)
     async with connect(f"{url}/v1/listen?{urlencode(params)}", additional_headers=headers,
                        max_size=None) as ws:
 
@@ -92,6 +99,7 @@ async def stream_audio(
         start = time.monotonic()
         for frame in frames(samples, rate, frame_ms):
             await ws.send(frame)
+            result.sent_at.append(time.monotonic())
             result.sent_audio_s += len(frame) / 2 / rate
             if not fast:
                 delay = start + result.sent_audio_s / speed - time.monotonic()

@@ -375,3 +375,18 @@ async def fake_speech(**kwargs: Any) -> AsyncIterator[tuple[FakeSpeech, str]]:
 
 __all__ = ["CODE_STEP", "FakeSpeech", "Faults", "Recognizer", "ScriptWord", "encode", "fake_speech",
            "utterances"]
+
+
+async def _serve_forever(endpoint_s: float) -> None:
+    fake = FakeSpeech(endpoint_s=endpoint_s)
+    print(await fake.start(), flush=True)  # the benchmark reads "host:port" from this line
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await fake.stop()
+
+
+if __name__ == "__main__":  # python -m tests.fakes.google_speech: a standalone fake for benchmarks
+    import sys
+
+    asyncio.run(_serve_forever(float(sys.argv[1]) if len(sys.argv) > 1 else 0.3))

@@ -1,0 +1,241 @@
+#!/usr/bin/env python3
+"""Server load: N concurrent real-time sessions (16 kHz linear16, 100 ms frames) against the
+daemon with the fake Google service, ramping N until a limit breaks.
+
+Three processes: the fake Google service, the daemon (measured), and this load generator.
+Per N it reports the daemon's CPU per stream, event-loop lag p50/p99 (measured inside the
+daemon: /metrics), final-result latency p50/p99 (the audio of a final's last word sent ->
+that Results received, on the client), RSS, and errors. A step "breaks" when loop lag p99
+reaches 20 ms, latency p99 exceeds 2 s over the fake's endpointing delay, or a session fails.
+
+    python scripts/bench/server.py --ramp 25,50,100,150,200,250 --seconds 20
+    python scripts/bench/server.py --diarizer tiny --ramp 1,2,4,8 --seconds 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import psutil
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from edge.client import StreamResult, stream_audio  # noqa: E402
+from tests.fakes.google_speech import encode, utterances  # noqa: E402
+
+KEY = "bench-key"
+SR = 16000
+ENDPOINT_S = 0.3  # the fake's endpointing: a final comes this long after the last word
+
+
+@contextmanager
+def process(args: list[str], env: dict[str, str], ready: str):
+    """A child process; yields (Popen, first match of `ready` in its output)."""
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    match = None
+    for line in proc.stdout:
+        match = re.search(ready, line)
+        if match:
+            break
+    if match is None:
+        proc.kill()
+        raise RuntimeError(f"{args} did not start")
+    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+    try:
+        yield proc, match
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def daemon_env(endpoint: str, diarizer: str | None, max_sessions: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EDGE_", "STT_", "NEMO_"))}
+    env.update({
+        "EDGE_PORT": "0", "EDGE_API_KEYS": KEY, "EDGE_ENV_FILE": "/dev/null",
+        "EDGE_STT_ENDPOINT": endpoint, "EDGE_STT_INSECURE": "true",
+        "EDGE_MAX_SESSIONS": str(max_sessions), "EDGE_LOG_LEVEL": "WARNING",
+        "STT_ENABLE_NEMO_DIARIZATION_FALLBACK": "true" if diarizer else "false",
+        "PYTHONUNBUFFERED": "1",
+    })
+    if diarizer:
+        from tests.fakes.sortformer import full_model_path, tiny_model_path
+
+        path = tiny_model_path() if diarizer == "tiny" else full_model_path()
+        env.update({"NEMO_DIAR_MODEL_PATH": str(path), "EDGE_MODEL_DOWNLOAD": "false",
+                    "NEMO_CACHE_DIR": str(ROOT / ".cache" / "bench-nemo")})
+    return env
+
+
+async def metric(http: str, name: str) -> float:
+    async with httpx.AsyncClient() as c:
+        text = (await c.get(http + "/metrics", headers={"Authorization": f"Token {KEY}"})).text
+    m = re.search(rf"^{name} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else float("nan")
+
+
+async def wait_diarizer(http: str, timeout: float = 300) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient() as c:
+        while time.monotonic() < deadline:
+            status = (await c.get(http + "/ready", headers={"Authorization": f"Token {KEY}"})).json()
+            if status["diarizer"]["state"] in ("ready", "unavailable"):
+                return status["diarizer"]
+            await asyncio.sleep(0.5)
+    raise TimeoutError("diarizer did not load")
+
+
+def latencies(result: StreamResult) -> list[float]:
+    out = []
+    for msg, at in zip(result.messages, result.received_at, strict=True):
+        if msg.get("type") != "Results" or not msg.get("is_final"):
+            continue
+        words = msg["channel"]["alternatives"][0]["words"]
+        if words:
+            sent = result.sent_time(words[-1]["end"])
+            if sent is not None:
+                out.append(at - sent)
+    return out
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(len(ordered) * q))], 4)
+
+
+async def step(n: int, seconds: float, ws: str, http: str, pid: int, query: dict[str, Any]) -> dict[str, Any]:
+    audio, script = encode(utterances(max(1, int(seconds / 2.6)), words=4))
+    samples = np.frombuffer(audio, dtype="<i2")
+    proc = psutil.Process(pid)
+    cpu0 = proc.cpu_times()
+    t0 = time.monotonic()
+    lag_samples: list[tuple[float, float]] = []
+    rss_peak = 0
+
+    async def sampler() -> None:
+        nonlocal rss_peak
+        while True:
+            await asyncio.sleep(1.0)
+            p50 = await metric(http, "edge_event_loop_lag_p50_seconds")
+            p99 = await metric(http, "edge_event_loop_lag_p99_seconds")
+            lag_samples.append((p50, p99))
+            rss_peak = max(rss_peak, proc.memory_info().rss)
+
+    async def one(i: int) -> StreamResult | BaseException:
+        await asyncio.sleep(i * 0.1 / max(1, n / 10))  # stagger starts over ~1 s per 10
+        try:
+            return await stream_audio(ws, samples, SR, key=KEY, query=query)
+        except Exception as exc:  # recorded as an error of this step
+            return exc
+
+    sampling = asyncio.create_task(sampler())
+    results = await asyncio.gather(*(one(i) for i in range(n)))
+    sampling.cancel()
+    wall = time.monotonic() - t0
+    cpu1 = proc.cpu_times()
+    cpu = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
+    ok = [r for r in results if isinstance(r, StreamResult) and r.close_code == 1000]
+    lost = sum(len(script) - sum(len(m["channel"]["alternatives"][0]["words"]) for m in r.finals)
+               for r in ok)
+    lat = [x for r in ok for x in latencies(r)]
+    steady = lag_samples[2:-1] or lag_samples  # skip ramp-up and tail
+    unlabelled = sum(1 for r in ok for m in r.finals for w in m["channel"]["alternatives"][0]["words"]
+                     if w.get("speaker") is None)
+    return {
+        "streams": n,
+        "ok": len(ok),
+        "errors": [repr(r)[:200] for r in results if not isinstance(r, StreamResult)][:3]
+                  + [f"close {r.close_code} {r.close_reason}" for r in results
+                     if isinstance(r, StreamResult) and r.close_code != 1000][:3],
+        "audio_s_per_stream": round(len(samples) / SR, 1),
+        "cpu_s_per_stream_s": round(cpu / wall / n, 5),
+        "cpu_cores": round(cpu / wall, 3),
+        "loop_lag_p50_ms": round(1000 * statistics.median(s[0] for s in steady), 2) if steady else None,
+        "loop_lag_p99_ms": round(1000 * max(s[1] for s in steady), 2) if steady else None,
+        "final_latency_p50_s": pct(lat, 0.5),
+        "final_latency_p99_s": pct(lat, 0.99),
+        "words_lost": lost,
+        "words_unlabelled": unlabelled,
+        "rss_peak_mb": round(rss_peak / 2**20, 1),
+    }
+
+
+def broken(r: dict[str, Any]) -> str | None:
+    if r["ok"] < r["streams"]:
+        return "sessions failed"
+    if r["loop_lag_p99_ms"] is not None and r["loop_lag_p99_ms"] >= 20:
+        return "loop lag p99 >= 20 ms"
+    if r["final_latency_p99_s"] is not None and r["final_latency_p99_s"] > ENDPOINT_S + 2.0:
+        return "final latency p99 > endpointing + 2 s"
+    if r["words_lost"]:
+        return "words lost"
+    return None
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    ramp = [int(x) for x in args.ramp.split(",")]
+    query = {"diarize": True} if args.diarizer else {"diarize": False}
+    py = sys.executable
+    with process([py, "-m", "tests.fakes.google_speech", str(ENDPOINT_S)], dict(os.environ),
+                 r"(127\.0\.0\.1:\d+)") as (_fake, m):
+        env = daemon_env(m.group(1), args.diarizer, max(ramp) + 10)
+        with process([py, "-m", "edge", "serve"], env, r"listening on \S+:(\d+)") as (proc, d):
+            http, ws = f"http://127.0.0.1:{d.group(1)}", f"ws://127.0.0.1:{d.group(1)}"
+            diarizer = await wait_diarizer(http) if args.diarizer else None
+            idle_rss = psutil.Process(proc.pid).memory_info().rss / 2**20
+            steps = []
+            for n in ramp:
+                r = await step(n, args.seconds, ws, http, proc.pid, query)
+                r["broken"] = broken(r)
+                steps.append(r)
+                print(json.dumps(r), file=sys.stderr, flush=True)
+                if r["broken"] and not args.keep_going:
+                    break
+                await asyncio.sleep(2)
+    return {
+        "command": " ".join([Path(py).name, *sys.argv]),
+        "machine": {"cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg()},
+        "diarizer": args.diarizer, "diarizer_status": diarizer,
+        "daemon_idle_rss_mb": round(idle_rss, 1),
+        "steps": steps,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ramp", default="25,50,100,150,200,250")
+    ap.add_argument("--seconds", type=float, default=20.0, help="audio per session per step")
+    ap.add_argument("--diarizer", choices=["tiny", "full"], help="also run the local diarizer")
+    ap.add_argument("--keep-going", action="store_true", help="run every step even after a break")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    result = asyncio.run(run(args))
+    text = json.dumps(result, indent=2)
+    if args.out:
+        args.out.write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
