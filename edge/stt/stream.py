@@ -90,10 +90,10 @@ class RunParams:
     replay_s: float = 30.0
     backoff: Backoff = field(default_factory=Backoff)
     drain_timeout_s: float = 10.0  # a half-closed call must finish within this, else cut
-    # After a call failed before any response, the next one sends its config alone for this
-    # long before the audio: a config the service rejects then fails with its true status.
-    # (grpc.aio replaces a server's status with INTERNAL when it races one of our writes,
-    # grpc/grpc#36066; a reconnect writes the replay back to back, so it would race.)
+    # After a call failed with INTERNAL before any response, the next one sends its config
+    # alone for this long before the audio: a config the service refuses then fails with its
+    # true status. (grpc.aio replaces a server's status with INTERNAL when it races one of our
+    # writes, grpc/grpc#36066; a reconnect writes the replay back to back, so it would race.)
     probe_s: float = 0.5
     end_timeout_s: float = 30.0  # after the audio ended, give up reconnecting after this
 
@@ -234,7 +234,9 @@ class StreamRun:
                 cause = "rotate"
                 continue
             failures += 1
-            probe = not call.responses  # failed at the start: maybe its config was refused
+            # INTERNAL before any response may be a refused config whose status lost a race
+            # with our writes: the next call lets the config be answered first.
+            probe = outcome.kind == "unclear" and not call.responses
             self.hooks.call_failed(self.run_id, outcome.error or outcome.cause or outcome.kind,
                                    outcome.kind)
             cause = "limit" if outcome.kind == "limit" else "error"
