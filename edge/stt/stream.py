@@ -90,10 +90,12 @@ class RunParams:
     replay_s: float = 30.0
     backoff: Backoff = field(default_factory=Backoff)
     drain_timeout_s: float = 10.0  # a half-closed call must finish within this, else cut
-    # After a call failed with INTERNAL before any response, the next one sends its config
-    # alone for this long before the audio: a config the service refuses then fails with its
-    # true status. (grpc.aio replaces a server's status with INTERNAL when it races one of our
-    # writes, grpc/grpc#36066; a reconnect writes the replay back to back, so it would race.)
+    # After two calls in a row failed with INTERNAL right away (no response, within
+    # 2 x probe_s), the next one sends its config alone for this long before the audio: a
+    # config the service refuses then fails with its true status. (grpc.aio replaces a
+    # server's status with INTERNAL when it races one of our writes, grpc/grpc#36066, and a
+    # new call writes its replay back to back. One such failure is usually a transient error
+    # that raced: it does not pay the wait.)
     probe_s: float = 0.5
     end_timeout_s: float = 30.0  # after the audio ended, give up reconnecting after this
 
@@ -196,7 +198,7 @@ class StreamRun:
             self.hooks.call_failed(self.run_id, exc, "fatal")
             await self._emit(TranscriptEvent(kind="error", fatal=True, message=str(exc)))
             return
-        failures, cause, probe = 0, None, False
+        failures, cause, probe, unclear = 0, None, False, 0
         ended_at: float | None = None
         while True:
             await self._until_work()
@@ -234,9 +236,11 @@ class StreamRun:
                 cause = "rotate"
                 continue
             failures += 1
-            # INTERNAL before any response may be a refused config whose status lost a race
-            # with our writes: the next call lets the config be answered first.
-            probe = outcome.kind == "unclear" and not call.responses
+            # INTERNAL right at the start, again: maybe a refused config whose status keeps
+            # losing the race with our writes. The next call lets the config be answered first.
+            at_start = not call.responses and loop.time() - call.opened < 2 * self.params.probe_s
+            unclear = unclear + 1 if outcome.kind == "unclear" and at_start else 0
+            probe = unclear >= 2
             self.hooks.call_failed(self.run_id, outcome.error or outcome.cause or outcome.kind,
                                    outcome.kind)
             cause = "limit" if outcome.kind == "limit" else "error"
@@ -358,6 +362,8 @@ class StreamRun:
         """The call's requests: config, then audio from `t_final` on, then half-close."""
         yield self._config_request
         if call.probe:
+            log.debug("stt[%d]: holding the audio %.1f s for the config's answer", self.run_id,
+                      self.params.probe_s)
             await asyncio.sleep(self.params.probe_s)
         cursor = self.buffer.t_final
         rotate_samples = round(self.params.rotate_s * SAMPLE_RATE)
