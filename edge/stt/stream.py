@@ -216,8 +216,8 @@ class StreamRun:
             self.hooks.call_opened(self.run_id, cause)
             call = _Call(CallMap(), loop.time(), loop.create_future(), probe=probe)
             outcome = await self._call(call)
-            if call.responses:
-                failures = 0  # it worked for a while: the next failure starts a new streak
+            if call.responses or outcome.kind == "clean" or outcome.cause == "rotate":
+                failures = unclear = 0  # it worked: the next failure starts a new streak
             probe = False
             if outcome.kind == "clean":
                 if call.map.session_end is not None:
