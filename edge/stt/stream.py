@@ -17,9 +17,9 @@ How a call ends decides where the next one starts:
 - *cut* (rotation: at a quiet moment, right after a final past `rotate_s - quiet_s`, or forced
   at `rotate_s`; or a drain that takes too long): cancelled; the next call replays the
   unfinalized audio from `t_final`, so the utterance in progress is heard whole by the new call.
-- *failed*: `limit` (Google's duration limit) reconnects at once, `retry`/`unclear` after exponential
-  backoff with jitter, both replaying from `t_final`; `fatal` ends this session's upstream with
-  an `error` event (fatal=True). Other sessions have their own runs and are unaffected.
+- *failed*: `limit` (Google's duration limit) reconnects at once, `retry`/`unclear` after
+  exponential backoff with jitter, all replaying from `t_final`; `fatal` ends this session's
+  upstream with an `error` event (fatal=True). Other sessions have their own runs.
 
 Rotation clock: a call's age is max(audio it was sent, wall time it has been open)
 (`RotationPolicy`). Live, audio arrives in real time and the two agree; a stalled session
