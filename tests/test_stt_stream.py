@@ -290,7 +290,8 @@ async def test_google_duration_limit_reconnects_at_once_and_replays() -> None:
     async with google(edge_stt_rotate_s=290) as g:
         g.fake.faults.max_call_audio_s = 15  # Google's limit comes first
         s = Session()
-        await asyncio.wait_for(s.run(g.upstream, feed(pcm, s)), 30)
+        # Paced (30x real time) so the service's status rarely races a write (see below).
+        await asyncio.wait_for(s.run(g.upstream, feed(pcm, s, speed=30)), 30)
     assert_exact(s.words, script)
     assert not s.errors
     aborted = sum(c.outcome == "ABORTED" for c in g.fake.calls)
@@ -323,7 +324,7 @@ async def test_invalid_argument_ends_only_that_session() -> None:
             while True:  # the session keeps sending: the upstream must end by itself
                 yield AudioBlock(pos, bytes(3200))
                 pos += 1600
-                await asyncio.sleep(0.001)
+                await asyncio.sleep(0.01)
 
         bad, good = Session(), Session()
         await asyncio.wait_for(asyncio.gather(
@@ -335,6 +336,31 @@ async def test_invalid_argument_ends_only_that_session() -> None:
     assert_exact(good.words, script)
     assert g.counter("edge_upstream_errors_total", error="InvalidArgument") == 1
     assert any("ended by InvalidArgument" in n["message"] for n in g.status.snapshot()["notices"])
+
+
+async def test_a_refused_config_is_fatal_even_when_its_status_races_the_audio() -> None:
+    # 20 s of audio waits in the buffer when the call opens, so the audio goes out back to back
+    # and the service's INVALID_ARGUMENT can reach the client as INTERNAL (grpc/grpc#36066).
+    # After two such failures the next attempt holds its audio back until the config has been
+    # answered.
+    pcm, _ = encode(utterances(8))
+    async with google() as g:
+        g.fake.faults.invalid_models = {"no-such-model"}
+
+        async def burst_then_wait() -> AsyncIterator[AudioItem]:
+            async for item in feed(pcm, lead_s=1000):
+                yield item
+            await asyncio.sleep(30)
+
+        for _ in range(3):
+            s = Session()
+            before = len(g.fake.calls)
+            await asyncio.wait_for(s.run(g.upstream, burst_then_wait(),
+                                         StreamConfig(language="auto", model="no-such-model")), 10)
+            [err] = s.events
+            assert err.fatal and "InvalidArgument" in (err.message or "")
+            # At most two attempts lose the race; the third is answered before any audio.
+            assert len(g.fake.calls) - before <= 3
 
 
 async def test_flush_finalizes_what_was_sent_then_says_flushed() -> None:

@@ -24,13 +24,12 @@ from google.cloud.speech_v2.services.speech.transports import (
 from edge.stt.base import SAMPLE_RATE, StreamConfig
 from edge.stt.replay import RawResult, RawSpeechEvent, RawWord
 
-ErrorKind = Literal["retry", "limit", "fatal"]
+ErrorKind = Literal["retry", "unclear", "limit", "fatal"]
 
 # Google's per-call limit surfaces as these: "start a new stream", not a failure.
 LIMIT_ERRORS: tuple[type[Exception], ...] = (gexc.Aborted, gexc.OutOfRange)
 RETRYABLE_ERRORS: tuple[type[Exception], ...] = (
-    gexc.ServiceUnavailable, gexc.DeadlineExceeded, gexc.InternalServerError,
-    gexc.ResourceExhausted,
+    gexc.ServiceUnavailable, gexc.DeadlineExceeded, gexc.ResourceExhausted,
     # A reset connection or a proxy dropping the stream shows up as these.
     gexc.Unknown, gexc.Cancelled,
 )
@@ -41,9 +40,16 @@ FATAL_ERRORS: tuple[type[Exception], ...] = (
 
 def classify(exc: BaseException) -> ErrorKind:
     """How to treat a failed streaming call: reconnect at once (`limit`), reconnect with
-    backoff (`retry`), or end the session's upstream (`fatal`, also for anything unexpected)."""
+    backoff (`retry`), or end the session's upstream (`fatal`, also for anything unexpected).
+
+    `unclear` (INTERNAL) is retried like `retry`, but it may hide another status: grpc.aio
+    reports INTERNAL when the server's status races one of the client's writes
+    (grpc/grpc#36066), so a refused config can look like it.
+    """
     if isinstance(exc, LIMIT_ERRORS):
         return "limit"
+    if isinstance(exc, gexc.InternalServerError):
+        return "unclear"
     if isinstance(exc, RETRYABLE_ERRORS):
         return "retry"
     return "fatal"

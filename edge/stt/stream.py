@@ -5,23 +5,26 @@
 - the *pump* moves the session's audio into the `ReplayBuffer` (bounded by EDGE_STT_REPLAY_S,
   drop-oldest with lost-audio accounting) and never waits on Google;
 - the *supervisor* opens one streaming call at a time; each call's request generator sends the
-  buffer's audio in ~100 ms requests (never above Google's 25 KB) from the call's start cursor,
-  and half-closes it for a FLUSH, for the end of the audio, or when the call reaches
-  EDGE_STT_ROTATE_S; its reader maps results onto the session clock (`Transcript`);
+  buffer's audio in ~100 ms requests (never above Google's 25 KB) from the call's start cursor;
+  its reader maps results onto the session clock (`Transcript`);
 - events go to the session through a bounded queue (`OUT_QUEUE`); when it is full the reader
   waits (backpressure onto Google's stream, never onto the audio pump).
 
 How a call ends decides where the next one starts:
 - *clean* (we half-closed, Google answered everything): all audio it was sent is covered; the
-  next call starts where it stopped. Used for FLUSH, end of audio, and the forced rotation at
-  EDGE_STT_ROTATE_S (no quiet moment came: usually silence, where a cut would replay it all).
-- *cut* (quiet rotation right after a final past `rotate_s - quiet_s`, or a drain that takes too
-  long): cancelled; the next call replays the unfinalized audio from `t_final`, so the utterance
-  in progress is heard whole by the new call.
-- *failed*: `limit` (Google's duration limit) reconnects at once, `retry` after exponential
-  backoff with jitter, both replaying from `t_final`; `fatal` ends this session's upstream with
-  an `error` event (fatal=True). Other sessions have their own runs and are unaffected.
-Rotation clock: a call's age is max(audio sent, wall time open) (`RotationPolicy`).
+  next call starts where it stopped. Used for FLUSH, for the end of the audio, and for a forced
+  rotation when replaying would not be whole (long silence, mostly: see `_rotate_now`).
+- *cut* (rotation: at a quiet moment, right after a final past `rotate_s - quiet_s`, or forced
+  at `rotate_s`; or a drain that takes too long): cancelled; the next call replays the
+  unfinalized audio from `t_final`, so the utterance in progress is heard whole by the new call.
+- *failed*: `limit` (Google's duration limit) reconnects at once, `retry`/`unclear` after
+  exponential backoff with jitter, all replaying from `t_final`; `fatal` ends this session's
+  upstream with an `error` event (fatal=True). Other sessions have their own runs.
+
+Rotation clock: a call's age is max(audio it was sent, wall time it has been open)
+(`RotationPolicy`). Live, audio arrives in real time and the two agree; a stalled session
+still rotates on wall time (Google's limit is wall time); audio fed faster than real time
+(replays, tests) rotates on audio time.
 """
 
 from __future__ import annotations
@@ -87,6 +90,13 @@ class RunParams:
     replay_s: float = 30.0
     backoff: Backoff = field(default_factory=Backoff)
     drain_timeout_s: float = 10.0  # a half-closed call must finish within this, else cut
+    # After two calls in a row failed with INTERNAL right away (no response, within
+    # 2 x probe_s), the next one sends its config alone for this long before the audio: a
+    # config the service refuses then fails with its true status. (grpc.aio replaces a
+    # server's status with INTERNAL when it races one of our writes, grpc/grpc#36066, and a
+    # new call writes its replay back to back. One such failure is usually a transient error
+    # that raced: it does not pay the wait.)
+    probe_s: float = 0.5
     end_timeout_s: float = 30.0  # after the audio ended, give up reconnecting after this
 
 
@@ -97,6 +107,7 @@ class _Call:
     map: CallMap
     opened: float
     ended: asyncio.Future[str]  # set (with a cause) to cut the call
+    probe: bool = False  # hold the audio back for `probe_s` after the config
     close: str | None = None  # set to half-close at the next chance ("rotate")
     half_closed: bool = False
     finished: bool = False
@@ -107,7 +118,7 @@ class _Call:
 
 @dataclass(frozen=True)
 class _Outcome:
-    kind: str  # clean | cut | closed | limit | retry | fatal
+    kind: str  # clean | cut | closed | limit | retry | unclear | fatal
     cause: str | None = None
     error: BaseException | None = None
 
@@ -187,7 +198,7 @@ class StreamRun:
             self.hooks.call_failed(self.run_id, exc, "fatal")
             await self._emit(TranscriptEvent(kind="error", fatal=True, message=str(exc)))
             return
-        failures, cause = 0, None
+        failures, cause, probe, unclear = 0, None, False, 0
         ended_at: float | None = None
         while True:
             await self._until_work()
@@ -203,10 +214,11 @@ class StreamRun:
                     return
             await self._report_lost(self.buffer.take_lost())
             self.hooks.call_opened(self.run_id, cause)
-            call = _Call(CallMap(), loop.time(), loop.create_future())
+            call = _Call(CallMap(), loop.time(), loop.create_future(), probe=probe)
             outcome = await self._call(call)
-            if call.responses:
-                failures = 0  # it worked for a while: the next failure starts a new streak
+            if call.responses or outcome.kind == "clean" or outcome.cause == "rotate":
+                failures = unclear = 0  # it worked: the next failure starts a new streak
+            probe = False
             if outcome.kind == "clean":
                 if call.map.session_end is not None:
                     self.buffer.finalize(call.map.session_end)
@@ -224,6 +236,11 @@ class StreamRun:
                 cause = "rotate"
                 continue
             failures += 1
+            # INTERNAL right at the start, again: maybe a refused config whose status keeps
+            # losing the race with our writes. The next call lets the config be answered first.
+            at_start = not call.responses and loop.time() - call.opened < 2 * self.params.probe_s
+            unclear = unclear + 1 if outcome.kind == "unclear" and at_start else 0
+            probe = unclear >= 2
             self.hooks.call_failed(self.run_id, outcome.error or outcome.cause or outcome.kind,
                                    outcome.kind)
             cause = "limit" if outcome.kind == "limit" else "error"
@@ -344,6 +361,10 @@ class StreamRun:
     async def _requests(self, call: _Call) -> AsyncIterator[Any]:
         """The call's requests: config, then audio from `t_final` on, then half-close."""
         yield self._config_request
+        if call.probe:
+            log.debug("stt[%d]: holding the audio %.1f s for the config's answer", self.run_id,
+                      self.params.probe_s)
+            await asyncio.sleep(self.params.probe_s)
         cursor = self.buffer.t_final
         rotate_samples = round(self.params.rotate_s * SAMPLE_RATE)
         while not call.finished and call.close is None:

@@ -3,8 +3,11 @@
 
 A session of word-coded meeting audio (tests/fakes/google_speech.py: 4 words of 0.5 s, then a
 pause) is fed in real time (`--speed`) through `create_upstream()` to the fake Speech service
-over the official client, with calls rotated every `--rotate-s` seconds (the settings' minimum
-is 5, so a 60 s run rotates ~12 times; production rotates at 290 s). Measured:
+over the official client, with calls rotated every `--rotate-s` seconds (production: 290 s).
+The default, 15 s, leaves a 3 s quiet window (rotate_s / 5) that always holds a final, so
+every rotation is the quiet kind (cut right after a final, short replay). `--rotate-s 5`
+(1 s window, shorter than an utterance) forces most rotations at the limit instead: the
+stress case, each replaying the utterance in progress. Measured:
 
 - final latency: from the moment the audio that completes a final result was fed to the
   moment the session got the final, for the first final of every rotated call vs all others;
@@ -15,8 +18,9 @@ is 5, so a 60 s run rotates ~12 times; production rotates at 290 s). Measured:
 - replayed audio per rotation, and words lost / duplicated (every scripted word must arrive
   exactly once, at its place on the session clock).
 
-    python scripts/bench/upstream_rotation.py                  # 60 s, real time, rotate 5 s
+    python scripts/bench/upstream_rotation.py                  # 180 s, real time, rotate 15 s
     python scripts/bench/upstream_rotation.py --faults 3       # plus UNAVAILABLE mid-stream
+    python scripts/bench/upstream_rotation.py --rotate-s 5 --duration-s 60   # forced rotations
 
 Prints one JSON object with the command line that made it.
 """
@@ -139,9 +143,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--duration-s", type=float, default=60.0, help="audio length")
+    p.add_argument("--duration-s", type=float, default=180.0, help="audio length")
     p.add_argument("--speed", type=float, default=1.0, help="feed rate, x real time")
-    p.add_argument("--rotate-s", type=float, default=5.0, help="EDGE_STT_ROTATE_S (>= 5)")
+    p.add_argument("--rotate-s", type=float, default=15.0, help="EDGE_STT_ROTATE_S (>= 5)")
     p.add_argument("--gap-s", type=float, default=0.5, help="pause after each 2 s utterance")
     p.add_argument("--block-ms", type=float, default=100.0, help="session block size")
     p.add_argument("--faults", type=int, default=0, help="UNAVAILABLE faults to inject")
