@@ -296,9 +296,10 @@ async def test_google_duration_limit_reconnects_at_once_and_replays() -> None:
     assert not s.errors
     aborted = sum(c.outcome == "ABORTED" for c in g.fake.calls)
     assert aborted >= 5
-    # As a limit, ABORTED reconnects at once. (A status that races the client's own write
-    # reaches it as INTERNAL: a retryable error, also replayed.)
-    assert g.counter("edge_upstream_restarts_total", cause="limit") >= 1
+    # As a limit, ABORTED reconnects at once. A status that races the client's own write
+    # reaches it as INTERNAL (grpc/grpc#36066): a retryable error, also replayed. On a loaded
+    # machine every abort may race, so only the total is exact here; that ABORTED means
+    # "limit" is checked without the race in test_stt_google.py (classify).
     assert g.counter("edge_upstream_restarts_total", cause="limit") + g.counter(
         "edge_upstream_restarts_total", cause="error") == aborted
     assert g.status.checks["upstream"] == "ok"
