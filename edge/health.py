@@ -159,11 +159,11 @@ class LoopMonitor:
         self.window: deque[float] = deque(maxlen=200)
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
+        # perf_counter, not loop.time(): uvloop's clock ticks in whole milliseconds.
         while True:
-            start = loop.time()
+            start = time.perf_counter()
             await asyncio.sleep(self.interval)
-            lag = max(0.0, loop.time() - start - self.interval)
+            lag = max(0.0, time.perf_counter() - start - self.interval)
             self.last_tick = time.monotonic()
             self.last_lag = lag
             self.window.append(lag)

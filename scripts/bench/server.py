@@ -73,7 +73,7 @@ def daemon_env(endpoint: str, diarizer: str | None, max_sessions: int) -> dict[s
     env.update({
         "EDGE_PORT": "0", "EDGE_API_KEYS": KEY, "EDGE_ENV_FILE": "/dev/null",
         "EDGE_STT_ENDPOINT": endpoint, "EDGE_STT_INSECURE": "true",
-        "EDGE_MAX_SESSIONS": str(max_sessions), "EDGE_LOG_LEVEL": "WARNING",
+        "EDGE_MAX_SESSIONS": str(max_sessions), "EDGE_LOG_LEVEL": "INFO",
         "STT_ENABLE_NEMO_DIARIZATION_FALLBACK": "true" if diarizer else "false",
         "PYTHONUNBUFFERED": "1",
     })
