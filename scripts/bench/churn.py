@@ -15,65 +15,30 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import re
-import subprocess
 import sys
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psutil
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-ROOT = Path(__file__).resolve().parents[2]
-KEY = "churn-key"
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script, too
+from scripts.bench.harness import KEY, daemon, metrics
+
 KINDS = ("clean", "abrupt", "handshake", "refused")
 AUDIO = b"\x10\x00" * 3200  # 0.2 s of 16 kHz linear16
-
-
-@contextmanager
-def daemon(**env: str):
-    """A daemon child process; yields (pid, http_base, ws_base)."""
-    full = {k: v for k, v in os.environ.items() if not k.startswith(("EDGE_", "STT_", "NEMO_"))}
-    full.update({"EDGE_PORT": "0", "EDGE_API_KEYS": KEY, "EDGE_ENV_FILE": "/dev/null",
-                 "STT_ENABLE_NEMO_DIARIZATION_FALLBACK": "false", "EDGE_STT_API": "none",
-                 "EDGE_AUTH_MAX_FAILURES": "100000", "EDGE_MAX_SESSIONS": "256",
-                 "PYTHONUNBUFFERED": "1", **env})
-    proc = subprocess.Popen([sys.executable, "-m", "edge", "serve"], cwd=ROOT, env=full,
-                            stderr=subprocess.PIPE, text=True)
-    assert proc.stderr is not None
-    port = None
-    for line in proc.stderr:
-        m = re.search(r"listening on \S+:(\d+)", line)
-        if m:
-            port = int(m.group(1))
-            break
-    if port is None:
-        proc.kill()
-        raise RuntimeError("daemon did not start")
-    # Keep reading its log: a full pipe would block the daemon's log writer.
-    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
-    try:
-        yield proc.pid, f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(30)
+SETTINGS = {"STT_ENABLE_NEMO_DIARIZATION_FALLBACK": "false", "EDGE_STT_API": "none",
+            "EDGE_AUTH_MAX_FAILURES": "100000", "EDGE_MAX_SESSIONS": "256"}
 
 
 async def sample(pid: int, http: str) -> dict[str, float]:
-    """fds/threads/RSS from the OS; tasks from the daemon's own /metrics."""
+    """fds/threads/RSS from the OS; tasks and sessions from the daemon's own /metrics."""
     p = psutil.Process(pid)
-    async with httpx.AsyncClient() as c:
-        text = (await c.get(http + "/metrics", headers={"Authorization": f"Token {KEY}"})).text
-    tasks = float(re.search(r"^edge_asyncio_tasks (\S+)$", text, re.M).group(1))  # type: ignore[union-attr]
-    sessions = float(re.search(r"^edge_sessions_active (\S+)$", text, re.M).group(1))  # type: ignore[union-attr]
+    m = await metrics(http)
     return {"fds": p.num_fds(), "threads": p.num_threads(), "rss_mb": p.memory_info().rss / 2**20,
-            "tasks": tasks, "sessions": sessions}
+            "tasks": m["edge_asyncio_tasks"], "sessions": m["edge_sessions_active"]}
 
 
 async def settle(pid: int, http: str, seconds: float = 3.0) -> dict[str, float]:
@@ -133,7 +98,7 @@ async def churn(ws_base: str, cycles: int, concurrency: int) -> dict[str, int]:
 
 
 async def run(cycles: int, concurrency: int) -> dict[str, Any]:
-    with daemon() as (pid, http, ws_base):
+    with daemon(**SETTINGS) as (pid, http, ws_base):
         await churn(ws_base, min(200, cycles), concurrency)  # warm-up: allocator, caches
         before = await settle(pid, http)
         start = time.monotonic()

@@ -18,89 +18,38 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import statistics
-import subprocess
 import sys
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import psutil
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script, too
+from edge.client import StreamResult, stream_audio
+from scripts.bench.harness import (
+    FAKE_ENDPOINT_S,
+    KEY,
+    daemon,
+    diarizer_settings,
+    fake_google,
+    metrics,
+    status,
+)
+from tests.fakes.google_speech import encode, utterances
 
-from edge.client import StreamResult, stream_audio  # noqa: E402
-from tests.fakes.google_speech import encode, utterances  # noqa: E402
-
-KEY = "bench-key"
 SR = 16000
-ENDPOINT_S = 0.3  # the fake's endpointing: a final comes this long after the last word
-
-
-@contextmanager
-def process(args: list[str], env: dict[str, str], ready: str):
-    """A child process; yields (Popen, first match of `ready` in its output)."""
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    assert proc.stdout is not None
-    match = None
-    for line in proc.stdout:
-        match = re.search(ready, line)
-        if match:
-            break
-    if match is None:
-        proc.kill()
-        raise RuntimeError(f"{args} did not start")
-    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
-    try:
-        yield proc, match
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-def daemon_env(endpoint: str, diarizer: str | None, max_sessions: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("EDGE_", "STT_", "NEMO_"))}
-    env.update({
-        "EDGE_PORT": "0", "EDGE_API_KEYS": KEY, "EDGE_ENV_FILE": "/dev/null",
-        "EDGE_STT_ENDPOINT": endpoint, "EDGE_STT_INSECURE": "true",
-        "EDGE_MAX_SESSIONS": str(max_sessions), "EDGE_LOG_LEVEL": "INFO",
-        "STT_ENABLE_NEMO_DIARIZATION_FALLBACK": "true" if diarizer else "false",
-        "PYTHONUNBUFFERED": "1",
-    })
-    if diarizer:
-        from tests.fakes.sortformer import full_model_path, tiny_model_path
-
-        path = tiny_model_path() if diarizer == "tiny" else full_model_path()
-        env.update({"NEMO_DIAR_MODEL_PATH": str(path), "EDGE_MODEL_DOWNLOAD": "false",
-                    "NEMO_CACHE_DIR": str(ROOT / ".cache" / "bench-nemo")})
-    return env
-
-
-async def metric(http: str, name: str) -> float:
-    async with httpx.AsyncClient() as c:
-        text = (await c.get(http + "/metrics", headers={"Authorization": f"Token {KEY}"})).text
-    m = re.search(rf"^{name} (\S+)$", text, re.M)
-    return float(m.group(1)) if m else float("nan")
 
 
 async def wait_diarizer(http: str, timeout: float = 300) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
-    async with httpx.AsyncClient() as c:
-        while time.monotonic() < deadline:
-            status = (await c.get(http + "/ready", headers={"Authorization": f"Token {KEY}"})).json()
-            if status["diarizer"]["state"] in ("ready", "unavailable"):
-                return status["diarizer"]
-            await asyncio.sleep(0.5)
+    while time.monotonic() < deadline:
+        diarizer = (await status(http))["diarizer"]
+        if diarizer["state"] in ("ready", "unavailable"):
+            return diarizer
+        await asyncio.sleep(0.5)
     raise TimeoutError("diarizer did not load")
 
 
@@ -137,9 +86,9 @@ async def step(n: int, seconds: float, ws: str, http: str, pid: int, query: dict
         nonlocal rss_peak
         while True:
             await asyncio.sleep(1.0)
-            p50 = await metric(http, "edge_event_loop_lag_p50_seconds")
-            p99 = await metric(http, "edge_event_loop_lag_p99_seconds")
-            lag_samples.append((p50, p99))
+            m = await metrics(http)
+            lag_samples.append((m["edge_event_loop_lag_p50_seconds"],
+                                m["edge_event_loop_lag_p99_seconds"]))
             rss_peak = max(rss_peak, proc.memory_info().rss)
 
     async def one(i: int) -> StreamResult | BaseException:
@@ -186,7 +135,7 @@ def broken(r: dict[str, Any]) -> str | None:
         return "sessions failed"
     if r["loop_lag_p99_ms"] is not None and r["loop_lag_p99_ms"] >= 20:
         return "loop lag p99 >= 20 ms"
-    if r["final_latency_p99_s"] is not None and r["final_latency_p99_s"] > ENDPOINT_S + 2.0:
+    if r["final_latency_p99_s"] is not None and r["final_latency_p99_s"] > FAKE_ENDPOINT_S + 2.0:
         return "final latency p99 > endpointing + 2 s"
     if r["words_lost"]:
         return "words lost"
@@ -196,25 +145,25 @@ def broken(r: dict[str, Any]) -> str | None:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     ramp = [int(x) for x in args.ramp.split(",")]
     query = {"diarize": True} if args.diarizer else {"diarize": False}
-    py = sys.executable
-    with process([py, "-m", "tests.fakes.google_speech", str(ENDPOINT_S)], dict(os.environ),
-                 r"(127\.0\.0\.1:\d+)") as (_fake, m):
-        env = daemon_env(m.group(1), args.diarizer, max(ramp) + 10)
-        with process([py, "-m", "edge", "serve"], env, r"listening on \S+:(\d+)") as (proc, d):
-            http, ws = f"http://127.0.0.1:{d.group(1)}", f"ws://127.0.0.1:{d.group(1)}"
-            diarizer = await wait_diarizer(http) if args.diarizer else None
-            idle_rss = psutil.Process(proc.pid).memory_info().rss / 2**20
-            steps = []
-            for n in ramp:
-                r = await step(n, args.seconds, ws, http, proc.pid, query)
-                r["broken"] = broken(r)
-                steps.append(r)
-                print(json.dumps(r), file=sys.stderr, flush=True)
-                if r["broken"] and not args.keep_going:
-                    break
-                await asyncio.sleep(2)
+    settings = {"EDGE_MAX_SESSIONS": str(max(ramp) + 10),
+                "STT_ENABLE_NEMO_DIARIZATION_FALLBACK": "false"}
+    if args.diarizer:
+        settings.update(diarizer_settings(args.diarizer))
+    with fake_google() as endpoint, daemon(EDGE_STT_ENDPOINT=endpoint, EDGE_STT_INSECURE="true",
+                                           **settings) as (pid, http, ws):
+        diarizer = await wait_diarizer(http) if args.diarizer else None
+        idle_rss = psutil.Process(pid).memory_info().rss / 2**20
+        steps = []
+        for n in ramp:
+            r = await step(n, args.seconds, ws, http, pid, query)
+            r["broken"] = broken(r)
+            steps.append(r)
+            print(json.dumps(r), file=sys.stderr, flush=True)
+            if r["broken"] and not args.keep_going:
+                break
+            await asyncio.sleep(2)
     return {
-        "command": " ".join([Path(py).name, *sys.argv]),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": {"cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg()},
         "diarizer": args.diarizer, "diarizer_status": diarizer,
         "daemon_idle_rss_mb": round(idle_rss, 1),

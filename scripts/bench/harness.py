@@ -1,0 +1,108 @@
+"""What the benchmarks share: child processes (the daemon, the fake Google service), their
+environment, and reading the daemon's /metrics and /ready."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+KEY = "bench-key"
+FAKE_ENDPOINT_S = 0.3  # the fake's endpointing: a final comes this long after the last word
+
+
+@contextmanager
+def process(
+    args: list[str], env: dict[str, str], ready: str
+) -> Iterator[tuple[subprocess.Popen[str], re.Match[str]]]:
+    """A child process; yields (Popen, the first match of `ready` in its output). Its output
+    keeps being read afterwards: a full pipe would block the child's log writer."""
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    match = None
+    lines: list[str] = []
+    for line in proc.stdout:
+        lines.append(line)
+        match = re.search(ready, line)
+        if match:
+            break
+    if match is None:
+        proc.kill()
+        raise RuntimeError(f"{args} did not start:\n" + "".join(lines[-20:]))
+    stdout = proc.stdout
+    threading.Thread(target=lambda: [None for _ in stdout], daemon=True).start()
+    try:
+        yield proc, match
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def daemon_env(**settings: str) -> dict[str, str]:
+    """The environment for `python -m edge serve`: ours only, nothing from the developer's."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EDGE_", "STT_", "NEMO_"))}
+    env.update({"EDGE_PORT": "0", "EDGE_API_KEYS": KEY, "EDGE_ENV_FILE": "/dev/null",
+                "EDGE_LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1"})
+    env.update(settings)
+    return env
+
+
+@contextmanager
+def daemon(**settings: str) -> Iterator[tuple[int, str, str]]:
+    """`python -m edge serve` with `settings`; yields (pid, http base, ws base)."""
+    with process([sys.executable, "-m", "edge", "serve"], daemon_env(**settings),
+                 r"listening on \S+:(\d+)") as (proc, m):
+        port = m.group(1)
+        yield proc.pid, f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}"
+
+
+@contextmanager
+def fake_google(endpoint_s: float = FAKE_ENDPOINT_S) -> Iterator[str]:
+    """The fake Google Speech service in its own process; yields its "host:port"."""
+    with process([sys.executable, "-m", "tests.fakes.google_speech", str(endpoint_s)],
+                 dict(os.environ), r"(127\.0\.0\.1:\d+)") as (_proc, m):
+        yield m.group(1)
+
+
+def diarizer_settings(model: str) -> dict[str, str]:
+    """Settings for the local diarizer with a random-weight test model ("tiny" | "full")."""
+    sys.path.insert(0, str(ROOT))
+    from tests.fakes.sortformer import full_model_path, tiny_model_path
+
+    path = tiny_model_path() if model == "tiny" else full_model_path()
+    return {"STT_ENABLE_NEMO_DIARIZATION_FALLBACK": "true", "NEMO_DIAR_MODEL_PATH": str(path),
+            "EDGE_MODEL_DOWNLOAD": "false", "NEMO_CACHE_DIR": str(ROOT / ".cache" / "bench-nemo")}
+
+
+async def metrics(http: str) -> dict[str, float]:
+    """The daemon's /metrics as {"name{labels}": value}."""
+    async with httpx.AsyncClient() as c:
+        text = (await c.get(http + "/metrics", headers={"Authorization": f"Token {KEY}"})).text
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+async def status(http: str) -> dict[str, Any]:
+    async with httpx.AsyncClient() as c:
+        return (await c.get(http + "/ready", headers={"Authorization": f"Token {KEY}"})).json()
+
+
+__all__ = ["FAKE_ENDPOINT_S", "KEY", "ROOT", "daemon", "daemon_env", "diarizer_settings",
+           "fake_google", "metrics", "process", "status"]
