@@ -7,6 +7,9 @@ process collector, registered on this registry.
 
 from __future__ import annotations
 
+import gc
+import time
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -85,6 +88,10 @@ class Metrics:
         self.diarizer_memory = Gauge(
             "edge_diarizer_worker_rss_bytes", "Diarizer worker resident memory", registry=r
         )
+        self.gc_pause = Histogram(
+            "edge_gc_pause_seconds", "Garbage-collection pauses, by generation", ["generation"],
+            buckets=LAG_BUCKETS, registry=r,
+        )
         self.tasks = Gauge("edge_asyncio_tasks", "asyncio tasks alive in the daemon", registry=r)
         self.threads = Gauge("edge_threads", "Threads alive in the daemon process", registry=r)
         self.queue_depth = Gauge(
@@ -95,6 +102,25 @@ class Metrics:
             "edge_queue_dropped", "Items dropped by a queue's overflow policy", ["queue"],
             registry=r,
         )
+
+    def watch_gc(self) -> None:
+        """Time every collection: a full one stalls the event loop for its whole length."""
+        started: list[float] = [0.0]
+
+        def callback(phase: str, info: dict[str, int]) -> None:
+            if phase == "start":
+                started[0] = time.perf_counter()
+            else:
+                self.gc_pause.labels(str(info["generation"])).observe(
+                    time.perf_counter() - started[0])
+
+        gc.callbacks.append(callback)
+        self._gc_callback = callback
+
+    def unwatch_gc(self) -> None:
+        callback = getattr(self, "_gc_callback", None)
+        if callback in gc.callbacks:
+            gc.callbacks.remove(callback)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

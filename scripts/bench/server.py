@@ -41,6 +41,7 @@ from scripts.bench.harness import (
 from tests.fakes.google_speech import encode, utterances
 
 SR = 16000
+FULL_GC = 'edge_gc_pause_seconds_bucket{generation="2",le="'
 
 
 async def wait_diarizer(http: str, timeout: float = 300) -> dict[str, Any]:
@@ -98,11 +99,15 @@ async def step(n: int, seconds: float, ws: str, http: str, pid: int, query: dict
         except Exception as exc:  # recorded as an error of this step
             return exc
 
+    gc0 = await metrics(http)
     sampling = asyncio.create_task(sampler())
     results = await asyncio.gather(*(one(i) for i in range(n)))
     sampling.cancel()
     wall = time.monotonic() - t0
     cpu1 = proc.cpu_times()
+    gc1 = await metrics(http)
+    gc_full = {k: gc1[k] - gc0.get(k, 0.0) for k in gc1
+               if k.startswith('edge_gc_pause_seconds_bucket{generation="2"')}
     cpu = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
     ok = [r for r in results if isinstance(r, StreamResult) and r.close_code == 1000]
     lost = sum(len(script) - sum(len(m["channel"]["alternatives"][0]["words"]) for m in r.finals)
@@ -127,6 +132,8 @@ async def step(n: int, seconds: float, ws: str, http: str, pid: int, query: dict
         "words_lost": lost,
         "words_unlabelled": unlabelled,
         "rss_peak_mb": round(rss_peak / 2**20, 1),
+        "full_gc_pauses_over_10ms": round(gc_full.get(f"{FULL_GC}+Inf\"}}", 0)
+                                          - gc_full.get(f"{FULL_GC}0.01\"}}", 0)),
     }
 
 
