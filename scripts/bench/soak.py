@@ -50,7 +50,7 @@ async def soak(minutes: float, speed: float, rotate_s: float) -> dict[str, Any]:
     samples = np.frombuffer(audio, dtype="<i2")
     total_s = len(samples) / SR
     settings = {**diarizer_settings("tiny"), "EDGE_STT_ROTATE_S": str(rotate_s),
-                "EDGE_DIARIZATION_MAX_BACKLOG_S": "100000", "EDGE_DIARIZATION_MAX_RTF": "0",
+                "EDGE_DIARIZATION_MAX_BACKLOG_S": "120", "EDGE_DIARIZATION_MAX_RTF": "0",
                 "EDGE_LABEL_WAIT_MS": "60000", "EDGE_IDLE_TIMEOUT_S": "600"}
     with fake_google() as endpoint, daemon(EDGE_STT_ENDPOINT=endpoint, EDGE_STT_INSECURE="true",
                                            **settings) as (pid, http, ws):
