@@ -1,10 +1,12 @@
 """systemd glue: sd_notify, the watchdog interval, and logging to journald or stderr.
 
-Uses systemd-python where importable. Without it (a device where the C extension could not
-be built) the same datagram goes out over a plain AF_UNIX socket — the sd_notify protocol is
-one datagram, so this fallback is exact; it is said once in the log. A `NOTIFY_SOCKET` that
-names a missing path raises: we log that once and carry on, since a notify failure must
-never stop the daemon.
+sd_notify is one datagram to `NOTIFY_SOCKET`; the daemon sends it itself on a NON-BLOCKING
+socket. libsystemd's `sd_notify` (what systemd-python calls) uses a blocking socket: when the
+manager's datagram queue is full (10 by default, e.g. PID 1 busy at boot) it blocks the
+caller — here, the event loop and every session with it (measured: tests/test_systemd.py).
+A notification the manager cannot take right now is dropped and logged once; the next tick
+sends a fresh one. A `NOTIFY_SOCKET` that names a missing path is logged once too: a notify
+failure must never stop the daemon. systemd-python is still used for journald.
 """
 
 from __future__ import annotations
@@ -20,11 +22,6 @@ from pathlib import Path
 
 log = logging.getLogger("edge.systemd")
 
-try:
-    from systemd import daemon as _sd_daemon
-except ImportError:  # pragma: no cover - depends on the machine
-    _sd_daemon = None
-
 
 class Notifier:
     """Sends sd_notify messages when the daemon runs under systemd (`NOTIFY_SOCKET` set)."""
@@ -32,27 +29,39 @@ class Notifier:
     def __init__(self, environ: dict[str, str] | None = None) -> None:
         env = os.environ if environ is None else environ
         self.socket = env.get("NOTIFY_SOCKET")
-        self._failed_once = False
         self.watchdog_interval = _watchdog_interval(env)
-        if _sd_daemon is None:
-            log.info("systemd-python not installed: sd_notify over a plain socket")
+        self.dropped = 0
+        self._warned: set[str] = set()
+        self._sock: socket.socket | None = None
+        if self.socket:
+            # A leading "@" names a socket in the abstract namespace.
+            self._address = "\0" + self.socket[1:] if self.socket.startswith("@") else self.socket
 
     @property
     def enabled(self) -> bool:
         return bool(self.socket)
 
     def notify(self, message: str) -> bool:
+        """Send one notification; True if the manager took it. Never blocks, never raises."""
         if not self.socket:
             return False
         try:
-            if _sd_daemon is not None:
-                return bool(_sd_daemon.notify(message))
-            return _send_datagram(self.socket, message)
+            if self._sock is None:
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                self._sock.setblocking(False)
+            self._sock.sendto(message.encode(), self._address)
+            return True
+        except BlockingIOError:
+            self.dropped += 1
+            self._warn_once("busy", "service manager busy: sd_notify message dropped (not waiting)")
         except OSError as exc:
-            if not self._failed_once:
-                log.warning("sd_notify to %s failed: %s", self.socket, exc)
-                self._failed_once = True
-            return False
+            self._warn_once(type(exc).__name__, f"sd_notify to {self.socket} failed: {exc}")
+        return False
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message)
 
     def ready(self, status: str) -> bool:
         return self.notify(f"READY=1\nSTATUS={status}")
@@ -68,14 +77,6 @@ class Notifier:
 
     def extend_timeout(self, seconds: float) -> bool:
         return self.notify(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}")
-
-
-def _send_datagram(path: str, message: str) -> bool:
-    # A leading "@" names a socket in the abstract namespace.
-    address = "\0" + path[1:] if path.startswith("@") else path
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        sock.sendto(message.encode(), address)
-    return True
 
 
 def _watchdog_interval(env: dict[str, str] | os._Environ[str]) -> float | None:

@@ -89,7 +89,7 @@ def diarizer_settings(model: str) -> dict[str, str]:
 
 async def metrics(http: str) -> dict[str, float]:
     """The daemon's /metrics as {"name{labels}": value}."""
-    async with httpx.AsyncClient() as c:
+    async with httpx.AsyncClient(timeout=30) as c:
         text = (await c.get(http + "/metrics", headers={"Authorization": f"Token {KEY}"})).text
     out = {}
     for line in text.splitlines():
@@ -100,7 +100,7 @@ async def metrics(http: str) -> dict[str, float]:
 
 
 async def status(http: str) -> dict[str, Any]:
-    async with httpx.AsyncClient() as c:
+    async with httpx.AsyncClient(timeout=30) as c:
         return (await c.get(http + "/ready", headers={"Authorization": f"Token {KEY}"})).json()
 
 

@@ -37,11 +37,13 @@ def meeting(minutes: float) -> tuple[bytes, list[ScriptWord]]:
     """Utterances of 4 words (0.5 s each) with 0.6 s pauses, word ids cycling 1..4000."""
     segments: list[tuple[int, float]] = [(0, 0.6)]
     word = 0
-    while len(segments) * 0.55 < minutes * 60:
+    seconds = 0.6
+    while seconds < minutes * 60:
         for _ in range(4):
             segments.append((word % MAX_WORD_ID + 1, 0.5))
             word += 1
         segments.append((0, 0.6))
+        seconds += 4 * 0.5 + 0.6
     return encode(segments)
 
 
