@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script, too
-from scripts.bench.harness import KEY, daemon, metrics
+from scripts.bench.harness import KEY, daemon, emit, metrics
 
 KINDS = ("clean", "abrupt", "handshake", "refused")
 AUDIO = b"\x10\x00" * 3200  # 0.2 s of 16 kHz linear16
@@ -120,8 +119,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cycles", type=int, default=10000)
     ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    print(json.dumps(asyncio.run(run(args.cycles, args.concurrency)), indent=2))
+    emit(asyncio.run(run(args.cycles, args.concurrency)), args.out)
 
 
 if __name__ == "__main__":

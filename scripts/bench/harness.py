@@ -3,6 +3,7 @@ environment, and reading the daemon's /metrics and /ready."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -99,10 +100,18 @@ async def metrics(http: str) -> dict[str, float]:
     return out
 
 
+def emit(result: dict[str, Any], out: Path | None) -> None:
+    """Print a benchmark's JSON (and write it to `out` when given)."""
+    text = json.dumps(result, indent=2)
+    if out is not None:
+        out.write_text(text + "\n")
+    print(text)
+
+
 async def status(http: str) -> dict[str, Any]:
     async with httpx.AsyncClient(timeout=30) as c:
         return (await c.get(http + "/ready", headers={"Authorization": f"Token {KEY}"})).json()
 
 
-__all__ = ["FAKE_ENDPOINT_S", "KEY", "ROOT", "daemon", "daemon_env", "diarizer_settings",
+__all__ = ["FAKE_ENDPOINT_S", "KEY", "ROOT", "daemon", "daemon_env", "diarizer_settings", "emit",
            "fake_google", "metrics", "process", "status"]

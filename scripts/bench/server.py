@@ -34,6 +34,7 @@ from scripts.bench.harness import (
     KEY,
     daemon,
     diarizer_settings,
+    emit,
     fake_google,
     metrics,
     status,
@@ -186,11 +187,7 @@ def main() -> None:
     ap.add_argument("--keep-going", action="store_true", help="run every step even after a break")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    result = asyncio.run(run(args))
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+    emit(asyncio.run(run(args)), args.out)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,15 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script, too
 from edge.client import stream_audio
-from scripts.bench.harness import KEY, daemon, diarizer_settings, fake_google, metrics, status
+from scripts.bench.harness import (
+    KEY,
+    daemon,
+    diarizer_settings,
+    emit,
+    fake_google,
+    metrics,
+    status,
+)
 from tests.fakes.google_speech import ScriptWord, encode
 
 SR = 16000
@@ -114,11 +121,7 @@ def main() -> None:
     ap.add_argument("--rotate-s", type=float, default=290, help="EDGE_STT_ROTATE_S")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    result = asyncio.run(soak(args.minutes, args.speed, args.rotate_s))
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+    emit(asyncio.run(soak(args.minutes, args.speed, args.rotate_s)), args.out)
 
 
 if __name__ == "__main__":
