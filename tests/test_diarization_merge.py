@@ -28,8 +28,8 @@ def test_covered_until_follows_frame_index_and_gaps_are_unlabelled() -> None:
     assert tl.frames_end == 25
     assert tl.covered_until == pytest.approx(2.0)
     assert tl.speaker_for(0.9, 1.5) == (None, 0.0)
-    assert tl.speaker_for(1.6, 1.9)[0] == 2
-    assert tl.speaker_for(0.1, 0.7)[0] == 1
+    assert tl.speaker_for(1.6, 1.9)[0] == 1  # slot 2, the second to speak
+    assert tl.speaker_for(0.1, 0.7)[0] == 0  # slot 1, the first
 
 
 def test_frames_must_arrive_in_order_and_be_n_by_4() -> None:
@@ -43,17 +43,17 @@ def test_frames_must_arrive_in_order_and_be_n_by_4() -> None:
 
 def test_speaker_for_picks_the_most_active_speaker_weighted_by_overlap() -> None:
     tl = SpeakerTimeline()
-    # 0.0-0.8 s speaker 0, 0.8-1.6 s speaker 3
+    # 0.0-0.8 s slot 0 (speaker 0), 0.8-1.6 s slot 3 (speaker 1)
     tl.add(0, np.concatenate([one_hot(0, 10), one_hot(3, 10)]))
     assert tl.speaker_for(0.1, 0.5) == (0, pytest.approx(0.9))
-    assert tl.speaker_for(0.85, 1.5)[0] == 3
-    # a word over the boundary, mostly in speaker 3's part
+    assert tl.speaker_for(0.85, 1.5)[0] == 1
+    # a word over the boundary, mostly in the second speaker's part
     speaker, conf = tl.speaker_for(0.7, 1.4)
-    assert speaker == 3 and 0.5 < conf < 0.9
+    assert speaker == 1 and 0.5 < conf < 0.9
     # mostly speaker 0's part
     assert tl.speaker_for(0.2, 0.9)[0] == 0
     # a zero-length span asks about the frame containing it
-    assert tl.speaker_for(1.0, 1.0)[0] == 3
+    assert tl.speaker_for(1.0, 1.0)[0] == 1
 
 
 def test_speaker_for_is_none_below_threshold_and_beyond_coverage() -> None:
@@ -86,14 +86,14 @@ def test_turns_incremental_with_gap_bridging_and_min_length() -> None:
     tl.add(12, one_hot(0, 3))
     turns = tl.pop_turns()
     assert turns == [SpeakerTurn(0, 0.0, pytest.approx(15 * FRAME_S), False)]
-    tl.add(15, one_hot(1, 1))  # a one-frame blip of speaker 1: too short to report
+    tl.add(15, one_hot(1, 1))  # a one-frame blip of slot 1: too short to report or number
     tl.add(16, one_hot(2, 10))  # speaker 0 has been silent > 3 frames: turn ends
     turns = tl.pop_turns()
     assert SpeakerTurn(0, 0.0, pytest.approx(15 * FRAME_S), True) in turns
-    assert all(t.speaker != 1 for t in turns)
-    assert next(t for t in turns if t.speaker == 2).is_final is False
+    assert len(turns) == 2  # no turn for the blip
+    assert next(t for t in turns if t.speaker == 1).is_final is False  # slot 2 is speaker 1
     tl.finish()
-    assert tl.pop_turns() == [SpeakerTurn(2, pytest.approx(16 * FRAME_S), pytest.approx(2.08), True)]
+    assert tl.pop_turns() == [SpeakerTurn(1, pytest.approx(16 * FRAME_S), pytest.approx(2.08), True)]
 
 
 def test_a_gap_ends_open_turns() -> None:
@@ -101,19 +101,19 @@ def test_a_gap_ends_open_turns() -> None:
     tl.add(0, one_hot(1, 10))
     tl.add(50, one_hot(1, 10))  # 40 unlabelled frames between (e.g. a worker restart)
     turns = tl.pop_turns(include_open=False)
-    assert turns == [SpeakerTurn(1, 0.0, pytest.approx(0.8), True)]
+    assert turns == [SpeakerTurn(0, 0.0, pytest.approx(0.8), True)]
     tl.finish()
-    assert tl.pop_turns() == [SpeakerTurn(1, pytest.approx(4.0), pytest.approx(4.8), True)]
+    assert tl.pop_turns() == [SpeakerTurn(0, pytest.approx(4.0), pytest.approx(4.8), True)]
 
 
 def test_bounded_horizon_keeps_only_recent_frames() -> None:
     tl = SpeakerTimeline(horizon_s=8.0)  # 100 frames
     assert tl._buf.nbytes == 100 * 4 * 4
-    for i in range(100):  # 80 s of audio, 8 frames at a time, speaker = block index mod 4
+    for i in range(100):  # 80 s of audio, 8 frames at a time, slot = block index mod 4
         tl.add(i * 8, one_hot(i % 4, 8))
     assert tl.covered_until == pytest.approx(64.0)
     assert tl._buf.nbytes == 100 * 4 * 4  # memory did not grow
-    assert tl.speaker_for(63.5, 63.9)[0] == 99 % 4
+    assert tl.speaker_for(63.5, 63.9)[0] == 99 % 4  # slots arrived as 0, 1, 2, 3
     assert tl.speaker_for(56.1, 56.5)[0] == 95 % 4  # inside the last 8 s
     assert tl.speaker_for(10.0, 11.0) == (None, 0.0)  # beyond the horizon: forgotten
     # a jump larger than the horizon leaves only unlabelled frames behind it
@@ -128,3 +128,15 @@ def test_pending_turns_are_bounded() -> None:
     turns = tl.pop_turns(include_open=False)
     assert len(turns) == 4 and tl.turns_dropped == 6
     assert turns[-1].start == pytest.approx(9 * 6 * FRAME_S)
+
+
+def test_speakers_are_numbered_in_arrival_order_whatever_the_slot() -> None:
+    tl = SpeakerTimeline(min_turn_s=0.16)
+    tl.add(0, one_hot(3, 10))  # slot 3 speaks first
+    tl.add(10, one_hot(2, 1))  # slot 2 flickers for one frame: no number
+    tl.add(11, one_hot(1, 10))
+    tl.add(21, one_hot(2, 10))
+    tl.add(31, one_hot(3, 10))  # slot 3 again: still speaker 0
+    assert [tl.speaker_for(a, a + 0.3)[0] for a in (0.1, 0.9, 1.8, 2.6)] == [0, 1, 2, 0]
+    tl.finish()
+    assert [t.speaker for t in tl.pop_turns()] == [0, 1, 2, 0]

@@ -4,9 +4,13 @@ Pure and sans-I/O: the engine adds frames as the worker returns them, the sessio
 `speaker_for(word.start, word.end)` and pops `SpeakerTurn`s. Everything is on one clock,
 seconds since the session's first sample; frame `f` covers `[f * 0.08, (f + 1) * 0.08)`.
 
-- Speaker numbers are Sortformer's output slots (0..3, in order of arrival in the stream) and
-  are never renumbered here. After the worker restarts, a session's stream starts afresh and
-  slot numbers may then name different people than before (the engine closes open turns there).
+- Speaker numbers are 0-based in order of arrival: the first of Sortformer's output slots to
+  be active for `min_turn_s` in this session is speaker 0, the next new one 1, and so on; a
+  number, once given, is never changed. The trained model orders its slots by arrival, but
+  nothing forces it to (a false start of slot 2, random test weights), so the protocol's
+  promise is kept here rather than assumed. After the worker restarts, a session's
+  stream starts afresh and slots may then name different people than before (the engine
+  closes open turns there).
 - Unlabelled spans (audio the diarizer skipped or never saw: before admission, while the
   worker restarted, when it fell behind real time) are frames of NaN: covered, but nobody
   speaks in them, so `speaker_for` answers `None` there.
@@ -68,6 +72,8 @@ class SpeakerTimeline:
         self._reported: list[int] = [0] * SPEAKERS  # end of the open turn last popped
         self._pending: deque[SpeakerTurn] = deque(maxlen=max_pending_turns)
         self.turns_dropped = 0
+        self._number: list[int | None] = [None] * SPEAKERS  # slot -> speaker number
+        self._numbered = 0
 
     # --- placing frames ---
     @property
@@ -153,7 +159,7 @@ class SpeakerTimeline:
         scores = (rows[labelled] * w[:, None]).sum(axis=0) / w.sum()
         best = int(np.argmax(scores))
         score = float(scores[best])
-        return (best if score >= self.threshold else None), score
+        return (self._speaker(best) if score >= self.threshold else None), score
 
     def pop_turns(self, include_open: bool = True) -> list[SpeakerTurn]:
         """Turns to report since the last call, in the order they ended.
@@ -171,7 +177,8 @@ class SpeakerTimeline:
                 stop = self._last[s] + 1
                 if stop - first >= self._min_frames and stop > self._reported[s]:
                     self._reported[s] = stop
-                    out.append(SpeakerTurn(s, first * FRAME_S, stop * FRAME_S, False))
+                    out.append(SpeakerTurn(self._speaker(s), first * FRAME_S, stop * FRAME_S,
+                                           False))
         return out
 
     # --- turn extraction, one frame at a time ---
@@ -185,6 +192,8 @@ class SpeakerTimeline:
                     self._open[s] = frame
                     self._reported[s] = 0
                 self._last[s] = frame
+                if self._number[s] is None and frame - self._open[s] + 1 >= self._min_frames:
+                    self._speaker(s)  # numbered once it really speaks, not on a blip
             elif self._open[s] is not None and frame - self._last[s] > self._gap_frames:
                 self._close(s)
 
@@ -197,7 +206,16 @@ class SpeakerTimeline:
         if stop - first >= self._min_frames:
             if len(self._pending) == self._pending.maxlen:
                 self.turns_dropped += 1
-            self._pending.append(SpeakerTurn(s, first * FRAME_S, stop * FRAME_S, True))
+            self._pending.append(SpeakerTurn(self._speaker(s), first * FRAME_S, stop * FRAME_S,
+                                             True))
+
+    def _speaker(self, slot: int) -> int:
+        """The session's number for output slot `slot`, given on its first activity."""
+        number = self._number[slot]
+        if number is None:
+            number = self._number[slot] = self._numbered
+            self._numbered += 1
+        return number
 
 
 __all__ = ["FRAME_S", "SPEAKERS", "SpeakerTimeline", "SpeakerTurn"]
