@@ -387,6 +387,13 @@ async def _serve_forever(endpoint_s: float) -> None:
 
 
 if __name__ == "__main__":  # python -m tests.fakes.google_speech: a standalone fake for benchmarks
-    import sys
+    import argparse
 
-    asyncio.run(_serve_forever(float(sys.argv[1]) if len(sys.argv) > 1 else 0.3))
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.fakes.google_speech",
+        description="Serve the fake Google Speech service (v1 and v2) on 127.0.0.1 and print "
+                    "its host:port; point the daemon at it with EDGE_STT_ENDPOINT and "
+                    "EDGE_STT_INSECURE=true.")
+    parser.add_argument("endpoint_s", nargs="?", type=float, default=0.3,
+                        help="silence after a word that ends an utterance (default 0.3 s)")
+    asyncio.run(_serve_forever(parser.parse_args().endpoint_s))
