@@ -9,6 +9,7 @@ the neutral `RawResult` / `RawSpeechEvent` of `edge.stt.replay`.
 from __future__ import annotations
 
 import datetime
+from collections.abc import Callable
 from typing import Any, Literal
 
 import grpc
@@ -123,25 +124,7 @@ class V2:
         return speech_v2.StreamingRecognizeRequest(audio=pcm)
 
     def parse(self, response: Any) -> tuple[list[RawResult], RawSpeechEvent | None]:
-        kinds = speech_v2.StreamingRecognizeResponse.SpeechEventType
-        event = None
-        if response.speech_event_type in (kinds.SPEECH_ACTIVITY_BEGIN, kinds.SPEECH_ACTIVITY_END):
-            event = RawSpeechEvent(
-                "speech_started" if response.speech_event_type == kinds.SPEECH_ACTIVITY_BEGIN
-                else "speech_ended", _seconds(response.speech_event_offset))
-        results = []
-        for r in response.results:
-            if not r.alternatives:
-                continue
-            alt = r.alternatives[0]
-            results.append(RawResult(
-                is_final=r.is_final, transcript=alt.transcript, confidence=alt.confidence,
-                words=tuple(RawWord(w.word, _seconds(w.start_offset) or 0.0,
-                                    _seconds(w.end_offset) or 0.0, w.confidence,
-                                    w.speaker_label or None) for w in alt.words),
-                end=_seconds(r.result_end_offset), language=r.language_code or None,
-            ))
-        return results, event
+        return _parse(response, speech_v2, _V2_FIELDS)
 
 
 class V1:
@@ -180,26 +163,40 @@ class V1:
         if response.error.code:
             # v1 may report a failure in-band; treat it like the same status on the call.
             raise gexc.from_grpc_status(_status_code(response.error.code), response.error.message)
-        kinds = speech_v1.StreamingRecognizeResponse.SpeechEventType
-        event = None
-        if response.speech_event_type in (kinds.SPEECH_ACTIVITY_BEGIN, kinds.SPEECH_ACTIVITY_END):
-            event = RawSpeechEvent(
-                "speech_started" if response.speech_event_type == kinds.SPEECH_ACTIVITY_BEGIN
-                else "speech_ended", _seconds(response.speech_event_time))
-        results = []
-        for r in response.results:
-            if not r.alternatives:
-                continue
-            alt = r.alternatives[0]
-            results.append(RawResult(
-                is_final=r.is_final, transcript=alt.transcript, confidence=alt.confidence,
-                words=tuple(RawWord(w.word, _seconds(w.start_time) or 0.0,
-                                    _seconds(w.end_time) or 0.0, w.confidence,
-                                    str(w.speaker_tag) if w.speaker_tag else None)
-                            for w in alt.words),
-                end=_seconds(r.result_end_time), language=r.language_code or None,
-            ))
-        return results, event
+        return _parse(response, speech_v1, _V1_FIELDS)
+
+
+# The two APIs' responses differ only in field names (event offset, word start, word end,
+# result end) and in how a word's speaker is given (v2: a string label; v1: a number, 0 = none).
+_Fields = tuple[str, str, str, str, Callable[[Any], "str | None"]]
+_V2_FIELDS: _Fields = ("speech_event_offset", "start_offset", "end_offset", "result_end_offset",
+              lambda w: w.speaker_label or None)
+_V1_FIELDS: _Fields = ("speech_event_time", "start_time", "end_time", "result_end_time",
+              lambda w: str(w.speaker_tag) if w.speaker_tag else None)
+
+
+def _parse(response: Any, module: Any, fields: _Fields,
+           ) -> tuple[list[RawResult], RawSpeechEvent | None]:
+    event_at, word_start, word_end, result_end, speaker = fields
+    kinds = module.StreamingRecognizeResponse.SpeechEventType
+    event = None
+    if response.speech_event_type in (kinds.SPEECH_ACTIVITY_BEGIN, kinds.SPEECH_ACTIVITY_END):
+        event = RawSpeechEvent(
+            "speech_started" if response.speech_event_type == kinds.SPEECH_ACTIVITY_BEGIN
+            else "speech_ended", _seconds(getattr(response, event_at)))
+    results = []
+    for r in response.results:
+        if not r.alternatives:
+            continue
+        alt = r.alternatives[0]
+        results.append(RawResult(
+            is_final=r.is_final, transcript=alt.transcript, confidence=alt.confidence,
+            words=tuple(RawWord(w.word, _seconds(getattr(w, word_start)) or 0.0,
+                                _seconds(getattr(w, word_end)) or 0.0, w.confidence, speaker(w))
+                        for w in alt.words),
+            end=_seconds(getattr(r, result_end)), language=r.language_code or None,
+        ))
+    return results, event
 
 
 def _status_code(number: int) -> grpc.StatusCode:
