@@ -187,3 +187,37 @@ def test_params_not_given_keep_the_checkpoint_values(model: Any, audio: np.ndarr
     session = d.new_session()  # ...and this one's steps put its own parameters back
     out = np.concatenate([session.feed(audio[: 10 * SR]), session.finish()])
     assert np.abs(out - got).max() <= 1e-4
+
+
+def test_fill_caches_gives_the_costliest_step(model: Any, audio: np.ndarray) -> None:
+    """The worker's warm-up measures steps on full caches (what admission must budget for)."""
+    from edge.diarization.streaming import StreamingDiarizer
+
+    d = StreamingDiarizer(model, SMALL)
+    p = d.params
+    steady = d.new_session()
+    steady.feed(audio[: 20 * SR])  # 20 s = 250 frames: both caches long since full
+    filled = d.new_session()
+    filled.fill_caches()
+    lengths: list[int] = []
+    hook = model.transformer_encoder.register_forward_hook(
+        lambda _m, _a, out: lengths.append(out.shape[1]))
+    try:
+        out = filled.feed(audio[: 2 * SR])
+    finally:
+        hook.remove()
+    assert out.ndim == 2 and out.shape[1] == 4 and len(out) > 0
+    # the first step already ran over the full speaker cache, the full FIFO and the chunk ...
+    assert lengths[0] >= p["spkcache_len"] + p["fifo_len"] + p["chunk_len"]
+    # ... and its FIFO overflowed into the cache, which was compressed back to its length
+    assert filled.state.spkcache.shape[1] == p["spkcache_len"]
+    assert steady.state.spkcache.shape[1] == p["spkcache_len"]
+    # a plain step: full cache, the FIFO takes the chunk without overflowing
+    plain = d.new_session()
+    plain.fill_caches(overflow=False)
+    assert len(plain.feed(audio[: int(1.2 * SR)])) == p["chunk_len"]  # exactly one step
+    assert plain.state.fifo.shape[1] == p["fifo_len"]
+    fresh = d.new_session()
+    fresh.feed(audio[: 2 * SR])
+    filled.fill_caches()  # the warm-up's per-session figure: never less than a long session's
+    assert fresh.state_bytes() < steady.state_bytes() <= filled.state_bytes()

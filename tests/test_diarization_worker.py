@@ -199,7 +199,7 @@ async def test_budget_refuses_beyond_capacity_and_admits_when_a_slot_frees(
 async def test_admission_stops_where_the_worker_could_not_keep_up(make_engine: Callable[..., Any]) -> None:
     # A slow device: warm-up steps of 0.7 s+ for 2 s chunks (RTF >= 0.35).
     engine = await make_engine(edge_diarization_max_rtf=0.9,
-                               edge_diarization_faults="warmup_sleep:seconds=0.7,count=3")
+                               edge_diarization_faults="warmup_sleep:seconds=0.7,count=5")
     await ready(engine)
     f = dict(engine.figures)
     assert f["rtf"] >= 0.35 and f["memory_capacity"] > 50

@@ -170,6 +170,29 @@ class SessionStream:
         self.finished = True
         return out
 
+    def fill_caches(self, seed: int = 0, overflow: bool = True) -> None:
+        """Fill the speaker cache and the FIFO with random embeddings, as full as they are in
+        a session that has spoken for `spkcache_len + fifo_len` frames (~25 s by default).
+
+        A fresh session's first steps see empty caches and run several times cheaper than
+        that; every later step runs the encoder over both caches and the chunk. With
+        `overflow`, the FIFO is full, so the next step pushes frames into the speaker cache and
+        compresses it (the costliest step); without, the FIFO has just room for one chunk (a
+        plain step). For measuring (the worker's warm-up), never for a real session: the
+        labels would be noise.
+        """
+        p, d_model = self.d.params, self.d.model.sortformer_modules.fc_d_model
+        st = self.state
+        g = torch.Generator().manual_seed(seed)
+
+        def rand(*shape: int) -> torch.Tensor:
+            return torch.rand(shape, generator=g).to(device=st.spkcache.device, dtype=st.spkcache.dtype)
+
+        fifo = p["fifo_len"] if overflow else max(0, p["fifo_len"] - p["chunk_len"])
+        st.spkcache = rand(1, p["spkcache_len"], d_model)
+        st.spkcache_preds = rand(1, p["spkcache_len"], N_SPK)
+        st.fifo, st.fifo_preds = rand(1, fifo, d_model), rand(1, fifo, N_SPK)
+
     def state_bytes(self) -> int:
         """Memory held by this session: speaker cache, FIFO, their predictions, buffers."""
         total = self.features.state_bytes() + _tensor_bytes(self._feats) + _tensor_bytes(self._mass)
