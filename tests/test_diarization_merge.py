@@ -140,3 +140,18 @@ def test_speakers_are_numbered_in_arrival_order_whatever_the_slot() -> None:
     assert [tl.speaker_for(a, a + 0.3)[0] for a in (0.1, 0.9, 1.8, 2.6)] == [0, 1, 2, 0]
     tl.finish()
     assert [t.speaker for t in tl.pop_turns()] == [0, 1, 2, 0]
+
+
+def test_a_new_stream_numbers_its_speakers_after_the_last() -> None:
+    tl = SpeakerTimeline()
+    tl.add(0, one_hot(0, 10))
+    tl.add(10, one_hot(1, 10))
+    assert tl.speakers == 2
+    tl.new_stream()  # e.g. the worker restarted: slot 0 may now be anyone
+    tl.add(40, one_hot(0, 10))
+    assert tl.speaker_for(3.3, 3.7)[0] == 2  # not 0: that number keeps naming its person
+    assert tl.speaker_for(0.1, 0.5)[0] == 0  # earlier frames keep their stream's numbers
+    assert tl.speaker_for(0.9, 1.5)[0] == 1
+    # a span over the boundary: 5 frames of the old stream's speaker 1, 3 of the new one's
+    assert tl.speaker_for(1.2, 3.44) == (1, pytest.approx(0.9 * 5 / 8))
+    assert tl.speakers == 3

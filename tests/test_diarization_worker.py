@@ -271,6 +271,8 @@ async def test_a_killed_worker_is_detected_at_once_restarted_and_labels_come_bac
     s = engine.open_session("s")
     talker = Talker(s)
     await labels_flow(talker)
+    known = s.timeline.speakers
+    assert known > 0
     pid = engine.worker_pid
     assert pid is not None
     os.kill(pid, signal.SIGKILL)  # what the OOM killer does
@@ -283,7 +285,12 @@ async def test_a_killed_worker_is_detected_at_once_restarted_and_labels_come_bac
     assert late.state == "unavailable" and late.reason == "diarizer restarting"
     while engine.state != "ready":
         await talker.talk(0.5)
+    back = talker.t
     await labels_flow(talker)
+    await talker.talk(2.0)
+    # The new stream's speakers got new numbers: none of the old ones names a new voice.
+    assert s.timeline.speakers > known
+    assert s.timeline.speaker_for(back, talker.t - 0.5)[0] in (None, *range(known, s.timeline.speakers))
     assert late.state == "active"
     assert restarts(engine, "crash") == 1 and engine.worker_pid not in (None, pid)
     assert any("SIGKILL" in n["message"] for n in engine.status.notices)

@@ -29,8 +29,8 @@ the unit's MemoryMax stays the last line.
 Timeouts: a session whose oldest unanswered message is older than
 STT_NEMO_DIARIZATION_TIMEOUT_S is "degraded" (labels null) until the worker answers in time
 again; a worker silent for STUCK_FACTOR (3) times that with work outstanding is killed ("stuck")
-and restarted. After any restart, admitted sessions open new streams: labels come back, speaker
-numbers restart with the new stream (a new stream knows nothing of earlier voices). A failed
+and restarted. After any restart, admitted sessions open new streams: labels come back, and
+the new stream's speakers get new numbers (it knows nothing of earlier voices). A failed
 step drops only that stream, which reopens at once; 3 failures within 60 s restart the worker.
 
 Flow control: each session has at most MAX_INFLIGHT units (0.32 s each) in the worker's pipe;
@@ -281,9 +281,9 @@ class DiarizationEngine:
         self._streams[s.sid] = s
         s.inflight.clear()
         s.feed.start_stream()
-        # A new stream: its slots may name new people, and audio before it is never labelled.
+        # A new stream: its slots name nobody known yet, and audio before it is never labelled.
         s.timeline.skip_to(s.feed.next_frame)
-        s.timeline.break_turns()
+        s.timeline.new_stream()
         self.worker.send(Kind.OPEN, {"sid": s.sid})
         self._pump(s)
 

@@ -8,14 +8,16 @@ seconds since the session's first sample; frame `f` covers `[f * 0.08, (f + 1) *
   be active for `min_turn_s` in this session is speaker 0, the next new one 1, and so on; a
   number, once given, is never changed. The trained model orders its slots by arrival, but
   nothing forces it to (a false start of slot 2, random test weights), so the protocol's
-  promise is kept here rather than assumed. After the worker restarts, a session's
-  stream starts afresh and slots may then name different people than before (the engine
-  closes open turns there).
+  promise is kept here rather than assumed. A new stream for the session (after the worker
+  restarted, or a step failed) knows nothing of earlier voices, so `new_stream()` closes open
+  turns and its speakers get new numbers after the session's last: a number never comes to
+  name another person, though a returning voice may get a second number.
 - Unlabelled spans (audio the diarizer skipped or never saw: before admission, while the
   worker restarted, when it fell behind real time) are frames of NaN: covered, but nobody
   speaks in them, so `speaker_for` answers `None` there.
 - Memory is bounded: only the newest `horizon_s` seconds of frames are kept (default 600 s =
-  7500 frames x 4 float32 = 120 KB); a query that reaches further back sees nothing there.
+  7500 frames x 4 float32 = 120 KB, and 30 KB saying which stream made each frame); a query
+  that reaches further back sees nothing there.
   Finished turns wait in a bounded list (`max_pending_turns`); if nobody pops them, the oldest
   are dropped (counted in `turns_dropped`).
 """
@@ -72,7 +74,12 @@ class SpeakerTimeline:
         self._reported: list[int] = [0] * SPEAKERS  # end of the open turn last popped
         self._pending: deque[SpeakerTurn] = deque(maxlen=max_pending_turns)
         self.turns_dropped = 0
-        self._number: list[int | None] = [None] * SPEAKERS  # slot -> speaker number
+        # Which stream placed each frame, and each stream's slot -> speaker number map: frames
+        # keep the numbers of the stream that made them.
+        self._stream = np.zeros(self._cap, dtype=np.int32)
+        self._streams: dict[int, list[int | None]] = {0: [None] * SPEAKERS}
+        self._current = 0
+        self._number = self._streams[0]  # the current stream's map
         self._numbered = 0
 
     # --- placing frames ---
@@ -106,6 +113,7 @@ class SpeakerTimeline:
             n = self._cap
         idx = (np.arange(self._end, self._end + n)) % self._cap
         self._buf[idx] = probs
+        self._stream[idx] = self._current
         for i in range(n):
             self._turn_step(self._end + i, probs[i])
         self._end += n
@@ -124,6 +132,20 @@ class SpeakerTimeline:
         """End every open turn now (a gap, or a new stream whose slots mean new people)."""
         for s in range(SPEAKERS):
             self._close(s)
+
+    def new_stream(self) -> None:
+        """Frames from here on come from a new Sortformer stream, whose slots are unrelated to
+        the last one's: end open turns and number its speakers afresh, after those given."""
+        self.break_turns()
+        live = {int(g) for g in np.unique(self._stream[~np.isnan(self._buf[:, 0])])}
+        self._streams = {g: m for g, m in self._streams.items() if g in live}  # bounded
+        self._current += 1
+        self._number = self._streams[self._current] = [None] * SPEAKERS
+
+    @property
+    def speakers(self) -> int:
+        """How many speaker numbers this session has given (the next one's number)."""
+        return self._numbered
 
     def finish(self) -> None:
         """The session ended: open turns become final (to be popped)."""
@@ -156,10 +178,18 @@ class SpeakerTimeline:
         if not labelled.any():
             return None, 0.0
         w = weights[labelled]
-        scores = (rows[labelled] * w[:, None]).sum(axis=0) / w.sum()
-        best = int(np.argmax(scores))
-        score = float(scores[best])
-        return (self._speaker(best) if score >= self.threshold else None), score
+        rows, streams = rows[labelled], self._stream[frames[labelled] % self._cap]
+        # Usually one stream; across a new stream, each of its slots counts only its frames.
+        best_score, best = -1.0, (self._current, 0)
+        for g in np.unique(streams):
+            mine = streams == g
+            scores = (rows[mine] * w[mine, None]).sum(axis=0) / w.sum()
+            slot = int(np.argmax(scores))
+            if float(scores[slot]) > best_score:
+                best_score, best = float(scores[slot]), (int(g), slot)
+        if best_score < self.threshold:
+            return None, best_score
+        return self._speaker(best[1], best[0]), best_score
 
     def pop_turns(self, include_open: bool = True) -> list[SpeakerTurn]:
         """Turns to report since the last call, in the order they ended.
@@ -209,13 +239,12 @@ class SpeakerTimeline:
             self._pending.append(SpeakerTurn(self._speaker(s), first * FRAME_S, stop * FRAME_S,
                                              True))
 
-    def _speaker(self, slot: int) -> int:
-        """The session's number for output slot `slot`, given on its first activity."""
-        number = self._number[slot]
+    def _speaker(self, slot: int, stream: int | None = None) -> int:
+        """The session's number for output slot `slot` of `stream` (default: the current one),
+        given on its first activity."""
+        numbers = self._number if stream is None else self._streams[stream]
+        number = numbers[slot]
         if number is None:
-            number = self._number[slot] = self._numbered
+            number = numbers[slot] = self._numbered
             self._numbered += 1
         return number
-
-
-__all__ = ["FRAME_S", "SPEAKERS", "SpeakerTimeline", "SpeakerTurn"]

@@ -10,7 +10,7 @@ States:
   (its audio before then stays unlabelled).
 - "degraded": admitted, but labels are null for now — a step exceeded the timeout, a step
   failed, or the worker is restarting. `reason` says which. Returns to "active" by itself when
-  labels flow again; after a new stream starts, speaker numbers may name different people.
+  labels flow again; after a new stream starts, its speakers get new numbers.
 - "unavailable": the engine cannot label now: loading or restarting ("diarizer loading",
   "diarizer restarting": admitted once the worker is ready), or for good (disabled, NeMo
   missing, model missing or broken, worker unable to start); see `reason`.
