@@ -79,7 +79,6 @@ class SpeakerTimeline:
         self._stream = np.zeros(self._cap, dtype=np.int32)
         self._streams: dict[int, list[int | None]] = {0: [None] * SPEAKERS}
         self._current = 0
-        self._number = self._streams[0]  # the current stream's map
         self._numbered = 0
 
     # --- placing frames ---
@@ -140,7 +139,7 @@ class SpeakerTimeline:
         live = {int(g) for g in np.unique(self._stream[~np.isnan(self._buf[:, 0])])}
         self._streams = {g: m for g, m in self._streams.items() if g in live}  # bounded
         self._current += 1
-        self._number = self._streams[self._current] = [None] * SPEAKERS
+        self._streams[self._current] = [None] * SPEAKERS
 
     @property
     def speakers(self) -> int:
@@ -222,7 +221,8 @@ class SpeakerTimeline:
                     self._open[s] = frame
                     self._reported[s] = 0
                 self._last[s] = frame
-                if self._number[s] is None and frame - self._open[s] + 1 >= self._min_frames:
+                if (self._streams[self._current][s] is None
+                        and frame - self._open[s] + 1 >= self._min_frames):
                     self._speaker(s)  # numbered once it really speaks, not on a blip
             elif self._open[s] is not None and frame - self._last[s] > self._gap_frames:
                 self._close(s)
@@ -242,7 +242,7 @@ class SpeakerTimeline:
     def _speaker(self, slot: int, stream: int | None = None) -> int:
         """The session's number for output slot `slot` of `stream` (default: the current one),
         given on its first activity."""
-        numbers = self._number if stream is None else self._streams[stream]
+        numbers = self._streams[self._current if stream is None else stream]
         number = numbers[slot]
         if number is None:
             number = numbers[slot] = self._numbered
