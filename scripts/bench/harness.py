@@ -3,12 +3,14 @@ environment, and reading the daemon's /metrics and /ready."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -113,5 +115,16 @@ async def status(http: str) -> dict[str, Any]:
         return (await c.get(http + "/ready", headers={"Authorization": f"Token {KEY}"})).json()
 
 
+async def wait_diarizer(http: str, timeout: float = 300) -> dict[str, Any]:
+    """The diarizer's status once it has settled ("ready" or "unavailable")."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        diarizer = (await status(http))["diarizer"]
+        if diarizer["state"] in ("ready", "unavailable"):
+            return diarizer
+        await asyncio.sleep(0.2)
+    raise TimeoutError(f"diarizer did not load in {timeout:.0f} s")
+
+
 __all__ = ["FAKE_ENDPOINT_S", "KEY", "ROOT", "daemon", "daemon_env", "diarizer_settings", "emit",
-           "fake_google", "metrics", "process", "status"]
+           "fake_google", "metrics", "process", "status", "wait_diarizer"]

@@ -37,22 +37,12 @@ from scripts.bench.harness import (
     emit,
     fake_google,
     metrics,
-    status,
+    wait_diarizer,
 )
 from tests.fakes.google_speech import encode, utterances
 
 SR = 16000
 FULL_GC = 'edge_gc_pause_seconds_bucket{generation="2",le="'
-
-
-async def wait_diarizer(http: str, timeout: float = 300) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        diarizer = (await status(http))["diarizer"]
-        if diarizer["state"] in ("ready", "unavailable"):
-            return diarizer
-        await asyncio.sleep(0.5)
-    raise TimeoutError("diarizer did not load")
 
 
 def latencies(result: StreamResult) -> list[float]:

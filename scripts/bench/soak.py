@@ -32,7 +32,7 @@ from scripts.bench.harness import (
     emit,
     fake_google,
     metrics,
-    status,
+    wait_diarizer,
 )
 from tests.fakes.google_speech import ScriptWord, encode
 
@@ -63,8 +63,9 @@ async def soak(minutes: float, speed: float, rotate_s: float) -> dict[str, Any]:
                 "EDGE_LABEL_WAIT_MS": "60000", "EDGE_IDLE_TIMEOUT_S": "600"}
     with fake_google() as endpoint, daemon(EDGE_STT_ENDPOINT=endpoint, EDGE_STT_INSECURE="true",
                                            **settings) as (pid, http, ws):
-        while (await status(http))["diarizer"]["state"] != "ready":
-            await asyncio.sleep(0.5)
+        diarizer = await wait_diarizer(http)
+        if diarizer["state"] != "ready":
+            raise RuntimeError(f"diarizer {diarizer['state']}: {diarizer['reason']}")
         daemon_proc = psutil.Process(pid)
         worker = next(p for p in daemon_proc.children() if "edge.diarization.worker" in " ".join(p.cmdline()))
         rss: list[tuple[float, float, float]] = []  # (audio s sent, daemon MB, worker MB)
@@ -91,7 +92,11 @@ async def soak(minutes: float, speed: float, rotate_s: float) -> dict[str, Any]:
         for w, s in zip(words, script, strict=False))
     speakers = [w["speaker"] for w in words]
     base = next((r for r in rss if r[0] >= total_s / 4), rss[0])
-    end = rss[-1]
+
+    def growth(i: int) -> dict[str, float]:  # 1: daemon, 2: worker
+        return {"at_25pct": round(base[i], 1), "end": round(rss[-1][i], 1),
+                "growth_pct": round(100 * (rss[-1][i] - base[i]) / base[i], 2)}
+
     return {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "audio_minutes": round(total_s / 60, 1),
@@ -107,10 +112,8 @@ async def soak(minutes: float, speed: float, rotate_s: float) -> dict[str, Any]:
         "diarizer_restarts": sum(v for k, v in m.items()
                                  if k.startswith("edge_diarizer_worker_restarts_total")),
         "diarizer_frames_skipped": m.get('edge_queue_dropped_total{queue="diarizer"}', 0.0),
-        "rss_daemon_mb": {"at_25pct": round(base[1], 1), "end": round(end[1], 1),
-                          "growth_pct": round(100 * (end[1] - base[1]) / base[1], 2)},
-        "rss_worker_mb": {"at_25pct": round(base[2], 1), "end": round(end[2], 1),
-                          "growth_pct": round(100 * (end[2] - base[2]) / base[2], 2)},
+        "rss_daemon_mb": growth(1),
+        "rss_worker_mb": growth(2),
     }
 
 

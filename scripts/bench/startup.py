@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,7 +22,7 @@ from typing import Any
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script, too
-from scripts.bench.harness import ROOT, daemon_env, diarizer_settings, emit, status
+from scripts.bench.harness import daemon, diarizer_settings, emit, wait_diarizer
 
 
 def one(diarizer: str | None) -> dict[str, Any]:
@@ -32,31 +31,24 @@ def one(diarizer: str | None) -> dict[str, Any]:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         sock.bind(str(path))
         sock.settimeout(120)
-        settings = {"NOTIFY_SOCKET": str(path), "EDGE_PORT": "18765",
-                    "STT_ENABLE_NEMO_DIARIZATION_FALLBACK": "false"}
+        settings = {"NOTIFY_SOCKET": str(path), "STT_ENABLE_NEMO_DIARIZATION_FALLBACK": "false"}
         if diarizer:
             settings.update(diarizer_settings(diarizer))
         start = time.monotonic()
-        proc = subprocess.Popen([sys.executable, "-m", "edge", "serve"], cwd=ROOT,
-                                env=daemon_env(**settings), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
         try:
-            while not sock.recv(4096).startswith(b"READY=1"):
-                pass
-            ready_s = time.monotonic() - start
-            out: dict[str, Any] = {"ready_s": round(ready_s, 3)}
-            if diarizer:
-                while asyncio.run(status("http://127.0.0.1:18765"))["diarizer"]["state"] == "loading":
-                    time.sleep(0.2)
-                out["diarizer_ready_s"] = round(time.monotonic() - start, 2)
-                worker = psutil.Process(proc.pid).children()[0]
-                out["worker_rss_mb"] = round(worker.memory_info().rss / 2**20, 1)
-            time.sleep(2)
-            out["daemon_rss_mb"] = round(psutil.Process(proc.pid).memory_info().rss / 2**20, 1)
-            return out
+            with daemon(**settings) as (pid, http, _ws):
+                while not sock.recv(4096).startswith(b"READY=1"):  # queued if sent already
+                    pass
+                out: dict[str, Any] = {"ready_s": round(time.monotonic() - start, 3)}
+                if diarizer:
+                    asyncio.run(wait_diarizer(http))
+                    out["diarizer_ready_s"] = round(time.monotonic() - start, 2)
+                    worker = psutil.Process(pid).children()[0]
+                    out["worker_rss_mb"] = round(worker.memory_info().rss / 2**20, 1)
+                time.sleep(2)
+                out["daemon_rss_mb"] = round(psutil.Process(pid).memory_info().rss / 2**20, 1)
+                return out
         finally:
-            proc.terminate()
-            proc.wait(30)
             sock.close()
 
 
