@@ -201,7 +201,8 @@ def _model_fetch(settings: Settings, args: argparse.Namespace) -> int:
         print(f"model: {path} (unpacked in {folder})", file=sys.stderr)
         if args.no_load:
             return 0
-        from edge.diarization.model import load_model, rss_bytes, select_device
+        from edge.diarization.model import rss_bytes
+        from edge.diarization.worker.loading import load_model, select_device
 
         device = select_device(settings)
         start = time.perf_counter()

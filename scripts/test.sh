@@ -7,7 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # python3-venv: the install.sh tests build venvs with ensurepip.
-APT_PACKAGES=(libsystemd-dev pkg-config systemd shellcheck bats sox python3-venv)
+# ffmpeg: codec test files; chromium: the browser test; espeak-ng: synthetic meetings.
+APT_PACKAGES=(libsystemd-dev pkg-config systemd shellcheck bats sox python3-venv ffmpeg chromium espeak-ng)
+# node + npm: Deepgram's JS SDK test (a node that ships its own npm, e.g. nodesource's, is kept).
+command -v npm >/dev/null || APT_PACKAGES+=(nodejs npm)
 
 if [[ "${EDGE_SKIP_APT:-0}" != 1 ]] && command -v apt-get >/dev/null; then
   # shellcheck source=scripts/apt.sh
@@ -23,7 +26,7 @@ pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 if [[ $(uname -m) == x86_64 ]] && ! .venv/bin/python -c "import torch" 2>/dev/null; then
   "${pip[@]}" torch==2.13.0
 fi
-extras="dev,diarization"
+extras="dev,diarization,eval"
 if pkg-config --exists libsystemd 2>/dev/null; then extras+=",systemd"; fi
 "${pip[@]}" -e ".[${extras}]"
 

@@ -17,9 +17,9 @@ from edge.diarization.model import (
     ModelUnavailable,
     cached_model_path,
     extract_model,
-    load_model,
     resolve_model,
 )
+from edge.diarization.worker.loading import load_model
 from tests.conftest import ROOT
 from tests.diarization_helpers import settings
 from tests.fakes.hf_hub import FakeHub, serve_file

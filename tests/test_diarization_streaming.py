@@ -17,7 +17,8 @@ pytestmark = pytest.mark.nemo
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from edge.diarization.model import load_model, resolve_model
+    from edge.diarization.model import resolve_model
+    from edge.diarization.worker.loading import load_model
     from tests.fakes.sortformer import tiny_model_path
 
     s = settings(tmp_path_factory.mktemp("cache"), nemo_diar_model_path=tiny_model_path())
@@ -33,7 +34,7 @@ def offline(model: Any, audio: np.ndarray, params: dict[str, int]) -> np.ndarray
     """NeMo's own path: features of the whole file, then `forward_streaming`."""
     import torch
 
-    from edge.diarization.streaming import apply_streaming_params
+    from edge.diarization.worker.streaming import apply_streaming_params
 
     apply_streaming_params(model, params)
     with torch.inference_mode():
@@ -44,7 +45,7 @@ def offline(model: Any, audio: np.ndarray, params: dict[str, int]) -> np.ndarray
 
 def live(model: Any, audio: np.ndarray, params: dict[str, int], pieces: Iterator[int],
          max_speakers: int = 4) -> tuple[np.ndarray, Any]:
-    from edge.diarization.streaming import StreamingDiarizer
+    from edge.diarization.worker.streaming import StreamingDiarizer
 
     diarizer = StreamingDiarizer(model, params, max_speakers=max_speakers)
     session = diarizer.new_session()
@@ -119,7 +120,7 @@ def test_short_and_empty_audio(model: Any) -> None:
 
 
 def test_sessions_are_independent(model: Any, audio: np.ndarray) -> None:
-    from edge.diarization.streaming import StreamingDiarizer
+    from edge.diarization.worker.streaming import StreamingDiarizer
 
     d = StreamingDiarizer(model, SMALL)
     a, b = d.new_session(), d.new_session()
@@ -149,7 +150,7 @@ def test_fold_into_nearest_allowed_slot(model: Any, audio: np.ndarray) -> None:
 def test_nearest_slot_rule() -> None:
     import torch
 
-    from edge.diarization.streaming import nearest_slot
+    from edge.diarization.worker.streaming import nearest_slot
 
     voices = torch.eye(4, dtype=torch.float64)
     voices[3] = torch.tensor([0.1, 0.9, 0.0, 0.0], dtype=torch.float64)  # slot 3 sounds like slot 1
@@ -164,7 +165,7 @@ def test_nearest_slot_rule() -> None:
 
 
 def test_rejects_bad_input(model: Any) -> None:
-    from edge.diarization.streaming import StreamingDiarizer
+    from edge.diarization.worker.streaming import StreamingDiarizer
 
     with pytest.raises(ValueError):
         StreamingDiarizer(model, SMALL, max_speakers=5)
@@ -176,7 +177,7 @@ def test_rejects_bad_input(model: Any) -> None:
 
 
 def test_params_not_given_keep_the_checkpoint_values(model: Any, audio: np.ndarray) -> None:
-    from edge.diarization.streaming import STREAMING_PARAM_NAMES, StreamingDiarizer
+    from edge.diarization.worker.streaming import STREAMING_PARAM_NAMES, StreamingDiarizer
 
     StreamingDiarizer(model, SMALL)
     d = StreamingDiarizer(model, {"chunk_len": 12})
@@ -191,7 +192,7 @@ def test_params_not_given_keep_the_checkpoint_values(model: Any, audio: np.ndarr
 
 def test_fill_caches_gives_the_costliest_step(model: Any, audio: np.ndarray) -> None:
     """The worker's warm-up measures steps on full caches (what admission must budget for)."""
-    from edge.diarization.streaming import StreamingDiarizer
+    from edge.diarization.worker.streaming import StreamingDiarizer
 
     d = StreamingDiarizer(model, SMALL)
     p = d.params

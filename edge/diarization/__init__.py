@@ -3,11 +3,16 @@
 The daemon itself never imports NeMo or torch: `nemo_diarization_available()` only finds the
 module specs (cheap, safe on the start-up path); the worker process does the real import.
 
-- `model.py`: resolve (path -> cache -> Hugging Face), verify, unpack once, load (`ModelUnavailable`).
-- `features.py`: log-mel features computed incrementally, identical to NeMo's on the whole file.
-- `streaming.py`: `StreamingDiarizer` / `SessionStream`, one NeMo streaming state per session.
+Daemon side (no torch, NeMo or onnxruntime):
+- `engine.py`: admission, routing of session audio to the worker, step timeouts, status.
+- `supervisor.py` / `process.py`: the worker's life (spawn, load, restart with backoff, memory).
+- `wire.py`: the framed protocol the daemon and the worker speak.
+- `session.py` / `feed.py`: one session's diarizer stream and its audio units on the session clock.
+- `merge.py`: `SpeakerTimeline`, frames to speaker numbers for words.
+- `model.py`: resolve (path -> cache -> Hugging Face), verify, unpack once (`ModelUnavailable`).
 - `files.py`: the live engine over an audio file (`edge diarize`), RTTM and probability output.
-This file, `files.py` and `model.py` (until `load_model` runs) import without torch.
+
+Worker side: `worker/` (its own process; the only package that imports those libraries).
 """
 
 from __future__ import annotations

@@ -65,8 +65,9 @@ def diarize_file(
     """
     import time
 
-    from edge.diarization.model import load_model, resolve_model, select_device
-    from edge.diarization.streaming import StreamingDiarizer
+    from edge.diarization.model import resolve_model
+    from edge.diarization.worker.loading import load_model, select_device
+    from edge.diarization.worker.streaming import StreamingDiarizer
 
     if piece_ms <= 0:
         raise ValueError(f"--piece-ms must be > 0, got {piece_ms}")

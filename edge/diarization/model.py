@@ -11,8 +11,8 @@ wears out an SD card. `load_model` unpacks it once into `NEMO_CACHE_DIR/extracte
 writes a marker (source path, size, mtime, SHA-256, file sizes) last, and later starts load from
 that folder through NeMo's own `SaveRestoreConnector.model_extracted_dir`.
 
-Every failure is a `ModelUnavailable` whose `str()` is one line for the operator. Only
-`load_model` imports torch/NeMo; the rest is safe in the daemon.
+Every failure is a `ModelUnavailable` whose `str()` is one line for the operator. Nothing here
+imports torch or NeMo: loading is the worker's (`worker/loading.py`).
 """
 
 from __future__ import annotations
@@ -74,76 +74,6 @@ def resolve_model(settings: Settings, progress: Progress | None = None) -> Path:
     path = _download(settings, cached, progress)
     _check_pin(path, settings)
     return path
-
-
-def select_device(settings: Settings) -> str:
-    """`cuda` when `EDGE_DIARIZATION_DEVICE` allows it and CUDA works, else `cpu`.
-
-    Imports torch. Raises `ModelUnavailable` when `cuda` is demanded but not available.
-    """
-    import torch
-
-    wanted = settings.edge_diarization_device
-    if wanted == "cpu":
-        return "cpu"
-    if torch.cuda.is_available():
-        return "cuda"
-    if wanted == "cuda":
-        raise ModelUnavailable("EDGE_DIARIZATION_DEVICE=cuda but CUDA is not available")
-    return "cpu"
-
-
-def load_model(path: Path, settings: Settings, device: str = "cpu") -> Any:
-    """Load the checkpoint at `path` with NeMo's own classes; returns a `SortformerEncLabelModel`
-    in eval mode on `device`.
-
-    Loads from an extracted-once, verified copy in the cache (unpacking only when the source
-    changed), sets torch's thread count (`EDGE_DIARIZATION_THREADS` > 0) and trims the heap
-    after loading. Raises `ModelUnavailable(reason)`.
-    """
-    if os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "").lower() not in ("", "0", "false"):
-        # That variable lets torch.load run a pickle's code; a .nemo must never get that.
-        raise ModelUnavailable("refusing to load: TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ModelUnavailable(f"unknown device {device!r} (cpu | cuda)")
-    folder = extract_model(path, settings)
-    try:
-        import torch
-        from nemo.collections.asr.models import SortformerEncLabelModel
-    except Exception as exc:  # a broken NeMo install raises many kinds
-        raise ModelUnavailable(f"NeMo is not usable: {type(exc).__name__}: {_first_line(exc)}") from exc
-    if settings.edge_diarization_threads > 0:
-        torch.set_num_threads(settings.edge_diarization_threads)
-    connector = _connector()
-    connector.model_extracted_dir = str(folder)
-    try:
-        model = SortformerEncLabelModel.restore_from(
-            restore_path=str(path), map_location=torch.device(device), strict=True,
-            save_restore_connector=connector,
-        )
-    except Exception as exc:
-        raise ModelUnavailable(f"{path}: cannot load: {type(exc).__name__}: {_first_line(exc)}") from exc
-    if not isinstance(model, SortformerEncLabelModel) or not getattr(model, "streaming_mode", False):
-        raise ModelUnavailable(f"{path}: not a streaming Sortformer model")
-    model.eval()
-    trim_memory()
-    return model
-
-
-def _connector() -> Any:
-    """NeMo's `SaveRestoreConnector`, reading the weights with `weights_only=True` stated
-    explicitly (so no environment variable can re-enable the pickle loader) and `mmap=True`
-    (tensors are paged in from the unpacked file instead of a second in-memory copy, which
-    lowers the load-time peak)."""
-    import torch
-    from nemo.core.connectors.save_restore_connector import SaveRestoreConnector
-
-    class Connector(SaveRestoreConnector):
-        @staticmethod
-        def _load_state_dict_from_disk(model_weights: str, map_location: Any = "cpu") -> Any:
-            return torch.load(model_weights, map_location=map_location, weights_only=True, mmap=True)
-
-    return Connector()
 
 
 def extract_model(path: Path, settings: Settings) -> Path:
@@ -252,7 +182,7 @@ def _download(settings: Settings, dest: Path, progress: Progress | None) -> Path
         meta = get_hf_file_metadata(url, token=token)
     except Exception as exc:  # HTTP status, DNS, connection refused, timeouts: all one line
         raise ModelUnavailable(f"cannot download {repo}/{filename}: {type(exc).__name__}: "
-                               f"{_first_line(exc)}") from exc
+                               f"{first_line(exc)}") from exc
     size = meta.size or 0
     partial = dest.with_name(dest.name + ".partial")
     info = dest.with_name(dest.name + ".partial.json")
@@ -279,7 +209,7 @@ def _download(settings: Settings, dest: Path, progress: Progress | None) -> Path
     except Exception as exc:
         # The partial file stays: the next attempt resumes from it.
         raise ModelUnavailable(f"download of {repo}/{filename} failed: {type(exc).__name__}: "
-                               f"{_first_line(exc)}") from exc
+                               f"{first_line(exc)}") from exc
     sha = file_sha256(partial)
     if meta.etag and len(meta.etag) == 64 and sha != meta.etag.lower():
         # LFS files carry their SHA-256 as etag: this download is corrupt, start over next time.
@@ -342,7 +272,7 @@ def _unpack(path: Path, out: Path) -> dict[str, int]:
         raise
     except (tarfile.TarError, EOFError, ValueError) as exc:
         raise ModelUnavailable(f"{path}: not a valid .nemo archive ({type(exc).__name__}: "
-                               f"{_first_line(exc)})") from exc
+                               f"{first_line(exc)})") from exc
     files = {}
     for p in sorted(out.rglob("*")):
         if p.is_file():
@@ -402,7 +332,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
@@ -412,9 +342,7 @@ __all__ = [
     "cached_model_path",
     "extract_model",
     "file_sha256",
-    "load_model",
     "resolve_model",
     "rss_bytes",
-    "select_device",
     "trim_memory",
 ]

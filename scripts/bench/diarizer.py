@@ -112,7 +112,7 @@ def _load(job: dict[str, Any]) -> tuple[Any, float]:
     import torch
     from nemo.collections.asr.models import SortformerEncLabelModel  # import cost is not load cost
 
-    from edge.diarization.model import load_model
+    from edge.diarization.worker.loading import load_model
     from edge.settings import Settings
 
     torch.set_num_threads(job["threads"])
@@ -130,7 +130,7 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from edge.diarization.model import rss_bytes, trim_memory
-    from edge.diarization.streaming import StreamingDiarizer, apply_streaming_params
+    from edge.diarization.worker.streaming import StreamingDiarizer, apply_streaming_params
 
     _reset_peak()
     base = rss_bytes()

@@ -1,6 +1,6 @@
 """The diarizer worker process: owns the Sortformer model and every session's stream state.
 
-Run by the engine as `python -m edge.diarization.worker PARENT_PID`, a fresh interpreter (a
+Run by the engine as `python -m edge.diarization.worker PARENT_PID` (`__main__.py`), a fresh interpreter (a
 spawn, never a fork of the daemon). This is the only place that imports NeMo and torch. It
 reads `wire` frames on stdin and writes them on its original stdout; fd 1 is then pointed at
 stderr, so whatever NeMo prints goes to the log and can never corrupt the protocol.
@@ -9,9 +9,8 @@ One thread, one message at a time, in arrival order: the steps of a session run 
 a hung step hangs only this process (the engine kills it). The worker dies with the daemon:
 stdin reaching end of file ends it, and on Linux PR_SET_PDEATHSIG kills it if the daemon dies.
 
-Test-only fault hook: `EDGE_DIARIZATION_FAULTS` (see `Faults`) makes chosen steps raise, hang,
-leak memory or kill the process, so tests can exercise the real supervisor against the real
-worker. It is off unless that setting is given; never set it on a device.
+Test-only fault hook: `EDGE_DIARIZATION_FAULTS` (see `faults.Faults`, imported only when that
+setting is given; never set it on a device).
 """
 
 from __future__ import annotations
@@ -26,13 +25,16 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
 from edge.diarization import wire
 from edge.diarization.model import rss_bytes, trim_memory
 from edge.diarization.wire import Kind
+
+if TYPE_CHECKING:
+    from edge.diarization.worker.faults import Faults
 
 log = logging.getLogger("edge.diarization.worker")
 
@@ -55,62 +57,6 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-class Faults:
-    """Test-only fault injection, parsed from `EDGE_DIARIZATION_FAULTS`.
-
-    Rules separated by `;`, each `kind[:key=value,...]`. Kinds: `step_raise` (the step raises),
-    `step_sleep` (`seconds=`, the step hangs), `step_alloc` (`mb=`, the step leaks that much
-    resident memory), `step_kill` (the process SIGKILLs itself, like the OOM killer),
-    `warmup_sleep` (`seconds=`, each warm-up step that much slower: a slow device).
-    Keys for all: `session=` (only that session id), `after=` (skip that many matching steps
-    first, default 0), `count=` (fire that often, default 1), `gen=` (only in that worker
-    generation, default 0 = the first worker; `any` for every one).
-    """
-
-    def __init__(self, spec: str | None, generation: int) -> None:
-        self.rules: list[dict[str, Any]] = []
-        for part in (spec or "").split(";"):
-            if not part.strip():
-                continue
-            kind, _, args = part.strip().partition(":")
-            rule: dict[str, Any] = {"kind": kind, "after": 0, "count": 1, "gen": "0"}
-            for item in filter(None, args.split(",")):
-                key, _, value = item.partition("=")
-                rule[key.strip()] = value.strip()
-            if rule["gen"] in ("any", str(generation)):
-                rule["after"], rule["count"] = int(rule["after"]), int(rule["count"])
-                self.rules.append(rule)
-        self._leak: list[bytearray] = []
-
-    def before_step(self, session_id: str) -> None:
-        for rule in self.rules:
-            if rule.get("session") not in (None, session_id) or rule["count"] <= 0:
-                continue
-            if rule["after"] > 0:
-                rule["after"] -= 1
-                continue
-            rule["count"] -= 1
-            kind = rule["kind"]
-            log.warning("test fault %s on session %s", kind, session_id)
-            if kind == "step_raise":
-                raise RuntimeError("injected fault: step_raise")
-            if kind == "step_sleep":
-                time.sleep(float(rule.get("seconds", 60)))
-            elif kind == "step_alloc":
-                block = bytearray(int(float(rule.get("mb", 100)) * 2**20))
-                block[::4096] = b"\x01" * len(block[::4096])  # touch every page: resident
-                self._leak.append(block)
-            elif kind == "step_kill":
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    def warmup_step(self) -> None:
-        """`warmup_sleep` (`seconds=`): a warm-up step this much slower (a slow device)."""
-        for rule in self.rules:
-            if rule["kind"] == "warmup_sleep" and rule["count"] > 0:
-                rule["count"] -= 1
-                time.sleep(float(rule.get("seconds", 1)))
-
-
 class Worker:
     """The protocol loop's state: the model, the open streams, step timings."""
 
@@ -119,7 +65,7 @@ class Worker:
         self._lock = threading.Lock()
         self.diarizer: Any = None
         self.streams: dict[str, Any] = {}
-        self.faults = Faults(None, 0)
+        self.faults: Faults | None = None  # test-only (EDGE_DIARIZATION_FAULTS)
         self.step_times: list[tuple[float, int]] = []  # (seconds, frames) of the last 256 steps
         self.steps = 0
 
@@ -158,7 +104,8 @@ class Worker:
             self.send(Kind.ERROR, {"sid": sid, "seq": seq, "reason": "no such stream"})
             return
         try:
-            self.faults.before_step(sid.rpartition("/")[0])
+            if self.faults is not None:
+                self.faults.before_step(sid.rpartition("/")[0])
             t0 = time.perf_counter()
             probs = stream.feed(np.asarray(samples, dtype=np.float32))
             dt = time.perf_counter() - t0
@@ -205,14 +152,18 @@ class Worker:
 
         try:
             settings = Settings(_env_file=None, **values)  # type: ignore[call-arg]
-            self.faults = Faults(settings.edge_diarization_faults, generation)
+            if settings.edge_diarization_faults:
+                from edge.diarization.worker.faults import Faults
+
+                self.faults = Faults(settings.edge_diarization_faults, generation)
         except Exception as exc:  # the daemon validated them: this is a version skew or a bad fault rule
             self.send(Kind.FATAL, {"reason": f"worker cannot use the settings: {_one_line(exc)}"})
             return False
         self.send(Kind.PROGRESS, {"phase": "import", "done": 0, "total": 0})
         try:
-            from edge.diarization.model import ModelUnavailable, load_model, resolve_model, select_device
-            from edge.diarization.streaming import StreamingDiarizer
+            from edge.diarization.model import ModelUnavailable, resolve_model
+            from edge.diarization.worker.loading import load_model, select_device
+            from edge.diarization.worker.streaming import StreamingDiarizer
         except Exception as exc:
             self.send(Kind.FATAL, {"reason": f"NeMo not available: {_one_line(exc)}"})
             return False
@@ -261,7 +212,8 @@ class Worker:
                 stream.fill_caches(seed=i, overflow=overflow)
                 t0 = time.perf_counter()
                 if len(stream.feed(piece)):
-                    self.faults.warmup_step()
+                    if self.faults is not None:
+                        self.faults.warmup_step()
                     if i:
                         times[overflow].append(time.perf_counter() - t0)
                     break

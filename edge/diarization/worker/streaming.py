@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from edge.diarization.features import IncrementalFeatures
+from edge.diarization.worker.features import IncrementalFeatures
 
 N_SPK = 4
 ACTIVE = 0.5  # a slot is "active" in a frame above this probability
