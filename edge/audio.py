@@ -2,9 +2,14 @@
 
 The session clock is the number of 16 kHz samples produced since the session's first byte;
 every time in the daemon (upstream offsets, diarizer frames, Results) is seconds on it.
-`SessionAudio.feed()` takes frames of any length in the declared encoding and returns
-`AudioBlock`s placed on that clock. An odd byte of linear16 (or a split sample) is carried
-to the next frame, never dropped.
+`SessionAudio.decode()` takes frames of any length and returns `AudioBlock`s placed on that
+clock. Raw encodings (linear16, linear32, mulaw, alaw) are decoded here with numpy, on the
+loop (microseconds per frame: `feed()`); containers and compressed codecs go through one
+`StreamDecoder` (edge/decode.py, PyAV on its own thread) and come back as (samples, channels)
+at the source's rate, which `_decoded()` downmixes and resamples onto the clock. With no
+`encoding`, the first bytes decide (`sniff()`); nothing recognised means linear16 at
+`sample_rate`, as room devices send it. An odd byte of linear16 (or a split sample) is
+carried to the next frame, never dropped.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from collections import deque
 import numpy as np
 import soxr
 
+from edge.decode import NEED_MORE, SNIFF_BYTES, DecodeError, Pcm, StreamDecoder, sniff
 from edge.stt.base import SAMPLE_RATE, AudioBlock
 
 
@@ -40,24 +46,43 @@ def _alaw_table() -> np.ndarray:
 # G.711 decoding tables (ITU-T G.711), 8-bit code -> linear 16-bit sample.
 MULAW = _mulaw_table()
 ALAW = _alaw_table()
-BYTES_PER_SAMPLE = {"linear16": 2, "mulaw": 1, "alaw": 1}
+BYTES_PER_SAMPLE = {"linear16": 2, "linear32": 4, "mulaw": 1, "alaw": 1}
+# `encoding` values FFmpeg decodes -> (FFmpeg name, each frame is one packet of that codec).
+# A recognised container (sniff) wins over the raw form: clients send Ogg/WebM as "opus".
+FFMPEG_ENCODINGS = {
+    "flac": ("flac", False), "ogg-opus": ("ogg", False), "amr-nb": ("amrnb", False),
+    "amr-wb": ("amrwb", False), "g729": ("g729", False), "opus": ("opus", True),
+    "speex": ("speex", True),
+}
+
+
+def _resampler(rate: int) -> soxr.ResampleStream | None:
+    if rate == SAMPLE_RATE:
+        return None
+    return soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
 
 
 class SessionAudio:
-    """One session's audio input: decoder, resampler, clock, checksum and receive times."""
+    """One session's audio input: decoder, resampler, clock, checksum and receive times.
 
-    def __init__(self, encoding: str, sample_rate: int, history_s: float = 120.0) -> None:
-        if encoding not in BYTES_PER_SAMPLE:
+    `encoding` None means "not given": the stream's first bytes decide (see module doc).
+    """
+
+    def __init__(self, encoding: str | None, sample_rate: int, history_s: float = 120.0) -> None:
+        if encoding is not None and encoding not in BYTES_PER_SAMPLE | FFMPEG_ENCODINGS:
             raise ValueError(f"unsupported encoding {encoding!r}")
         self.encoding = encoding
         self.sample_rate = sample_rate
-        self._width = BYTES_PER_SAMPLE[encoding]
+        # None until the first bytes chose: raw (numpy, `feed`) or a StreamDecoder.
+        self.decoder: StreamDecoder | None = None
+        self._head = b""  # bytes held while sniffing (at most SNIFF_BYTES + one frame)
+        self._sniffing = encoding is None or encoding in FFMPEG_ENCODINGS
+        self._finished = False
+        self._source_s = 0.0  # seconds of decoded audio at the source's rate
+        self._rate = sample_rate  # the rate `_resampler` converts from
+        self._width = BYTES_PER_SAMPLE.get(encoding or "linear16", 2)
         self._carry = b""
-        self._resampler = (
-            None
-            if sample_rate == SAMPLE_RATE
-            else soxr.ResampleStream(sample_rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
-        )
+        self._resampler = _resampler(sample_rate)
         self._sha = hashlib.sha256()
         self.received_bytes = 0
         self.next_sample = 0  # the session clock, in 16 kHz samples
@@ -67,6 +92,8 @@ class SessionAudio:
     @property
     def duration(self) -> float:
         """Seconds of audio received, at the device's own rate."""
+        if self.decoder is not None:
+            return self._source_s
         return self.received_bytes // self._width / self.sample_rate
 
     @property
@@ -78,10 +105,84 @@ class SessionAudio:
         """The session clock now: seconds of 16 kHz audio produced."""
         return self.next_sample / SAMPLE_RATE
 
-    def feed(self, data: bytes) -> AudioBlock | None:
-        """Decode one device frame; returns the new 16 kHz audio (None if none was produced)."""
+    async def decode(self, data: bytes) -> AudioBlock | None:
+        """Decode one client frame in any supported form; returns the new 16 kHz audio
+        (None if none was produced yet). Raises DecodeError for undecodable audio."""
+        if not self._sniffing:
+            if self.decoder is None:
+                return self.feed(data)
+            self._count(data)
+            return self._decoded(await self.decoder.feed(data))
+        self._count(data)
+        packets = self.encoding is not None and FFMPEG_ENCODINGS[self.encoding][1]
+        # Raw Opus/Speex: every frame is one packet, so only the first frame is sniffed.
+        head = data if packets else self._head + data
+        found = sniff(head)
+        if found == NEED_MORE and not packets and len(head) < SNIFF_BYTES:
+            self._head = head
+            return None
+        self._head = b""
+        self._sniffing = False
+        if found not in (None, NEED_MORE):
+            self.decoder = StreamDecoder(found)
+        elif self.encoding is not None:
+            name, _ = FFMPEG_ENCODINGS[self.encoding]
+            self.decoder = StreamDecoder(name, packets=packets, rate=self.sample_rate)
+        else:  # no container: raw linear16 at `sample_rate`, as room devices send it
+            return self._raw(head)
+        return self._decoded(await self.decoder.feed(head))
+
+    async def finish(self) -> AudioBlock | None:
+        """End of audio: the decoder's and the resampler's tail. Idempotent. Raises
+        DecodeError (a container that ends before any audio: truncated or empty)."""
+        if self._finished:
+            return None
+        self._finished = True
+        if self._sniffing and self._head:  # too short to be a container: raw
+            self._sniffing = False
+            block = self._raw(self._head)
+            tail = self.flush()
+            return _join(block, tail)
+        if self.decoder is None:
+            return self.flush()
+        block = self._decoded(await self.decoder.finish())
+        return _join(block, self._place(self._resample_float(np.zeros(0, np.float32), True)))
+
+    def close(self) -> None:
+        """Stop the decoder thread, if any (idempotent, never blocks)."""
+        if self.decoder is not None:
+            self.decoder.close()
+
+    def _count(self, data: bytes) -> None:
         self._sha.update(data)
         self.received_bytes += len(data)
+
+    def _decoded(self, parts: list[Pcm]) -> AudioBlock | None:
+        """Decoded audio -> mono -> the 16 kHz clock. The one place where multichannel
+        audio is folded (mean of the channels)."""
+        out: list[np.ndarray] = []
+        for part in parts:
+            self._source_s += part.samples.shape[0] / part.rate
+            if part.rate != self._rate:  # a new rate mid-stream (chained Ogg, ...)
+                out.append(self._resample_float(np.zeros(0, np.float32), last=True))
+                self._rate, self._resampler = part.rate, _resampler(part.rate)
+            mono = part.samples.mean(axis=1, dtype=np.float32) if part.samples.shape[1] > 1 \
+                else part.samples[:, 0]
+            out.append(self._resample_float(mono, last=False))
+        return self._place(np.concatenate(out)) if out else None
+
+    def _resample_float(self, mono: np.ndarray, last: bool) -> np.ndarray:
+        if self._resampler is not None:
+            mono = self._resampler.resample_chunk(mono, last=last)
+        return np.clip(np.rint(mono * 32768.0), -32768, 32767).astype(np.int16)
+
+    def feed(self, data: bytes) -> AudioBlock | None:
+        """Decode one frame of raw audio in the declared encoding (linear16 when none was
+        given); returns the new 16 kHz audio (None if none was produced)."""
+        self._count(data)
+        return self._raw(data)
+
+    def _raw(self, data: bytes) -> AudioBlock | None:
         if self._carry:
             data = self._carry + data
         usable = len(data) - len(data) % self._width
@@ -108,6 +209,9 @@ class SessionAudio:
         return None
 
     def _decode(self, data: memoryview) -> np.ndarray:
+        if self.encoding == "linear32":  # Deepgram's linear32: little-endian float32
+            floats = np.frombuffer(data, dtype="<f4")
+            return np.clip(np.rint(floats * 32768.0), -32768, 32767).astype(np.int16)
         raw = np.frombuffer(data, dtype=np.uint8 if self._width == 1 else "<i2")
         if self.encoding == "mulaw":
             return MULAW[raw]
@@ -130,4 +234,11 @@ class SessionAudio:
         return block
 
 
-__all__ = ["ALAW", "MULAW", "SessionAudio"]
+def _join(a: AudioBlock | None, b: AudioBlock | None) -> AudioBlock | None:
+    """Two consecutive blocks as one (either may be None)."""
+    if a is None or b is None:
+        return a or b
+    return AudioBlock(a.start, a.pcm + b.pcm)
+
+
+__all__ = ["ALAW", "FFMPEG_ENCODINGS", "MULAW", "DecodeError", "SessionAudio"]

@@ -31,6 +31,7 @@ REASON_SHUTDOWN = "server shutting down"
 REASON_FRAME_TOO_LARGE = "frame too large"
 REASON_NOT_READING = "client not reading"
 REASON_AT_CAPACITY = "at capacity"
+REASON_BAD_AUDIO = "DATA-0000"  # Deepgram's: the payload cannot be decoded as audio
 
 AUTH_SCHEMES = ("token", "bearer")
 SUBPROTOCOL_TOKEN = "token"
@@ -150,8 +151,17 @@ def unauthorized() -> Response:
 
 # --- /v1/listen query parameters ---
 
-ENCODINGS = ("linear16", "mulaw", "alaw")
+# Deepgram's `encoding` values. Without `encoding` the stream's first bytes decide
+# (containers: Ogg, WebM, WAV, FLAC, MP3, AAC/MP4), else linear16 at `sample_rate`.
+ENCODINGS = ("linear16", "linear32", "flac", "mulaw", "alaw", "amr-nb", "amr-wb", "opus",
+             "ogg-opus", "speex", "g729")
 MIN_RATE, MAX_RATE = 8000, 48000
+# Codecs that only exist at some rates (Deepgram: amr-nb needs 8000, amr-wb 16000); with
+# `sample_rate` absent they take the first. Containers (flac, ogg-opus) carry their own rate.
+ENCODING_RATES: dict[str, tuple[int, ...]] = {
+    "amr-nb": (8000,), "amr-wb": (16000,), "g729": (8000,),
+    "opus": (48000, 24000, 16000, 12000, 8000), "speex": (16000, 8000, 32000),
+}
 _LANGUAGE = re.compile(r"^(auto|[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*)$")
 _MODEL = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 # Deepgram's own model names mean nothing to Google: a Deepgram SDK sends nova-3 by default,
@@ -172,7 +182,7 @@ class ListenParams:
     """A validated `/v1/listen` query. `language`/`model` are None when the client left
     them to the daemon's settings."""
 
-    encoding: str = "linear16"
+    encoding: str | None = None  # None: not given, the first bytes decide
     sample_rate: int = 16000
     channels: int = 1
     language: str | None = None
@@ -199,6 +209,13 @@ def parse_listen_query(query: str) -> ListenParams:
         kw["encoding"] = enc
     if "sample_rate" in raw:
         kw["sample_rate"] = _int(raw, "sample_rate", MIN_RATE, MAX_RATE)
+    rates = ENCODING_RATES.get(kw.get("encoding", ""))
+    if rates is not None:
+        if "sample_rate" not in kw:
+            kw["sample_rate"] = rates[0]
+        elif kw["sample_rate"] not in rates:
+            raise QueryError("sample_rate", raw["sample_rate"], f"encoding={kw['encoding']} "
+                             "needs one of " + ", ".join(map(str, rates)))
     if "channels" in raw:
         channels = _int(raw, "channels", 1, 1 << 16)
         if channels != 1:

@@ -35,7 +35,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from edge import __version__, protocol
-from edge.audio import SessionAudio
+from edge.audio import DecodeError, SessionAudio
 from edge.health import Status
 from edge.metrics import Metrics
 from edge.protocol import ListenParams, ModelInfo
@@ -53,13 +53,14 @@ OUTBOUND_MAX = 512
 FINISH_TIMEOUT_S = 15.0  # how long CloseStream waits for the upstream's last finals
 TURNS_INTERVAL_S = 0.25  # how often growing SpeakerTurns are reported
 
-End = Literal["close", "shutdown", "idle", "gone", "too_large", "slow"]
+End = Literal["close", "shutdown", "idle", "gone", "too_large", "slow", "bad_audio"]
 _END_CLOSE: dict[End, tuple[int, str]] = {
     "close": (protocol.CLOSE_NORMAL, ""),
     "shutdown": (protocol.CLOSE_GOING_AWAY, protocol.REASON_SHUTDOWN),
     "idle": (protocol.CLOSE_INTERNAL, protocol.REASON_IDLE),
     "too_large": (protocol.CLOSE_POLICY, protocol.REASON_FRAME_TOO_LARGE),
     "slow": (protocol.CLOSE_POLICY, protocol.REASON_NOT_READING),
+    "bad_audio": (protocol.CLOSE_POLICY, protocol.REASON_BAD_AUDIO),
     "gone": (protocol.CLOSE_NORMAL, ""),
 }
 
@@ -160,6 +161,7 @@ class Session:
             self._end = end
             await self._finish(end, upstream_task)
         finally:
+            self.audio.close()
             for task in workers:
                 task.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
@@ -178,11 +180,9 @@ class Session:
 
     async def _finish(self, end: End, upstream: asyncio.Task[None] | None) -> None:
         """Flush what the client is owed: every final result, turns, then Metadata."""
-        if end in ("gone", "too_large", "slow"):
+        if end in ("gone", "too_large", "slow", "bad_audio"):
             return
-        tail = self.audio.flush()
-        if tail is not None:
-            self._on_audio(tail)
+        await self._end_of_audio()
         if self._upstream_alive:
             self._put_audio(_END_OF_AUDIO)
         if self.diar is not None:
@@ -220,11 +220,15 @@ class Session:
             async for message in self.conn:
                 if isinstance(message, bytes):
                     if not message:
-                        return "close"
+                        return await self._end_of_audio()
                     if len(message) > max_frame:
                         return "too_large"
                     self.last_activity = time.monotonic()
-                    block = self.audio.feed(message)
+                    try:
+                        block = await self.audio.decode(message)
+                    except DecodeError as exc:
+                        self._bad_audio(exc)
+                        return "bad_audio"
                     if block is not None:
                         self._on_audio(block)
                     continue
@@ -235,12 +239,29 @@ class Session:
                     continue
                 self.last_activity = time.monotonic()
                 if control == "CloseStream":
-                    return "close"
+                    return await self._end_of_audio()
                 if control == "Finalize":
                     self._finalize()
         except ConnectionClosed:
             return "gone"
         return "gone"  # the client closed without CloseStream
+
+    async def _end_of_audio(self) -> End:
+        """The decoder's and resampler's tail onto the clock (idempotent): "close", or
+        "bad_audio" when the stream turns out undecodable at its end (e.g. truncated)."""
+        try:
+            tail = await self.audio.finish()
+        except DecodeError as exc:
+            self._bad_audio(exc)
+            return "bad_audio"
+        if tail is not None:
+            self._on_audio(tail)
+        return "close"
+
+    def _bad_audio(self, exc: DecodeError) -> None:
+        log.info("session %s: undecodable audio: %s", self.request_id, exc)
+        self._send(protocol.error_message(
+            protocol.REASON_BAD_AUDIO, f"The payload cannot be decoded as audio: {exc}"))
 
     def _on_audio(self, block: AudioBlock) -> None:
         self.deps.metrics.audio_seconds.inc(block.samples / 16000)

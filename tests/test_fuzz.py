@@ -21,6 +21,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from edge.protocol import (
+    ENCODINGS,
     ControlError,
     QueryError,
     parse_control,
@@ -51,7 +52,7 @@ def test_query_parses_or_names_the_parameter(pairs: list[tuple[str, str]]) -> No
         assert str(exc).startswith(exc.name + "=")
         return
     assert 8000 <= params.sample_rate <= 48000
-    assert params.encoding in ("linear16", "mulaw", "alaw")
+    assert params.encoding is None or params.encoding in ENCODINGS
     assert params.channels == 1
 
 
@@ -139,7 +140,7 @@ frames = st.lists(
 
 
 @settings(max_examples=25, deadline=None)
-@given(encoding=st.sampled_from(["linear16", "mulaw", "alaw"]),
+@given(encoding=st.sampled_from(["linear16", "linear32", "mulaw", "alaw"]),
        rate=st.sampled_from([8000, 11025, 16000, 44100, 48000]), sent=frames)
 def test_random_frames_never_break_the_session_or_a_neighbour(
     encoding: str, rate: int, sent: list[bytes | str]

@@ -1,0 +1,384 @@
+"""Containerized and compressed audio: sniff the first bytes, decode with PyAV as bytes arrive.
+
+`sniff()` is pure (bytes in -> FFmpeg format name, None, or `NEED_MORE`). `StreamDecoder`
+turns a stream of byte chunks into `Pcm` (float32 samples of shape (n, channels) at the
+source's own rate); `SessionAudio` (edge/audio.py) downmixes and resamples that to the
+session clock.
+
+Why a demuxer thread per stream, fed one chunk at a time. FFmpeg's demuxers pull bytes from
+an AVIOContext; PyAV lets that be any object with `read()`. An `av.open()` on a buffer that
+says "end of file" when it is momentarily empty ends the stream (re-probing after every chunk
+would re-parse headers and lose demuxer state), and a `read()` that blocks until bytes arrive
+cannot run on the event loop. So each decoder owns one thread that runs PyAV's ordinary
+`open -> demux -> decode` loop over a `_Pipe` whose `read()` blocks on a condition variable.
+The loop side (`StreamDecoder.feed`) hands the pipe one chunk and awaits the moment the
+thread has consumed every byte and asks for more: that hand-off returns exactly the audio
+the chunk completed, so results are as fresh as the bytes, and there is never more than one
+client frame buffered (`EDGE_MAX_FRAME_BYTES`): the receive loop does not read the next frame
+until the decoder took this one, which is the backpressure. Only `sniff()` and the numpy
+conversion are ours; the container parsing is FFmpeg's, for every format it knows.
+
+Measured (scripts/bench/server.py, README "Limits (measured)"): PyAV releases the GIL inside
+FFmpeg's demux and decode calls, so a decoding thread costs the loop only the hand-off.
+
+Failure policy: any FFmpeg error, a stream with no audio track, a codec FFmpeg cannot
+decode, or `max_bytes_without_audio` bytes that yield no audio raise `DecodeError` (the
+session answers Error + close 1008 DATA-0000). A chunk the thread has not finished within
+`feed_timeout_s` raises `DecodeError` too (a stalled decoder); the thread is told to stop at
+its next read and, being a daemon thread, cannot hold the process at exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import av
+import numpy as np
+
+log = logging.getLogger("edge.decode")
+
+NEED_MORE: Final = "need-more"
+SNIFF_BYTES = 4096  # the most `sniff()` ever waits for before deciding "no container"
+MAX_BYTES_WITHOUT_AUDIO = 1 << 20  # garbage, or an MP4 whose index is at the end
+FEED_TIMEOUT_S = 2.0  # one chunk's decode, far above any real chunk (ms at most)
+# FFmpeg format names for what `sniff()` recognises, and the human names errors use.
+FORMAT_NAMES = {
+    "ogg": "Ogg", "matroska": "WebM/Matroska", "wav": "WAV", "flac": "FLAC", "mp3": "MP3",
+    "aac": "AAC (ADTS)", "mov": "MP4", "amrnb": "AMR-NB", "amrwb": "AMR-WB", "g729": "G.729",
+}
+
+
+class DecodeError(Exception):
+    """The audio cannot be decoded; `str()` says what was wrong, for the client."""
+
+
+@dataclass(frozen=True)
+class Pcm:
+    """Decoded audio: float32 in [-1, 1], shape (samples, channels), at `rate` Hz."""
+
+    samples: np.ndarray
+    rate: int
+
+
+# --- sniffing (pure) ----------------------------------------------------------------------
+
+_MP3_BITRATES_V1_L3 = (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)
+_MP3_BITRATES_V2_L3 = (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160)
+_MP3_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}
+_ADTS_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025,
+               8000, 7350)
+
+
+def _mp3_frame_len(h: bytes) -> int | None:
+    """Length of the MPEG layer III frame whose 4-byte header is `h`, or None."""
+    if h[0] != 0xFF or h[1] & 0xE0 != 0xE0:
+        return None
+    version, layer = (h[1] >> 3) & 3, (h[1] >> 1) & 3
+    bitrate_i, rate_i, padding = h[2] >> 4, (h[2] >> 2) & 3, (h[2] >> 1) & 1
+    if version == 1 or layer != 1 or bitrate_i in (0, 15) or rate_i == 3:
+        return None  # reserved version, not layer III, free/bad bitrate, reserved rate
+    rate = _MP3_RATES[version][rate_i]
+    if version == 3:
+        return 144 * _MP3_BITRATES_V1_L3[bitrate_i] * 1000 // rate + padding
+    return 72 * _MP3_BITRATES_V2_L3[bitrate_i] * 1000 // rate + padding
+
+
+def _adts_frame_len(h: bytes) -> int | None:
+    """Length of the ADTS frame whose 7-byte header is `h`, or None."""
+    if h[0] != 0xFF or h[1] & 0xF6 != 0xF0:  # sync, layer 00
+        return None
+    if (h[2] >> 2) & 0xF >= len(_ADTS_RATES):
+        return None
+    length = ((h[3] & 3) << 11) | (h[4] << 3) | (h[5] >> 5)
+    return length if length >= 7 else None
+
+
+def _two_frames(head: bytes, frame_len: Callable[[bytes], int | None], size: int) -> str | None:
+    """"ok" if `head` starts with two consecutive frames, NEED_MORE if too short to tell."""
+    first = frame_len(head[:size])
+    if first is None:
+        return None
+    if len(head) < first + size:
+        return NEED_MORE if len(head) < SNIFF_BYTES else None
+    return "ok" if frame_len(head[first:first + size]) is not None else None
+
+
+def sniff(head: bytes) -> str | None:
+    """The FFmpeg format of a stream starting with `head`, None if it is no container we know
+    (raw audio), or NEED_MORE if `head` is too short to tell (at most SNIFF_BYTES are needed).
+
+    A bare MP3/ADTS frame sync must be followed by a second frame header where the first
+    frame ends: raw linear16 often starts with bytes that look like one sync word.
+    """
+    if len(head) < 12:
+        return NEED_MORE
+    if head[:4] == b"OggS":
+        return "ogg"
+    if head[:4] == b"\x1a\x45\xdf\xa3":
+        return "matroska"
+    if head[:4] in (b"RIFF", b"RF64") and head[8:12] == b"WAVE":
+        return "wav"
+    if head[:4] == b"fLaC":
+        return "flac"
+    if head[:3] == b"ID3":
+        return "mp3"
+    if head[4:8] == b"ftyp":
+        return "mov"
+    for fmt, frame_len, size in (("mp3", _mp3_frame_len, 4), ("aac", _adts_frame_len, 7)):
+        found = _two_frames(head, frame_len, size)
+        if found == "ok":
+            return fmt
+        if found == NEED_MORE:
+            return NEED_MORE
+    return None
+
+
+# --- PCM conversion (pure) -----------------------------------------------------------------
+
+_SCALE = {"s16": 1 / 32768, "s32": 1 / 2147483648, "flt": 1.0, "dbl": 1.0, "u8": 1 / 128}
+
+
+def frame_pcm(frame: av.AudioFrame) -> np.ndarray:
+    """One decoded frame as float32 (samples, channels)."""
+    fmt = frame.format
+    name = fmt.name.rstrip("p")
+    if name not in _SCALE:
+        raise DecodeError(f"decoder produced unsupported sample format {fmt.name}")
+    raw = frame.to_ndarray()
+    channels = len(frame.layout.channels)
+    data = raw.T if fmt.is_planar else raw.reshape(-1, channels)
+    out = np.ascontiguousarray(data, dtype=np.float32)
+    if name == "u8":
+        out -= 128.0
+    if _SCALE[name] != 1.0:
+        out *= np.float32(_SCALE[name])
+    return out
+
+
+# --- the streaming decoder ------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    """Raised inside FFmpeg's read callback when the decoder is closed: unwinds the thread."""
+
+
+class _Pipe:
+    """What FFmpeg reads from on the decoder thread: blocks until a chunk or the end arrives.
+
+    Holds at most the one chunk the loop handed over (`StreamDecoder.feed` waits until it is
+    consumed before handing over the next). Exposes only `read`, so PyAV treats it as a
+    non-seekable stream.
+    """
+
+    def __init__(self, on_hungry: Callable[[], None]) -> None:
+        self._cond = threading.Condition()  # re-entrant: `lock` may be held around put()
+        self.lock = self._cond
+        self._buf = bytearray()
+        self._eof = False
+        self._closed = False
+        self._on_hungry = on_hungry
+
+    def put(self, data: bytes) -> None:
+        with self._cond:
+            self._buf += data
+            self._cond.notify()
+
+    def end(self) -> None:
+        with self._cond:
+            self._eof = True
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def read(self, n: int) -> bytes:
+        with self._cond:
+            while not self._buf and not self._eof and not self._closed:
+                self._on_hungry()
+                self._cond.wait()
+            if self._closed:
+                raise _Stop
+            out = bytes(self._buf[:n])
+            del self._buf[:n]
+            return out
+
+
+class StreamDecoder:
+    """A streaming decoder for one session: `await feed(chunk)` -> the Pcm it completed.
+
+    `fmt` is an FFmpeg input format name (from `sniff()`, or fixed by the `encoding` query).
+    `packets=True` instead decodes every chunk as one packet of codec `fmt` (raw Opus/Speex
+    frames, one per websocket message), with `rate`/`channels` from the query.
+    """
+
+    def __init__(
+        self, fmt: str, *, packets: bool = False, rate: int | None = None, channels: int = 1,
+        feed_timeout_s: float = FEED_TIMEOUT_S,
+        max_bytes_without_audio: int = MAX_BYTES_WITHOUT_AUDIO,
+    ) -> None:
+        self.fmt = fmt
+        self.name = FORMAT_NAMES.get(fmt, fmt)
+        self.feed_timeout_s = feed_timeout_s
+        self.max_bytes_without_audio = max_bytes_without_audio
+        self.codec: str | None = None  # the audio codec, once the container named it
+        self._packets = packets
+        self._rate, self._channels = rate, channels
+        self._lock = threading.Lock()
+        self._out: list[Pcm] = []
+        self._error: DecodeError | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pipe = _Pipe(self._hungry)
+        self._thread: threading.Thread | None = None
+        self._done = False
+        self._since_audio = 0  # bytes fed since the last audio came out
+        self.decoded_samples = 0
+
+    # --- loop side ---
+    async def feed(self, data: bytes) -> list[Pcm]:
+        """Decode `data`; returns the audio it completed. Raises DecodeError."""
+        self._since_audio += len(data)
+        out = await self._exchange(lambda: self._pipe.put(data))
+        if out:
+            self._since_audio = 0
+        elif self._since_audio > self.max_bytes_without_audio:
+            raise DecodeError(
+                f"no audio decoded from the last {self._since_audio} bytes of {self.name}"
+                + (f" ({self.codec})" if self.codec else "") + ": not audio, or corrupt")
+        return out
+
+    async def finish(self) -> list[Pcm]:
+        """End of input: the decoder's tail. Raises DecodeError (also for a stream that ended
+        before any audio, e.g. a truncated header)."""
+        out = await self._exchange(self._pipe.end)
+        if self.decoded_samples == 0 and not out:
+            raise DecodeError(f"the {self.name} stream ended before any audio was decoded"
+                              " (truncated or empty)")
+        return out
+
+    def close(self) -> None:
+        """Stop the thread at its next read (idempotent; never blocks)."""
+        self._pipe.close()
+
+    async def _exchange(self, give: Callable[[], None]) -> list[Pcm]:
+        if self._error is not None:
+            raise self._error
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        waiter: asyncio.Future[None] = loop.create_future()
+        # Waiter and bytes go in together under the pipe's lock, so the thread's "hungry"
+        # for an earlier state cannot settle this chunk's waiter before it saw the chunk.
+        with self._pipe.lock:
+            with self._lock:
+                finished = self._done
+                if not finished:
+                    self._waiter = waiter
+            if not finished:
+                give()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=f"decode-{self.fmt}",
+                                            daemon=True)
+            self._thread.start()
+        if not finished:
+            try:
+                await asyncio.wait_for(waiter, self.feed_timeout_s)
+            except asyncio.TimeoutError:
+                self.close()
+                self._error = DecodeError(
+                    f"the {self.name} decoder stalled: a {self.feed_timeout_s:g} s budget "
+                    "for one chunk ran out")
+                raise self._error from None
+        with self._lock:
+            self._waiter = None
+            out, self._out = self._out, []
+        if self._error is not None:
+            raise self._error
+        return out
+
+    # --- decoder thread ---
+    def _hungry(self) -> None:
+        """Called on the thread (pipe lock held) when it has used every byte given."""
+        self._wake()
+
+    def _wake(self) -> None:
+        with self._lock:
+            waiter, loop = self._waiter, self._loop
+            self._waiter = None
+        if waiter is not None and loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
+                loop.call_soon_threadsafe(_settle, waiter)
+
+    def _emit(self, frame: av.AudioFrame) -> None:
+        pcm = frame_pcm(frame)
+        if pcm.size:
+            with self._lock:
+                self._out.append(Pcm(pcm, frame.sample_rate))
+            self.decoded_samples += pcm.shape[0]
+
+    def _run(self) -> None:
+        try:
+            if self._packets:
+                self._run_packets()
+            else:
+                self._run_container()
+        except _Stop:
+            pass
+        except DecodeError as exc:
+            self._error = exc
+        except (av.FFmpegError, ValueError, IndexError) as exc:
+            self._error = DecodeError(f"cannot decode {self.name}"
+                                      + (f" ({self.codec})" if self.codec else "")
+                                      + f": {exc}")
+        except Exception as exc:  # a PyAV bug must not leave the loop waiting
+            log.exception("decoder thread failed")
+            self._error = DecodeError(f"cannot decode {self.name}: {exc!r}")
+        finally:
+            with self._lock:
+                self._done = True
+            self._wake()
+
+    def _run_container(self) -> None:
+        options = {"probesize": "32768", "analyzeduration": "0"}
+        if self.fmt == "wav":
+            options["ignore_length"] = "1"  # streamed WAVs carry a 0 or bogus data size
+        with av.open(self._pipe, mode="r", format=self.fmt, options=options,
+                     buffer_size=8192) as container:
+            if not container.streams.audio:
+                kinds = sorted({s.type for s in container.streams}) or ["none"]
+                raise DecodeError(f"the {self.name} stream has no audio track "
+                                  f"(tracks: {', '.join(kinds)})")
+            stream = container.streams.audio[0]
+            self.codec = stream.codec_context.name
+            for packet in container.demux(stream):
+                for frame in packet.decode():
+                    self._emit(frame)
+
+    def _run_packets(self) -> None:
+        ctx: Any = av.CodecContext.create(self.fmt, "r")
+        ctx.sample_rate = self._rate
+        ctx.layout = "mono" if self._channels == 1 else "stereo"
+        self.codec = ctx.name
+        while True:
+            chunk = self._pipe.read(1 << 24)
+            if not chunk:
+                break
+            for frame in ctx.decode(av.Packet(chunk)):
+                self._emit(frame)
+        for frame in ctx.decode(None):
+            self._emit(frame)
+
+
+def _settle(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+__all__ = ["NEED_MORE", "DecodeError", "Pcm", "StreamDecoder", "frame_pcm", "sniff"]
