@@ -21,7 +21,7 @@ from collections import deque
 import numpy as np
 import soxr
 
-from edge.decode import NEED_MORE, SNIFF_BYTES, DecodeError, Pcm, StreamDecoder, sniff
+from edge.decode import FEED_TIMEOUT_S, NEED_MORE, SNIFF_BYTES, DecodeError, Pcm, StreamDecoder, sniff
 from edge.stt.base import SAMPLE_RATE, AudioBlock
 
 
@@ -68,7 +68,8 @@ class SessionAudio:
     `encoding` None means "not given": the stream's first bytes decide (see module doc).
     """
 
-    def __init__(self, encoding: str | None, sample_rate: int, history_s: float = 120.0) -> None:
+    def __init__(self, encoding: str | None, sample_rate: int, history_s: float = 120.0,
+                 decode_timeout_s: float = FEED_TIMEOUT_S) -> None:
         if encoding is not None and encoding not in BYTES_PER_SAMPLE | FFMPEG_ENCODINGS:
             raise ValueError(f"unsupported encoding {encoding!r}")
         self.encoding = encoding
@@ -76,6 +77,7 @@ class SessionAudio:
         # None until the first bytes chose: raw (numpy, `feed`) or a StreamDecoder.
         self.decoder: StreamDecoder | None = None
         self._head = b""  # bytes held while sniffing (at most SNIFF_BYTES + one frame)
+        self._decode_timeout_s = decode_timeout_s
         self._sniffing = encoding is None or encoding in FFMPEG_ENCODINGS
         self._finished = False
         self._source_s = 0.0  # seconds of decoded audio at the source's rate
@@ -124,10 +126,11 @@ class SessionAudio:
         self._head = b""
         self._sniffing = False
         if found not in (None, NEED_MORE):
-            self.decoder = StreamDecoder(found)
+            self.decoder = StreamDecoder(found, feed_timeout_s=self._decode_timeout_s)
         elif self.encoding is not None:
             name, _ = FFMPEG_ENCODINGS[self.encoding]
-            self.decoder = StreamDecoder(name, packets=packets, rate=self.sample_rate)
+            self.decoder = StreamDecoder(name, packets=packets, rate=self.sample_rate,
+                                         feed_timeout_s=self._decode_timeout_s)
         else:  # no container: raw linear16 at `sample_rate`, as room devices send it
             return self._raw(head)
         return self._decoded(await self.decoder.feed(head))

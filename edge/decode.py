@@ -46,7 +46,7 @@ log = logging.getLogger("edge.decode")
 NEED_MORE: Final = "need-more"
 SNIFF_BYTES = 4096  # the most `sniff()` ever waits for before deciding "no container"
 MAX_BYTES_WITHOUT_AUDIO = 1 << 20  # garbage, or an MP4 whose index is at the end
-FEED_TIMEOUT_S = 2.0  # one chunk's decode, far above any real chunk (ms at most)
+FEED_TIMEOUT_S = 2.0  # default EDGE_DECODE_TIMEOUT_S: far above any real chunk (ms at most)
 # FFmpeg format names for what `sniff()` recognises, and the human names errors use.
 FORMAT_NAMES = {
     "ogg": "Ogg", "matroska": "WebM/Matroska", "wav": "WAV", "flac": "FLAC", "mp3": "MP3",
@@ -188,6 +188,12 @@ class _Pipe:
         with self._cond:
             self._buf += data
             self._cond.notify()
+
+    @property
+    def ended(self) -> bool:
+        """The end of input was reached (given, and every byte read)."""
+        with self._cond:
+            return self._eof and not self._buf
 
     def end(self) -> None:
         with self._cond:
@@ -333,20 +339,24 @@ class StreamDecoder:
             pass
         except DecodeError as exc:
             self._error = exc
-        except (av.FFmpegError, ValueError, IndexError) as exc:
-            self._error = DecodeError(f"cannot decode {self.name}"
-                                      + (f" ({self.codec})" if self.codec else "")
-                                      + f": {exc}")
-        except Exception as exc:  # a PyAV bug must not leave the loop waiting
-            log.exception("decoder thread failed")
-            self._error = DecodeError(f"cannot decode {self.name}: {exc!r}")
+        except Exception as exc:  # FFmpeg's errors, or a PyAV bug: the loop must not wait
+            if not isinstance(exc, (av.FFmpegError, OSError, ValueError)):
+                log.exception("decoder thread failed")
+            if self._pipe.ended and not self.decoded_samples:
+                self._error = DecodeError(f"the {self.name} stream ended before any audio was"
+                                          " decoded (truncated or empty)")
+            else:
+                detail = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+                self._error = DecodeError(f"cannot decode {self.name}"
+                                          + (f" ({self.codec})" if self.codec else "")
+                                          + f": {detail}")
         finally:
             with self._lock:
                 self._done = True
             self._wake()
 
     def _run_container(self) -> None:
-        options = {"probesize": "32768", "analyzeduration": "0"}
+        options = {"probesize": "2048", "analyzeduration": "1"}
         if self.fmt == "wav":
             options["ignore_length"] = "1"  # streamed WAVs carry a 0 or bogus data size
         with av.open(self._pipe, mode="r", format=self.fmt, options=options,
@@ -356,6 +366,9 @@ class StreamDecoder:
                 raise DecodeError(f"the {self.name} stream has no audio track "
                                   f"(tracks: {', '.join(kinds)})")
             stream = container.streams.audio[0]
+            if stream.codec_context is None:
+                raise DecodeError(f"the {self.name} stream's audio codec is not one FFmpeg "
+                                  "can decode")
             self.codec = stream.codec_context.name
             for packet in container.demux(stream):
                 for frame in packet.decode():

@@ -88,7 +88,8 @@ class Session:
         self.deps = deps
         self.request_id = request_id
         s = deps.settings
-        self.audio = SessionAudio(params.encoding, params.sample_rate)
+        self.audio = SessionAudio(params.encoding, params.sample_rate,
+                                  decode_timeout_s=s.edge_decode_timeout_s)
         self.config = StreamConfig(
             language=params.language or s.edge_stt_language,
             model=params.model or s.edge_stt_model,

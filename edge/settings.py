@@ -78,6 +78,7 @@ class Settings(BaseSettings):
     edge_drain_s: float = Field(10.0, ge=0, le=600)
     edge_max_frame_bytes: int = Field(262144, ge=1024, le=16 * 1024 * 1024)
     edge_idle_timeout_s: float = Field(10.0, gt=0, le=3600)
+    edge_decode_timeout_s: float = Field(2.0, ge=0.001, le=60)
     edge_handshake_timeout_s: float = Field(10.0, gt=0, le=600)
     edge_label_wait_ms: int = Field(3000, ge=0, le=60000)
     edge_auth_max_failures: int = Field(10, ge=1, le=100000)

@@ -11,6 +11,11 @@ do). So a test that knows where it put each word on the session clock can check 
 mapping exactly, across rotations, faults and replays. An utterance ends (a final result) after
 `endpoint_s` of silence, or when the client half-closes the call.
 
+The tone code (`FakeSpeech(word_code="tone")`) survives lossy codecs, which keep no sample
+exact: word `id` is a sine at `(id + 1) * TONE_STEP_HZ`, silence is silence. The recogniser
+reads each 10 ms window's loudest frequency (`tone_ids`) and runs the same word logic on it,
+so word edges are known to a window (plus what a codec shifts them by).
+
 Faults (set on `FakeSpeech.faults` at any time): `fail_at_requests` (abort with a status code when
 the service-wide audio request count reaches N), `max_call_audio_s` (ABORTED like Google's 5-minute
 limit), `response_delay_s` (slow responses), `down` (every request fails UNAVAILABLE: an outage),
@@ -33,6 +38,10 @@ import numpy as np
 from google.cloud import speech_v1, speech_v2
 
 CODE_STEP = 8
+TONE_STEP_HZ = 250
+TONE_WINDOW = 160  # 10 ms at 16 kHz
+TONE_FLOOR = 3000  # RMS (int16) under which a window is silence: above codec pre-echo
+# and the smeared edge of a word (a tone at the default 0.3 amplitude has RMS ~6950)
 SAMPLE_RATE = 16000
 MAX_AUDIO_BYTES = 25600  # Google's per-request limit
 
@@ -68,6 +77,37 @@ def encode(segments: Iterable[tuple[int, float]]) -> tuple[bytes, list[ScriptWor
     return (np.concatenate(parts).tobytes() if parts else b""), words
 
 
+def tone_encode(segments: Iterable[tuple[int, float]], rate: int, amplitude: float = 0.3
+                ) -> tuple[np.ndarray, list[ScriptWord]]:
+    """Tone-coded float32 mono audio at `rate` for `segments` of (word id or 0, seconds), and
+    its words on the 16 kHz session clock. Segment lengths should be multiples of 10 ms."""
+    parts: list[np.ndarray] = []
+    words: list[ScriptWord] = []
+    pos = 0  # 16 kHz samples
+    for word_id, seconds in segments:
+        n = round(seconds * rate)
+        t = np.arange(n) / rate
+        freq = (word_id + 1) * TONE_STEP_HZ
+        parts.append((amplitude * np.sin(2 * np.pi * freq * t) if word_id else np.zeros(n))
+                     .astype(np.float32))
+        n16 = round(seconds * SAMPLE_RATE)
+        if word_id:
+            words.append(ScriptWord(word_id, pos, pos + n16))
+        pos += n16
+    return np.concatenate(parts), words
+
+
+def tone_ids(pcm: np.ndarray) -> np.ndarray:
+    """Word id per whole 10 ms window of 16 kHz int16 `pcm` (0: silence)."""
+    windows = pcm[: len(pcm) // TONE_WINDOW * TONE_WINDOW].astype(np.float32)
+    windows = windows.reshape(-1, TONE_WINDOW)
+    loud = np.sqrt(np.mean(windows ** 2, axis=1)) >= TONE_FLOOR
+    spectrum = np.abs(np.fft.rfft(windows * np.hanning(TONE_WINDOW), n=2048, axis=1))
+    peak_hz = np.argmax(spectrum, axis=1) * SAMPLE_RATE / 2048
+    ids = np.maximum(np.rint(peak_hz / TONE_STEP_HZ).astype(np.int32) - 1, 0)
+    return np.where(loud, ids, 0)
+
+
 def utterances(count: int, *, words: int = 4, word_s: float = 0.5, gap_s: float = 0.6,
                first_id: int = 1) -> list[tuple[int, float]]:
     """`count` utterances of `words` consecutive words, each followed by `gap_s` of silence."""
@@ -96,8 +136,11 @@ class Out:
 class Recognizer:
     """Turns word-coded audio into results, incrementally (numpy run-length, not per sample)."""
 
-    def __init__(self, *, endpoint_s: float, interim: bool, vad: bool) -> None:
+    def __init__(self, *, endpoint_s: float, interim: bool, vad: bool,
+                 word_code: str = "exact") -> None:
         self.endpoint = round(endpoint_s * SAMPLE_RATE)
+        self.word_code = word_code
+        self._partial = np.zeros(0, np.int16)  # tone code: samples short of a whole window
         self.interim, self.vad = interim, vad
         self.pos = 0  # samples received
         self.run_id, self.run_start = 0, 0
@@ -106,7 +149,13 @@ class Recognizer:
 
     def feed(self, pcm: bytes) -> list[Out]:
         out: list[Out] = []
-        ids = np.abs(np.frombuffer(pcm, dtype="<i2").astype(np.int32)) // CODE_STEP
+        if self.word_code == "tone":
+            samples = np.concatenate([self._partial, np.frombuffer(pcm, dtype="<i2")])
+            whole = len(samples) // TONE_WINDOW * TONE_WINDOW
+            self._partial = samples[whole:]
+            ids = np.repeat(tone_ids(samples[:whole]), TONE_WINDOW)
+        else:
+            ids = np.abs(np.frombuffer(pcm, dtype="<i2").astype(np.int32)) // CODE_STEP
         if not len(ids):
             return out
         cuts = [0, *(np.flatnonzero(np.diff(ids)) + 1).tolist(), len(ids)]
@@ -182,8 +231,9 @@ def _td(samples: int) -> datetime.timedelta:
 class FakeSpeech:
     """The fake service. `await start()` returns "127.0.0.1:PORT"; `await stop()` ends it."""
 
-    def __init__(self, *, endpoint_s: float = 0.3) -> None:
+    def __init__(self, *, endpoint_s: float = 0.3, word_code: str = "exact") -> None:
         self.endpoint_s = endpoint_s
+        self.word_code = word_code
         self.faults = Faults()
         self.calls: list[CallLog] = []
         self.audio_requests = 0  # service-wide, for `fail_at_requests`
@@ -250,7 +300,7 @@ class FakeSpeech:
         shape = _V2 if api == "v2" else _V1
         shape_config = shape.read_config(log.config)
         rec = Recognizer(endpoint_s=self.endpoint_s, interim=shape_config["interim"],
-                         vad=shape_config["vad"])
+                         vad=shape_config["vad"], word_code=self.word_code)
         said: list[tuple[int, int, int]] = []  # v1 with diarization repeats every word said
         async for req in requests:
             audio = req.audio if api == "v2" else req.audio_content
@@ -374,6 +424,7 @@ async def fake_speech(**kwargs: Any) -> AsyncIterator[tuple[FakeSpeech, str]]:
 
 
 __all__ = ["CODE_STEP", "FakeSpeech", "Faults", "Recognizer", "ScriptWord", "encode", "fake_speech",
+           "tone_encode", "tone_ids",
            "utterances"]
 
 
