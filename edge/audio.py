@@ -21,31 +21,25 @@ from collections import deque
 import numpy as np
 import soxr
 
-from edge.decode import FEED_TIMEOUT_S, NEED_MORE, SNIFF_BYTES, DecodeError, Pcm, StreamDecoder, sniff
+from edge.decode import (
+    ALAW,
+    FEED_TIMEOUT_S,
+    FORMAT_NAMES,
+    MAX_WAV_HEADER,
+    MULAW,
+    NEED_MORE,
+    SNIFF_BYTES,
+    DecodeError,
+    Decoder,
+    Pcm,
+    StreamDecoder,
+    WavDecoder,
+    WavFormat,
+    parse_wav_header,
+    sniff,
+)
 from edge.stt.base import SAMPLE_RATE, AudioBlock
 
-
-def _mulaw_table() -> np.ndarray:
-    u = ~np.arange(256, dtype=np.int32) & 0xFF
-    exponent = (u >> 4) & 0x07
-    mantissa = u & 0x0F
-    magnitude = (((mantissa << 3) + 0x84) << exponent) - 0x84
-    return np.where(u & 0x80, -magnitude, magnitude).astype(np.int16)
-
-
-def _alaw_table() -> np.ndarray:
-    a = np.arange(256, dtype=np.int32) ^ 0x55
-    exponent = (a >> 4) & 0x07
-    mantissa = a & 0x0F
-    magnitude = np.where(
-        exponent == 0, (mantissa << 4) + 8, ((mantissa << 4) + 0x108) << np.maximum(exponent - 1, 0)
-    )
-    return np.where(a & 0x80, magnitude, -magnitude).astype(np.int16)
-
-
-# G.711 decoding tables (ITU-T G.711), 8-bit code -> linear 16-bit sample.
-MULAW = _mulaw_table()
-ALAW = _alaw_table()
 BYTES_PER_SAMPLE = {"linear16": 2, "linear32": 4, "mulaw": 1, "alaw": 1}
 # `encoding` values FFmpeg decodes -> (FFmpeg name, each frame is one packet of that codec).
 # A recognised container (sniff) wins over the raw form: clients send Ogg/WebM as "opus".
@@ -75,7 +69,7 @@ class SessionAudio:
         self.encoding = encoding
         self.sample_rate = sample_rate
         # None until the first bytes chose: raw (numpy, `feed`) or a StreamDecoder.
-        self.decoder: StreamDecoder | None = None
+        self.decoder: Decoder | None = None
         self._head = b""  # bytes held while sniffing (at most SNIFF_BYTES + one frame)
         self._decode_timeout_s = decode_timeout_s
         self._sniffing = encoding is None or encoding in FFMPEG_ENCODINGS
@@ -123,9 +117,18 @@ class SessionAudio:
         if found == NEED_MORE and not packets and len(head) < SNIFF_BYTES:
             self._head = head
             return None
+        wav = parse_wav_header(head) if found == "wav" else None
+        if wav == NEED_MORE:
+            if len(head) > MAX_WAV_HEADER:
+                raise DecodeError(f"the WAV header is longer than {MAX_WAV_HEADER} bytes")
+            self._head = head
+            return None
         self._head = b""
         self._sniffing = False
-        if found not in (None, NEED_MORE):
+        if isinstance(wav, WavFormat):  # plain samples: numpy, no thread, no delay
+            self.decoder = WavDecoder(wav)
+            head = head[wav.data_offset:]
+        elif found not in (None, NEED_MORE):
             self.decoder = StreamDecoder(found, feed_timeout_s=self._decode_timeout_s)
         elif self.encoding is not None:
             name, _ = FFMPEG_ENCODINGS[self.encoding]
@@ -141,8 +144,12 @@ class SessionAudio:
         if self._finished:
             return None
         self._finished = True
-        if self._sniffing and self._head:  # too short to be a container: raw
+        if self._sniffing and self._head:  # held while sniffing: raw, unless a container
             self._sniffing = False
+            found = sniff(self._head)
+            if found not in (None, NEED_MORE):
+                raise DecodeError(f"the {FORMAT_NAMES[found]} stream ended inside its header "
+                                  f"({len(self._head)} bytes): truncated")
             block = self._raw(self._head)
             tail = self.flush()
             return _join(block, tail)

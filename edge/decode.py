@@ -36,7 +36,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import av
 import numpy as np
@@ -66,6 +66,27 @@ class Pcm:
     rate: int
 
 
+def _mulaw_table() -> np.ndarray:
+    u = ~np.arange(256, dtype=np.int32) & 0xFF
+    exponent = (u >> 4) & 0x07
+    mantissa = u & 0x0F
+    magnitude = (((mantissa << 3) + 0x84) << exponent) - 0x84
+    return np.where(u & 0x80, -magnitude, magnitude).astype(np.int16)
+
+
+def _alaw_table() -> np.ndarray:
+    a = np.arange(256, dtype=np.int32) ^ 0x55
+    exponent = (a >> 4) & 0x07
+    mantissa = a & 0x0F
+    magnitude = np.where(
+        exponent == 0, (mantissa << 4) + 8, ((mantissa << 4) + 0x108) << np.maximum(exponent - 1, 0)
+    )
+    return np.where(a & 0x80, magnitude, -magnitude).astype(np.int16)
+
+
+# G.711 decoding tables (ITU-T G.711), 8-bit code -> linear 16-bit sample.
+MULAW = _mulaw_table()
+ALAW = _alaw_table()
 # --- sniffing (pure) ----------------------------------------------------------------------
 
 _MP3_BITRATES_V1_L3 = (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)
@@ -139,6 +160,113 @@ def sniff(head: bytes) -> str | None:
     return None
 
 
+# --- WAV (pure: the header is parsed here, the samples need no codec) ----------------------
+
+MAX_WAV_HEADER = 1 << 16  # fmt + LIST/INFO chunks etc. before "data"
+# format tag -> our name; 0xFFFE (extensible) carries the tag in its sub-format GUID.
+_WAV_TAGS = {1: "pcm", 3: "float", 6: "alaw", 7: "mulaw"}
+_WAV_DTYPES = {("pcm", 8): "u1", ("pcm", 16): "<i2", ("pcm", 32): "<i4", ("float", 32): "<f4",
+               ("float", 64): "<f8", ("alaw", 8): "u1", ("mulaw", 8): "u1"}
+
+
+@dataclass(frozen=True)
+class WavFormat:
+    """What a RIFF/RF64 WAVE header says: sample coding, channels, rate; where data starts."""
+
+    coding: str  # pcm | float | alaw | mulaw
+    bits: int
+    channels: int
+    rate: int
+    data_offset: int
+
+
+def parse_wav_header(head: bytes) -> WavFormat | str | None:
+    """The WavFormat of a stream starting with `head` (RIFF or RF64 WAVE), NEED_MORE while the
+    header is incomplete, or None for a coding numpy cannot read as is (ADPCM, 24-bit, ...:
+    FFmpeg decodes those). Chunk sizes other than fmt's are not trusted: streamed WAVs carry
+    0 or 0xFFFFFFFF as the RIFF and data sizes, so the data runs to the end of the stream.
+    Raises DecodeError for a malformed header."""
+    fmt: tuple[str | None, int, int, int] | None = None
+    pos = 12
+    while True:
+        if pos > MAX_WAV_HEADER:
+            raise DecodeError(f"the WAV header has no data chunk in its first {MAX_WAV_HEADER}"
+                              " bytes")
+        if len(head) < pos + 8:
+            return NEED_MORE
+        chunk, size = head[pos:pos + 4], int.from_bytes(head[pos + 4:pos + 8], "little")
+        body = pos + 8
+        if chunk == b"data":
+            if fmt is None:
+                raise DecodeError("the WAV data chunk comes before its fmt chunk")
+            coding, bits, channels, rate = fmt
+            if coding is None or (coding, bits) not in _WAV_DTYPES:
+                return None
+            return WavFormat(coding, bits, channels, rate, body)
+        if chunk == b"fmt ":
+            if size < 16:
+                raise DecodeError(f"the WAV fmt chunk is {size} bytes (at least 16 expected)")
+            if len(head) < body + min(size, 26):
+                return NEED_MORE
+            tag = int.from_bytes(head[body:body + 2], "little")
+            channels = int.from_bytes(head[body + 2:body + 4], "little")
+            rate = int.from_bytes(head[body + 4:body + 8], "little")
+            bits = int.from_bytes(head[body + 14:body + 16], "little")
+            if tag == 0xFFFE and size >= 26:
+                tag = int.from_bytes(head[body + 24:body + 26], "little")
+            if not 1 <= channels <= 64 or not 1000 <= rate <= 384000:
+                raise DecodeError(f"the WAV header says {channels} channels at {rate} Hz "
+                                  "(1-64 channels at 1000-384000 Hz expected)")
+            fmt = (_WAV_TAGS.get(tag), bits, channels, rate)
+        pos = body + size + (size & 1)
+
+
+class WavDecoder:
+    """WAV samples after a parsed header: numpy on the loop (no codec, microseconds).
+    A sample frame split across client frames is carried, never dropped."""
+
+    name = "WAV"
+
+    def __init__(self, fmt: WavFormat) -> None:
+        self.fmt = fmt
+        self.codec = f"{fmt.coding}{fmt.bits}"
+        self.decoded_samples = 0
+        self._dtype = np.dtype(_WAV_DTYPES[(fmt.coding, fmt.bits)])
+        self._frame = self._dtype.itemsize * fmt.channels
+        self._carry = b""
+
+    async def feed(self, data: bytes) -> list[Pcm]:
+        data = self._carry + data
+        usable = len(data) - len(data) % self._frame
+        self._carry = data[usable:]
+        if not usable:
+            return []
+        raw = np.frombuffer(data, dtype=self._dtype, count=usable // self._dtype.itemsize)
+        coding = self.fmt.coding
+        if coding == "mulaw":
+            samples = MULAW[raw].astype(np.float32) / 32768
+        elif coding == "alaw":
+            samples = ALAW[raw].astype(np.float32) / 32768
+        elif coding == "float":
+            samples = raw.astype(np.float32)
+        elif self.fmt.bits == 8:  # 8-bit WAV is unsigned
+            samples = (raw.astype(np.float32) - 128) / 128
+        else:
+            samples = raw.astype(np.float32) / float(2 ** (self.fmt.bits - 1))
+        pcm = samples.reshape(-1, self.fmt.channels)
+        self.decoded_samples += pcm.shape[0]
+        return [Pcm(pcm, self.fmt.rate)]
+
+    async def finish(self) -> list[Pcm]:
+        if not self.decoded_samples:
+            raise DecodeError("the WAV stream ended before any audio was decoded "
+                              "(truncated or empty)")
+        return []
+
+    def close(self) -> None:
+        """Nothing to stop: no thread."""
+
+
 # --- PCM conversion (pure) -----------------------------------------------------------------
 
 _SCALE = {"s16": 1 / 32768, "s32": 1 / 2147483648, "flt": 1.0, "dbl": 1.0, "u8": 1 / 128}
@@ -159,6 +287,18 @@ def frame_pcm(frame: av.AudioFrame) -> np.ndarray:
     if _SCALE[name] != 1.0:
         out *= np.float32(_SCALE[name])
     return out
+
+
+class Decoder(Protocol):
+    """What SessionAudio needs of a decoder (StreamDecoder, WavDecoder)."""
+
+    name: str
+    codec: str | None
+    decoded_samples: int
+
+    async def feed(self, data: bytes) -> list[Pcm]: ...
+    async def finish(self) -> list[Pcm]: ...
+    def close(self) -> None: ...
 
 
 # --- the streaming decoder ------------------------------------------------------------------
@@ -394,4 +534,5 @@ def _settle(waiter: asyncio.Future[None]) -> None:
         waiter.set_result(None)
 
 
-__all__ = ["NEED_MORE", "DecodeError", "Pcm", "StreamDecoder", "frame_pcm", "sniff"]
+__all__ = ["ALAW", "MULAW", "NEED_MORE", "DecodeError", "Decoder", "Pcm", "StreamDecoder",
+           "WavDecoder", "WavFormat", "frame_pcm", "parse_wav_header", "sniff"]

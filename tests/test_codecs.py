@@ -47,6 +47,7 @@ FORMATS: dict[str, list[str]] = {
     "wav-f32-stereo-44k": ["-ar", "44100", "-ac", "2", "-c:a", "pcm_f32le", "-f", "wav"],
     "wav-mulaw-8k": ["-ar", "8000", "-c:a", "pcm_mulaw", "-f", "wav"],
     "wav-alaw-8k": ["-ar", "8000", "-c:a", "pcm_alaw", "-f", "wav"],
+    "wav-s24-ffmpeg": ["-c:a", "pcm_s24le", "-f", "wav"],  # not numpy's: FFmpeg decodes it
     "rf64-s16-24k": ["-ar", "24000", "-c:a", "pcm_s16le", "-rf64", "always", "-f", "wav"],
     "mp3-id3": ["-c:a", "libmp3lame", "-b:a", "64k", "-f", "mp3"],
     "mp3-bare": ["-ar", "44100", "-c:a", "libmp3lame", "-b:a", "96k", "-id3v2_version", "0",
@@ -208,6 +209,7 @@ async def test_bad_input_gets_data_0000_and_neighbours_are_unharmed(
     source, _, script = signal
     webm = ffmpeg(source, FORMATS["webm-opus"], tmp_path / "good.webm")
     ogg = ffmpeg(source, FORMATS["ogg-opus"], tmp_path / "good.ogg")
+    wav = ffmpeg(source, FORMATS["wav-s16-48k"], tmp_path / "good.wav")
     video = ffmpeg(Path("testsrc=size=64x64:rate=5:duration=1"),
                    ["-c:v", "ffv1", "-f", "matroska"], tmp_path / "video.mkv", "-f", "lavfi")
     # An audio track whose codec no FFmpeg knows: the CodecID renamed in place.
@@ -226,6 +228,7 @@ async def test_bad_input_gets_data_0000_and_neighbours_are_unharmed(
     neighbour = asyncio.create_task(stream(daemon, pieces(webm, seed=11, largest=500)))
     await asyncio.gather(
         assert_data_error(daemon, [webm[:150]], "ended before any audio"),  # truncated header
+        assert_data_error(daemon, [wav[:30]], "the WAV stream ended inside its header"),
         assert_data_error(daemon, pieces(video, seed=2), "no audio track (tracks: video)"),
         assert_data_error(daemon, pieces(unknown, seed=3), "audio codec is not one FFmpeg can decode"),
         assert_data_error(daemon, [webm_header(webm), *pieces(noise, 4, 60_000)],

@@ -10,7 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge.decode import NEED_MORE, SNIFF_BYTES, DecodeError, StreamDecoder, sniff
+from edge.decode import (
+    NEED_MORE,
+    SNIFF_BYTES,
+    DecodeError,
+    StreamDecoder,
+    WavDecoder,
+    WavFormat,
+    parse_wav_header,
+    sniff,
+)
 
 needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs Debian's ffmpeg")
 
@@ -54,14 +63,15 @@ def test_raw_pcm_is_no_container_even_with_a_frame_sync_in_front() -> None:
 async def test_each_chunk_returns_the_audio_it_completed(tmp_path: Path) -> None:
     """The hand-off waits for the thread to use the chunk: a chunk holding whole packets
     gives their samples back at once, not one chunk later."""
-    data = make(tmp_path, "a.wav", "-c:a", "pcm_s16le", seconds=2.0)
-    decoder = StreamDecoder("wav")
-    got = [sum(p.samples.shape[0] for p in await decoder.feed(data[:48_044]))]
-    got.append(sum(p.samples.shape[0] for p in await decoder.feed(data[48_044:])))
+    data = make(tmp_path, "a.webm", "-c:a", "libopus", "-b:a", "32k", seconds=4.0)
+    decoder = StreamDecoder("matroska")
+    half = len(data) // 2
+    got = [sum(p.samples.shape[0] for p in await decoder.feed(data[:half]))]
+    got.append(sum(p.samples.shape[0] for p in await decoder.feed(data[half:])))
     got.append(sum(p.samples.shape[0] for p in await decoder.finish()))
-    assert sum(got) == 96000
-    assert got[0] >= 20000  # most of the first 24000 samples, not nothing
-    assert decoder.codec == "pcm_s16le"
+    assert sum(got) == 4 * 48000
+    assert got[0] >= 0.8 * 2 * 48000  # the first half's audio, not nothing
+    assert decoder.codec == "opus"
 
 
 @needs_ffmpeg
@@ -78,3 +88,52 @@ async def test_a_stall_raises_and_the_thread_stops(tmp_path: Path) -> None:
     assert not decoder._thread.is_alive()
     with pytest.raises(DecodeError, match="decoder stalled"):  # the session stays failed
         await decoder.feed(b"more")
+
+
+def wav_header(tag: int, channels: int, rate: int, bits: int, *, riff: bytes = b"RIFF",
+               extra: bytes = b"", extensible: bool = False) -> bytes:
+    align = channels * bits // 8
+    fmt = (tag if not extensible else 0xFFFE).to_bytes(2, "little") + \
+        channels.to_bytes(2, "little") + rate.to_bytes(4, "little") + \
+        (rate * align).to_bytes(4, "little") + align.to_bytes(2, "little") + \
+        bits.to_bytes(2, "little")
+    if extensible:  # cbSize, valid bits, channel mask, sub-format GUID (tag first)
+        fmt += (22).to_bytes(2, "little") + bits.to_bytes(2, "little") + bytes(4) + \
+            tag.to_bytes(2, "little") + bytes(14)
+    chunks = extra + b"fmt " + len(fmt).to_bytes(4, "little") + fmt
+    return riff + b"\xff\xff\xff\xff" + b"WAVE" + chunks + b"data" + b"\xff\xff\xff\xff"
+
+
+@pytest.mark.parametrize(("header", "want"), [
+    (wav_header(1, 1, 48000, 16), WavFormat("pcm", 16, 1, 48000, 44)),
+    (wav_header(3, 2, 44100, 32, riff=b"RF64", extra=b"ds64" + (28).to_bytes(4, "little")
+                + bytes(28)), WavFormat("float", 32, 2, 44100, 80)),
+    (wav_header(7, 1, 8000, 8, extensible=True), WavFormat("mulaw", 8, 1, 8000, 68)),
+    (wav_header(6, 1, 8000, 8, extra=b"LIST" + (5).to_bytes(4, "little") + b"INFOx\x00"),
+     WavFormat("alaw", 8, 1, 8000, 58)),
+    (wav_header(1, 1, 48000, 24), None),  # 24-bit: left to FFmpeg
+    (wav_header(2, 1, 8000, 4), None),  # MS ADPCM: left to FFmpeg
+])
+def test_wav_header(header: bytes, want: WavFormat | None) -> None:
+    assert parse_wav_header(header) == want
+    assert parse_wav_header(header[:30]) == NEED_MORE
+
+
+def test_wav_header_errors_name_the_problem() -> None:
+    with pytest.raises(DecodeError, match="0 channels at 16000 Hz"):
+        parse_wav_header(wav_header(1, 0, 16000, 16))
+    with pytest.raises(DecodeError, match="data chunk comes before its fmt"):
+        parse_wav_header(b"RIFF\x00\x00\x00\x00WAVEdata\x00\x00\x00\x00")
+
+
+async def test_wav_samples_split_anywhere_are_carried() -> None:
+    fmt = WavFormat("pcm", 16, 2, 48000, 44)
+    stereo = np.arange(-3000, 3000, dtype="<i2").reshape(-1, 2)
+    data = stereo.tobytes()
+    decoder = WavDecoder(fmt)
+    parts = []
+    for i in range(0, len(data), 7):  # 7 bytes: splits samples and sample frames
+        parts += await decoder.feed(data[i:i + 7])
+    got = np.concatenate([p.samples for p in parts])
+    assert got.shape == (3000, 2)
+    assert np.array_equal(np.rint(got * 32768).astype(np.int16), stereo)
