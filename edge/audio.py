@@ -171,13 +171,23 @@ class SessionAudio:
         """Decoded audio -> mono -> the 16 kHz clock. The one place where multichannel
         audio is folded (mean of the channels)."""
         out: list[np.ndarray] = []
-        for part in parts:
-            self._source_s += part.samples.shape[0] / part.rate
-            if part.rate != self._rate:  # a new rate mid-stream (chained Ogg, ...)
+        i = 0
+        while i < len(parts):
+            # One resampler call per run of one rate and layout (a codec frame is ~20 ms:
+            # per-frame calls cost more than the resampling).
+            rate, channels = parts[i].rate, parts[i].samples.shape[1]
+            j = i + 1
+            while j < len(parts) and parts[j].rate == rate \
+                    and parts[j].samples.shape[1] == channels:
+                j += 1
+            samples = np.concatenate([p.samples for p in parts[i:j]]) if j > i + 1 \
+                else parts[i].samples
+            i = j
+            self._source_s += samples.shape[0] / rate
+            if rate != self._rate:  # a new rate mid-stream (chained Ogg, ...)
                 out.append(self._resample_float(np.zeros(0, np.float32), last=True))
-                self._rate, self._resampler = part.rate, _resampler(part.rate)
-            mono = part.samples.mean(axis=1, dtype=np.float32) if part.samples.shape[1] > 1 \
-                else part.samples[:, 0]
+                self._rate, self._resampler = rate, _resampler(rate)
+            mono = samples.mean(axis=1, dtype=np.float32) if channels > 1 else samples[:, 0]
             out.append(self._resample_float(mono, last=False))
         return self._place(np.concatenate(out)) if out else None
 

@@ -8,9 +8,10 @@ pace audio and read results.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,13 +48,15 @@ class StreamResult:
     # monotonic time each message arrived, and when each audio frame was sent
     received_at: list[float] = field(default_factory=list)
     sent_at: list[float] = field(default_factory=list)  # per frame, monotonic
+    sent_until: list[float] = field(default_factory=list)  # per frame: audio seconds complete
     sent_audio_s: float = 0.0
     frame_s: float = 0.1
 
     def sent_time(self, t: float) -> float | None:
-        """When the frame holding session time `t` was sent (None if never)."""
-        i = int(t / self.frame_s)
-        return self.sent_at[i] if 0 <= i < len(self.sent_at) else None
+        """When the frame holding session time `t` was sent (None if never). Frames may
+        hold different lengths of audio (a container's pieces)."""
+        i = bisect.bisect_left(self.sent_until, t - 1e-9)
+        return self.sent_at[i] if t >= 0 and i < len(self.sent_at) else None
 
     @property
     def finals(self) -> list[dict[str, Any]]:
@@ -81,9 +84,61 @@ async def stream_audio(
     everything received. Raises websockets' InvalidStatus
     when the handshake is refused and OSError when the daemon is unreachable."""
     params = {"encoding": "linear16", "sample_rate": rate, **(query or {})}
+    sent = ((f, len(f) / 2 / rate) for f in frames(samples, rate, frame_ms))
+    return await _stream(url, params, sent, max(1, rate * frame_ms // 1000) / rate, key=key,
+                         fast=fast, speed=speed, on_message=on_message)
+
+
+def timed_pieces(data: bytes, frame_s: float) -> list[tuple[bytes, float]]:
+    """A container stream (WebM, Ogg, MP3, ...) cut where each `frame_s` of audio is complete,
+    as a browser's MediaRecorder hands it out: (bytes, seconds of audio they complete)."""
+    import io
+
+    import av
+
+    cuts: list[tuple[int, float]] = []
+    with av.open(io.BytesIO(data)) as container:
+        for packet in container.demux(audio=0):
+            if packet.pos is None or packet.pos < 0 or packet.pts is None:
+                continue
+            t = float(packet.pts * packet.time_base)
+            if t >= (len(cuts) + 1) * frame_s:
+                cuts.append((packet.pos, t))
+    pieces, start, done = [], 0, 0.0
+    for pos, t in cuts:
+        if pos > start:
+            pieces.append((data[start:pos], t - done))
+            start, done = pos, t
+    pieces.append((data[start:], frame_s))
+    return pieces
+
+
+async def stream_encoded(
+    url: str,
+    pieces: Iterable[tuple[bytes, float]],
+    *,
+    key: str | None = None,
+    query: dict[str, Any] | None = None,
+    speed: float = 1.0,
+    on_message: Callable[[dict[str, Any]], None] | None = None,
+) -> StreamResult:
+    """Send a containerized/compressed stream without `encoding`, paced as its `pieces`
+    (bytes, seconds of audio they complete: see `timed_pieces`) say, then CloseStream."""
+    pieces = list(pieces)
+    frame_s = max(s for _, s in pieces) if pieces else 0.25
+    return await _stream(url, dict(query or {}), iter(pieces), frame_s, key=key,
+                         speed=speed, on_message=on_message)
+
+
+async def _stream(
+    url: str, params: dict[str, Any], sent: Iterator[tuple[bytes, float]], frame_s: float, *,
+    key: str | None, fast: bool = False, speed: float = 1.0,
+    on_message: Callable[[dict[str, Any]], None] | None = None,
+) -> StreamResult:
+    """The one send/receive loop: `sent` yields (frame, seconds of audio it holds)."""
     params = {k: str(v).lower() if isinstance(v, bool) else v for k, v in params.items()}
     headers = {"Authorization": f"Token {key}"} if key else None
-    result = StreamResult(frame_s=max(1, rate * frame_ms // 1000) / rate)
+    result = StreamResult(frame_s=frame_s)
     async with connect(f"{url}/v1/listen?{urlencode(params)}", additional_headers=headers,
                        max_size=None) as ws:
 
@@ -97,10 +152,11 @@ async def stream_audio(
 
         reader = asyncio.create_task(receive())
         start = time.monotonic()
-        for frame in frames(samples, rate, frame_ms):
+        for frame, frame_audio_s in sent:
             await ws.send(frame)
             result.sent_at.append(time.monotonic())
-            result.sent_audio_s += len(frame) / 2 / rate
+            result.sent_audio_s += frame_audio_s
+            result.sent_until.append(result.sent_audio_s)
             if not fast:
                 delay = start + result.sent_audio_s / speed - time.monotonic()
                 if delay > 0:
@@ -164,4 +220,5 @@ def write_outputs(result: StreamResult, path: Path, jsonl: Path | None, rttm: Pa
         rttm.write_text("".join(line + "\n" for line in lines))
 
 
-__all__ = ["StreamResult", "format_final", "read_audio", "rttm_lines", "stream_audio"]
+__all__ = ["StreamResult", "format_final", "read_audio", "rttm_lines", "stream_audio",
+           "stream_encoded", "timed_pieces"]

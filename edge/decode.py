@@ -270,18 +270,27 @@ class WavDecoder:
 # --- PCM conversion (pure) -----------------------------------------------------------------
 
 _SCALE = {"s16": 1 / 32768, "s32": 1 / 2147483648, "flt": 1.0, "dbl": 1.0, "u8": 1 / 128}
+_DTYPES = {"s16": np.int16, "s32": np.int32, "flt": np.float32, "dbl": np.float64, "u8": np.uint8}
 
 
 def frame_pcm(frame: av.AudioFrame) -> np.ndarray:
-    """One decoded frame as float32 (samples, channels)."""
+    """One decoded frame as float32 (samples, channels). Reads the planes' buffers directly:
+    `AudioFrame.to_ndarray()` costs more than the Opus decode itself (measured)."""
     fmt = frame.format
     name = fmt.name.rstrip("p")
     if name not in _SCALE:
         raise DecodeError(f"decoder produced unsupported sample format {fmt.name}")
-    raw = frame.to_ndarray()
     channels = len(frame.layout.channels)
-    data = raw.T if fmt.is_planar else raw.reshape(-1, channels)
-    out = np.ascontiguousarray(data, dtype=np.float32)
+    n = frame.samples
+    if fmt.is_planar and channels == 1:
+        data = np.frombuffer(frame.planes[0], dtype=_DTYPES[name], count=n).reshape(n, 1)
+    elif fmt.is_planar:
+        data = np.stack([np.frombuffer(p, dtype=_DTYPES[name], count=n) for p in frame.planes],
+                        axis=1)
+    else:
+        data = np.frombuffer(frame.planes[0], dtype=_DTYPES[name], count=n * channels)
+        data = data.reshape(n, channels)
+    out = data.astype(np.float32)  # a copy: the frame's buffer is reused by FFmpeg
     if name == "u8":
         out -= 128.0
     if _SCALE[name] != 1.0:
@@ -316,7 +325,7 @@ class _Pipe:
     non-seekable stream.
     """
 
-    def __init__(self, on_hungry: Callable[[], None]) -> None:
+    def __init__(self, on_hungry: Callable[[], Callable[[], None] | None]) -> None:
         self._cond = threading.Condition()  # re-entrant: `lock` may be held around put()
         self.lock = self._cond
         self._buf = bytearray()
@@ -347,8 +356,14 @@ class _Pipe:
 
     def read(self, n: int) -> bytes:
         with self._cond:
+            # "Hungry" is decided under the lock (so it names the chunk just used up) but
+            # reported after releasing it: the loop, woken by the report, takes this lock
+            # next to hand over the following chunk.
+            wake = None if self._buf or self._eof or self._closed else self._on_hungry()
+        if wake is not None:
+            wake()
+        with self._cond:
             while not self._buf and not self._eof and not self._closed:
-                self._on_hungry()
                 self._cond.wait()
             if self._closed:
                 raise _Stop
@@ -378,7 +393,8 @@ class StreamDecoder:
         self._packets = packets
         self._rate, self._channels = rate, channels
         self._lock = threading.Lock()
-        self._out: list[Pcm] = []
+        self._out: list[Pcm] = []  # decoded, handed over at the next wake (under _lock)
+        self._pending: list[Pcm] = []  # decoded by the thread since its last wake
         self._error: DecodeError | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -435,8 +451,9 @@ class StreamDecoder:
             self._thread.start()
         if not finished:
             try:
-                await asyncio.wait_for(waiter, self.feed_timeout_s)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(self.feed_timeout_s):
+                    await waiter
+            except TimeoutError:
                 self.close()
                 self._error = DecodeError(
                     f"the {self.name} decoder stalled: a {self.feed_timeout_s:g} s budget "
@@ -450,23 +467,27 @@ class StreamDecoder:
         return out
 
     # --- decoder thread ---
-    def _hungry(self) -> None:
-        """Called on the thread (pipe lock held) when it has used every byte given."""
-        self._wake()
-
-    def _wake(self) -> None:
+    def _hungry(self) -> Callable[[], None] | None:
+        """Called on the thread (pipe lock held) when it has used every byte given:
+        publishes what it decoded, and returns the wake-up to run once the lock is free."""
         with self._lock:
             waiter, loop = self._waiter, self._loop
             self._waiter = None
-        if waiter is not None and loop is not None:
-            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
-                loop.call_soon_threadsafe(_settle, waiter)
+            self._out += self._pending  # published once per hand-off, not per frame
+        self._pending = []
+        if waiter is None or loop is None:
+            return None
+        return lambda: _wake_loop(loop, waiter)
+
+    def _wake(self) -> None:
+        wake = self._hungry()
+        if wake is not None:
+            wake()
 
     def _emit(self, frame: av.AudioFrame) -> None:
         pcm = frame_pcm(frame)
         if pcm.size:
-            with self._lock:
-                self._out.append(Pcm(pcm, frame.sample_rate))
+            self._pending.append(Pcm(pcm, frame.sample_rate))  # thread-only until _wake
             self.decoded_samples += pcm.shape[0]
 
     def _run(self) -> None:
@@ -527,6 +548,11 @@ class StreamDecoder:
                 self._emit(frame)
         for frame in ctx.decode(None):
             self._emit(frame)
+
+
+def _wake_loop(loop: asyncio.AbstractEventLoop, waiter: asyncio.Future[None]) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
+        loop.call_soon_threadsafe(_settle, waiter)
 
 
 def _settle(waiter: asyncio.Future[None]) -> None:

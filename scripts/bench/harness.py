@@ -73,9 +73,10 @@ def daemon(**settings: str) -> Iterator[tuple[int, str, str]]:
 
 
 @contextmanager
-def fake_google(endpoint_s: float = FAKE_ENDPOINT_S) -> Iterator[str]:
+def fake_google(endpoint_s: float = FAKE_ENDPOINT_S, word_code: str = "exact") -> Iterator[str]:
     """The fake Google Speech service in its own process; yields its "host:port"."""
-    with process([sys.executable, "-m", "tests.fakes.google_speech", str(endpoint_s)],
+    with process([sys.executable, "-m", "tests.fakes.google_speech", str(endpoint_s),
+                  "--word-code", word_code],
                  dict(os.environ), r"(127\.0\.0\.1:\d+)") as (_proc, m):
         yield m.group(1)
 

@@ -10,6 +10,13 @@ reaches 20 ms, latency p99 exceeds 2 s over the fake's endpointing delay, or a s
 
     python scripts/bench/server.py --ramp 25,50,100,150,200,250 --seconds 20
     python scripts/bench/server.py --diarizer tiny --ramp 1,2,4,8 --seconds 20
+    python scripts/bench/server.py --formats linear16,webm-opus --ramp 4,8 --seconds 15
+
+`--formats linear16,webm-opus` runs, at every N, a step of each format one after the other
+on the same daemon: browser-style webm/opus (made by ffmpeg from the same signal, sent as
+250 ms pieces without `encoding`) against 16 kHz linear16; `comparison` gives the CPU ratio.
+With webm-opus in the run every format carries tone-coded words (the fake's `tone` code,
+which survives Opus), so words lost are counted the same way for both.
 """
 
 from __future__ import annotations
@@ -19,7 +26,9 @@ import asyncio
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +37,7 @@ import numpy as np
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script, too
-from edge.client import StreamResult, stream_audio
+from edge.client import StreamResult, stream_audio, stream_encoded, timed_pieces
 from scripts.bench.harness import (
     FAKE_ENDPOINT_S,
     KEY,
@@ -39,7 +48,7 @@ from scripts.bench.harness import (
     metrics,
     wait_diarizer,
 )
-from tests.fakes.google_speech import encode, utterances
+from tests.fakes.google_speech import encode, tone_encode, utterances
 
 SR = 16000
 FULL_GC = 'edge_gc_pause_seconds_bucket{generation="2",le="'
@@ -65,9 +74,37 @@ def pct(values: list[float], q: float) -> float | None:
     return round(ordered[min(len(ordered) - 1, int(len(ordered) * q))], 4)
 
 
-async def step(n: int, seconds: float, ws: str, http: str, pid: int, query: dict[str, Any]) -> dict[str, Any]:
-    audio, script = encode(utterances(max(1, int(seconds / 2.6)), words=4))
-    samples = np.frombuffer(audio, dtype="<i2")
+FORMATS = ("linear16", "webm-opus")
+
+
+def tone_signal(seconds: float) -> tuple[np.ndarray, bytes, int]:
+    """Tone-coded utterances (word ids cycling 1-10, tones under 3 kHz): 16 kHz int16
+    samples, the same signal as webm/opus (ffmpeg, libopus 32 kb/s from 48 kHz), and the
+    number of words."""
+    segments = [(1 + (i - 1) % 10 if i else 0, s)
+                for i, s in utterances(max(1, int(seconds / 2.6)), words=4)]
+    audio16, script = tone_encode(segments, SR)
+    audio48, _ = tone_encode(segments, 48000)
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp) / "src.f32", Path(tmp) / "out.webm"
+        src.write_bytes(audio48.astype("<f4").tobytes())
+        subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-f", "f32le", "-ar",
+                        "48000", "-ac", "1", "-i", str(src), "-c:a", "libopus", "-b:a", "32k",
+                        "-f", "webm", str(out)], check=True)
+        webm = out.read_bytes()
+    pcm = np.clip(np.rint(audio16 * 32768), -32768, 32767).astype(np.int16)
+    return pcm, webm, len(script)
+
+
+async def step(n: int, seconds: float, ws: str, http: str, pid: int, query: dict[str, Any],
+               fmt: str = "linear16", tone: bool = False) -> dict[str, Any]:
+    if tone:
+        samples, webm, words = tone_signal(seconds)
+    else:
+        audio, script = encode(utterances(max(1, int(seconds / 2.6)), words=4))
+        samples, webm, words = np.frombuffer(audio, dtype="<i2"), b"", len(script)
+    audio_s = len(samples) / SR
+    pieces = timed_pieces(webm, 0.25) if webm else []
     proc = psutil.Process(pid)
     cpu0 = proc.cpu_times()
     t0 = time.monotonic()
@@ -86,6 +123,8 @@ async def step(n: int, seconds: float, ws: str, http: str, pid: int, query: dict
     async def one(i: int) -> StreamResult | BaseException:
         await asyncio.sleep(i * 0.1 / max(1, n / 10))  # stagger starts over ~1 s per 10
         try:
+            if fmt == "webm-opus":
+                return await stream_encoded(ws, pieces, key=KEY, query=query)
             return await stream_audio(ws, samples, SR, key=KEY, query=query)
         except Exception as exc:  # recorded as an error of this step
             return exc
@@ -101,19 +140,20 @@ async def step(n: int, seconds: float, ws: str, http: str, pid: int, query: dict
                if k.startswith('edge_gc_pause_seconds_bucket{generation="2"')}
     cpu = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
     ok = [r for r in results if isinstance(r, StreamResult) and r.close_code == 1000]
-    lost = sum(len(script) - sum(len(m["channel"]["alternatives"][0]["words"]) for m in r.finals)
+    lost = sum(words - sum(len(m["channel"]["alternatives"][0]["words"]) for m in r.finals)
                for r in ok)
     lat = [x for r in ok for x in latencies(r)]
     steady = lag_samples[2:-1] or lag_samples  # skip ramp-up and tail
     unlabelled = sum(1 for r in ok for m in r.finals for w in m["channel"]["alternatives"][0]["words"]
                      if w.get("speaker") is None)
     return {
+        "format": fmt,
         "streams": n,
         "ok": len(ok),
         "errors": [repr(r)[:200] for r in results if not isinstance(r, StreamResult)][:3]
                   + [f"close {r.close_code} {r.close_reason}" for r in results
                      if isinstance(r, StreamResult) and r.close_code != 1000][:3],
-        "audio_s_per_stream": round(len(samples) / SR, 1),
+        "audio_s_per_stream": round(audio_s, 1),
         "cpu_s_per_stream_s": round(cpu / wall / n, 5),
         "cpu_cores": round(cpu / wall, 3),
         "loop_lag_p50_ms": round(1000 * statistics.median(s[0] for s in steady), 2) if steady else None,
@@ -147,26 +187,49 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "STT_ENABLE_NEMO_DIARIZATION_FALLBACK": "false"}
     if args.diarizer:
         settings.update(diarizer_settings(args.diarizer))
-    with fake_google() as endpoint, daemon(EDGE_STT_ENDPOINT=endpoint, EDGE_STT_INSECURE="true",
-                                           **settings) as (pid, http, ws):
+    formats = args.formats.split(",")
+    if unknown := set(formats) - set(FORMATS):
+        raise SystemExit(f"--formats: unknown {sorted(unknown)}; allowed: {', '.join(FORMATS)}")
+    tone = "webm-opus" in formats
+    with fake_google(word_code="tone" if tone else "exact") as endpoint, daemon(
+            EDGE_STT_ENDPOINT=endpoint, EDGE_STT_INSECURE="true", **settings) as (pid, http, ws):
         diarizer = await wait_diarizer(http) if args.diarizer else None
         idle_rss = psutil.Process(pid).memory_info().rss / 2**20
         steps = []
         for n in ramp:
-            r = await step(n, args.seconds, ws, http, pid, query)
-            r["broken"] = broken(r)
-            steps.append(r)
-            print(json.dumps(r), file=sys.stderr, flush=True)
-            if r["broken"] and not args.keep_going:
+            stop = False
+            for fmt in formats:
+                r = await step(n, args.seconds, ws, http, pid, query, fmt, tone)
+                r["broken"] = broken(r)
+                steps.append(r)
+                print(json.dumps(r), file=sys.stderr, flush=True)
+                stop = stop or bool(r["broken"])
+                await asyncio.sleep(2)
+            if stop and not args.keep_going:
                 break
-            await asyncio.sleep(2)
     return {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": {"cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg()},
         "diarizer": args.diarizer, "diarizer_status": diarizer,
         "daemon_idle_rss_mb": round(idle_rss, 1),
         "steps": steps,
+        "comparison": compare(steps, formats),
     }
+
+
+def compare(steps: list[dict[str, Any]], formats: list[str]) -> list[dict[str, Any]]:
+    """Per N: each format's CPU per stream relative to the first format's (linear16)."""
+    out = []
+    base = formats[0]
+    for n in sorted({s["streams"] for s in steps}):
+        at = {s["format"]: s for s in steps if s["streams"] == n}
+        if base not in at or not at[base]["cpu_s_per_stream_s"]:
+            continue
+        out.append({"streams": n, **{
+            f"cpu_ratio_{fmt}_vs_{base}": round(at[fmt]["cpu_s_per_stream_s"]
+                                                / at[base]["cpu_s_per_stream_s"], 3)
+            for fmt in formats[1:] if fmt in at}})
+    return out
 
 
 def main() -> None:
@@ -174,6 +237,8 @@ def main() -> None:
     ap.add_argument("--ramp", default="25,50,100,150,200,250")
     ap.add_argument("--seconds", type=float, default=20.0, help="audio per session per step")
     ap.add_argument("--diarizer", choices=["tiny", "full"], help="also run the local diarizer")
+    ap.add_argument("--formats", default="linear16",
+                    help=f"comma-separated, each run at every N: {', '.join(FORMATS)}")
     ap.add_argument("--keep-going", action="store_true", help="run every step even after a break")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()

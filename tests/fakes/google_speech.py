@@ -428,8 +428,8 @@ __all__ = ["CODE_STEP", "FakeSpeech", "Faults", "Recognizer", "ScriptWord", "enc
            "utterances"]
 
 
-async def _serve_forever(endpoint_s: float) -> None:
-    fake = FakeSpeech(endpoint_s=endpoint_s)
+async def _serve_forever(endpoint_s: float, word_code: str) -> None:
+    fake = FakeSpeech(endpoint_s=endpoint_s, word_code=word_code)
     print(await fake.start(), flush=True)  # the benchmark reads "host:port" from this line
     try:
         await asyncio.Event().wait()
@@ -447,4 +447,7 @@ if __name__ == "__main__":  # python -m tests.fakes.google_speech: a standalone 
                     "EDGE_STT_INSECURE=true.")
     parser.add_argument("endpoint_s", nargs="?", type=float, default=0.3,
                         help="silence after a word that ends an utterance (default 0.3 s)")
-    asyncio.run(_serve_forever(parser.parse_args().endpoint_s))
+    parser.add_argument("--word-code", choices=["exact", "tone"], default="exact",
+                        help="exact sample magnitudes (default) or tones (for lossy codecs)")
+    cli = parser.parse_args()
+    asyncio.run(_serve_forever(cli.endpoint_s, cli.word_code))
