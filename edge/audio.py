@@ -4,9 +4,10 @@ The session clock is the number of 16 kHz samples produced since the session's f
 every time in the daemon (upstream offsets, diarizer frames, Results) is seconds on it.
 `SessionAudio.decode()` takes frames of any length and returns `AudioBlock`s placed on that
 clock. Raw encodings (linear16, linear32, mulaw, alaw) are decoded here with numpy, on the
-loop (microseconds per frame: `feed()`); containers and compressed codecs go through one
-`StreamDecoder` (edge/decode.py, PyAV on its own thread) and come back as (samples, channels)
-at the source's rate, which `_decoded()` downmixes and resamples onto the clock. With no
+loop (microseconds per frame: `feed()`). WAV goes through `WavDecoder` (edge/formats.py,
+numpy, on the loop), containers and compressed codecs through one `StreamDecoder`
+(edge/decode.py, PyAV on its own thread); both give (samples, channels) at the source's
+rate, which `_decoded()` downmixes and resamples onto the clock. With no
 `encoding`, the first bytes decide (`sniff()`); nothing recognised means linear16 at
 `sample_rate`, as room devices send it. An odd byte of linear16 (or a split sample) is
 carried to the next frame, never dropped.
@@ -21,9 +22,9 @@ from collections import deque
 import numpy as np
 import soxr
 
-from edge.decode import (
+from edge.decode import FEED_TIMEOUT_S, StreamDecoder
+from edge.formats import (
     ALAW,
-    FEED_TIMEOUT_S,
     FORMAT_NAMES,
     MAX_WAV_HEADER,
     MULAW,
@@ -32,7 +33,6 @@ from edge.decode import (
     DecodeError,
     Decoder,
     Pcm,
-    StreamDecoder,
     WavDecoder,
     WavFormat,
     parse_wav_header,

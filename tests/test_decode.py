@@ -1,4 +1,5 @@
-"""decode.py without a server: the sniffer's decisions and the streaming decoder's hand-off."""
+"""formats.py and decode.py without a server: the sniffer's and WAV parser's decisions, and
+the streaming decoder's hand-off."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge.decode import (
+from edge.decode import StreamDecoder
+from edge.formats import (
     NEED_MORE,
     SNIFF_BYTES,
     DecodeError,
-    StreamDecoder,
     WavDecoder,
     WavFormat,
     parse_wav_header,
