@@ -146,16 +146,21 @@ async def test_encoding_ogg_opus_and_flac_follow_deepgram(
         assert_words(messages, script)
 
 
-async def test_raw_opus_packets_one_per_frame(
-    daemon: App, signal: tuple[Path, np.ndarray, list[ScriptWord]], tmp_path: Path
+@pytest.mark.parametrize(("encoding", "rate", "codec"), [
+    ("opus", 48000, ["-c:a", "libopus", "-b:a", "24k"]),
+    ("speex", 16000, ["-ar", "16000", "-c:a", "libspeex"]),
+])
+async def test_raw_packets_one_per_frame(
+    daemon: App, signal: tuple[Path, np.ndarray, list[ScriptWord]], tmp_path: Path,
+    encoding: str, rate: int, codec: list[str],
 ) -> None:
-    """`encoding=opus` without a container: every frame is one Opus packet (RTP-style)."""
+    """`encoding=opus|speex` without a container: every frame is one packet (RTP-style)."""
     source, _, script = signal
     ogg = tmp_path / "raw.ogg"
-    ffmpeg(source, ["-ar", "16000", "-c:a", "libopus", "-b:a", "24k", "-f", "ogg"], ogg)
+    ffmpeg(source, [*codec, "-f", "ogg"], ogg)
     with av.open(str(ogg)) as container:
         packets = [bytes(p) for p in container.demux(audio=0) if p.size]
-    messages, code, _ = await stream(daemon, packets, "encoding=opus&sample_rate=48000")
+    messages, code, _ = await stream(daemon, packets, f"encoding={encoding}&sample_rate={rate}")
     assert code == 1000, messages
     assert_words(messages, script)
 
