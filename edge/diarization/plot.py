@@ -19,6 +19,9 @@ from edge.diarization.score import Rttm
 ERROR_COLOURS = {"missed detection": "#d62728", "false alarm": "#ff7f0e", "confusion": "#9467bd"}
 ERROR_NAMES = {"missed detection": "missed", "false alarm": "false alarm", "confusion": "confusion"}
 UNMAPPED = "#7f7f7f"
+# Speaker colours: none of them is an error colour, so a speaker bar never reads as an error.
+SPEAKER_COLOURS = ["#1f77b4", "#2ca02c", "#8c564b", "#e377c2", "#bcbd22", "#17becf", "#393b79",
+                   "#637939"]
 
 
 def error_regions(
@@ -73,8 +76,7 @@ def plot_timelines(
     fig, axes = plt.subplots(len(uris), 1, figsize=(14, sum(heights)), squeeze=False,
                              gridspec_kw={"height_ratios": heights})
     ref_labels = sorted({str(lbl) for a in reference.turns.values() for lbl in a.labels()})
-    cmap = plt.get_cmap("tab10")
-    colour = {label: cmap(i % 10) for i, label in enumerate(ref_labels)}
+    colour = {label: SPEAKER_COLOURS[i % len(SPEAKER_COLOURS)] for i, label in enumerate(ref_labels)}
     for ax, uri, lanes in zip(axes[:, 0], uris, lanes_per_file, strict=True):
         names = []
         for row, (name, bars) in enumerate(lanes):
