@@ -330,9 +330,10 @@ def _eval_usage(args: argparse.Namespace) -> str | None:
 
 def _eval_run(settings: Settings, args: argparse.Namespace) -> int:
     from edge import eval as ev
-    from edge.diarization.score import read_rttm, read_uem, render_json, render_table, score
+    from edge.diarization.score import check_reference, read_rttm, read_uem, render_json, render_table, score
 
     reference = read_rttm(args.ref)
+    check_reference(reference)
     uem = read_uem(args.uem, reference) if args.uem else None
     score_args = {"collar": args.collar, "skip_overlap": args.skip_overlap, "uem": uem}
     if args.hyp:
