@@ -19,7 +19,7 @@ from edge import __version__
 from edge.settings import Settings, SettingsError, load_settings, resolve_env_file
 
 if TYPE_CHECKING:
-    from pyannote.core import Annotation, Timeline
+    from pyannote.core import Annotation
 
     from edge.diarization.score import Rttm
 
@@ -293,8 +293,10 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
 def _eval(settings: Settings, args: argparse.Namespace) -> int:
     from edge.diarization.model import ModelUnavailable
     from edge.diarization.score import ScoreError
+    from edge.eval import usage_problem
 
-    usage = _eval_usage(args)
+    usage = usage_problem(audio=args.audio, hyp=args.hyp, preset=args.preset, url=args.url,
+                          model=args.model, runtime=args.runtime, collar=args.collar, speed=args.speed)
     if usage:
         print(f"edge eval: {usage}", file=sys.stderr)
         return 2
@@ -303,45 +305,32 @@ def _eval(settings: Settings, args: argparse.Namespace) -> int:
     except (ScoreError, ModelUnavailable, ValueError) as exc:
         print(f"edge: {exc}", file=sys.stderr)
         return 1
-    except OSError as exc:
-        target = f"cannot reach {args.url}" if args.url else "cannot write"
-        print(f"edge: {target}: {exc}", file=sys.stderr)
+    except OSError as exc:  # an output (--plot, --save-hyp) that cannot be written
+        print(f"edge: {exc}", file=sys.stderr)
         return 1
-
-
-def _eval_usage(args: argparse.Namespace) -> str | None:
-    from edge.eval import RUNTIMES
-
-    if bool(args.hyp) == bool(args.audio):
-        return "give either --hyp RTTM|DIR or AUDIO files (not both, not neither)"
-    if args.hyp and (args.preset or args.url or args.model):
-        return "--preset, --url and --model need AUDIO files, not --hyp"
-    if args.url and (args.preset or args.model):
-        return "--url scores the daemon's own settings: --preset and --model do not apply"
-    if args.runtime not in RUNTIMES:
-        return f"--runtime {args.runtime!r}: allowed: {', '.join(RUNTIMES)}"
-    if args.collar < 0:
-        return f"--collar {args.collar}: must be >= 0 seconds"
-    if args.speed <= 0:
-        return f"--speed {args.speed}: must be > 0"
-    missing = [str(p) for p in [*args.audio, *([args.model] if args.model else [])] if not p.is_file()]
-    return f"{missing[0]}: file does not exist" if missing else None
 
 
 def _eval_run(settings: Settings, args: argparse.Namespace) -> int:
     from edge import eval as ev
+    from edge.diarization.plot import plot_timelines
     from edge.diarization.score import check_reference, read_rttm, read_uem, render_json, render_table, score
 
     reference = read_rttm(args.ref)
     check_reference(reference)
     uem = read_uem(args.uem, reference) if args.uem else None
     score_args = {"collar": args.collar, "skip_overlap": args.skip_overlap, "uem": uem}
+
+    def plot(ref: Rttm, hypotheses: list[tuple[str, dict[str, Annotation]]]) -> None:
+        plot_timelines(ref, hypotheses, args.plot, collar=args.collar, skip_overlap=args.skip_overlap,
+                       uem=uem)
+        print(f"plot: {args.plot}", file=sys.stderr)
+
     if args.hyp:
         hypothesis = read_rttm(args.hyp, known=reference)
         report = score(reference, hypothesis.turns, **score_args)
         print(render_table(report))
         if args.plot:
-            _eval_plot(reference, [("hyp", hypothesis.turns)], args, uem)
+            plot(reference, [("hyp", hypothesis.turns)])
         if args.json:
             print(render_json(report))
         return 0
@@ -373,19 +362,10 @@ def _eval_run(settings: Settings, args: argparse.Namespace) -> int:
     if args.save_hyp:
         ev.write_hypotheses(runs, args.save_hyp)
     if args.plot:
-        _eval_plot(ev.reference_for(args.audio, reference), [(r.name, r.hypothesis) for r in runs], args, uem)
+        plot(ev.reference_for(args.audio, reference), [(r.name, r.hypothesis) for r in runs])
     if args.json:
         print(ev.render_runs_json(runs))
     return 0
-
-
-def _eval_plot(reference: Rttm, hypotheses: list[tuple[str, dict[str, Annotation]]],
-               args: argparse.Namespace, uem: dict[str, Timeline] | None) -> None:
-    from edge.diarization.plot import plot_timelines
-
-    plot_timelines(reference, hypotheses, args.plot, collar=args.collar,
-                   skip_overlap=args.skip_overlap, uem=uem)
-    print(f"plot: {args.plot}", file=sys.stderr)
 
 
 class _ProgressBar:

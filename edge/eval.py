@@ -60,6 +60,25 @@ def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
 
 
+def usage_problem(*, audio: list[Path], hyp: Path | None, preset: str | None, url: str | None,
+                  model: Path | None, runtime: str, collar: float, speed: float) -> str | None:
+    """What is wrong with this combination of `edge eval` options (one line), or None."""
+    if bool(hyp) == bool(audio):
+        return "give either --hyp RTTM|DIR or AUDIO files (not both, not neither)"
+    if hyp and (preset or url or model):
+        return "--preset, --url and --model need AUDIO files, not --hyp"
+    if url and (preset or model):
+        return "--url scores the daemon's own settings: --preset and --model do not apply"
+    if runtime not in RUNTIMES:
+        return f"--runtime {runtime!r}: allowed: {', '.join(RUNTIMES)}"
+    if collar < 0:
+        return f"--collar {collar}: must be >= 0 seconds"
+    if speed <= 0:
+        return f"--speed {speed}: must be > 0"
+    missing = [str(p) for p in [*audio, *([model] if model else [])] if not p.is_file()]
+    return f"{missing[0]}: file does not exist" if missing else None
+
+
 def parse_presets(text: str | None) -> list[str]:
     """`--preset very-high,low` -> the names, checked; None -> [CONFIGURED].
 
@@ -149,10 +168,11 @@ async def run_daemon(
     """Stream every file to the daemon at `url` at `speed` x real time, asking for speaker turns,
     and score the final turns that come back (labelled final words when there are none).
 
-    Returns one `Run`. Raises `ScoreError` when a stream does not close normally, websockets'
-    `InvalidStatus` when the daemon refuses, `OSError` when it cannot be reached, `ValueError`
-    for unreadable audio.
+    Returns one `Run`. Raises `ScoreError` for unreadable audio, a daemon that refuses or cannot
+    be reached, and a stream that does not close normally (1000).
     """
+    from websockets.exceptions import InvalidStatus, WebSocketException
+
     from edge import client
 
     reference = reference_for(paths, reference)
@@ -162,9 +182,18 @@ async def run_daemon(
     for path in paths:
         if on_file is not None:
             on_file(path)
-        samples, rate = client.read_audio(path)
-        result = await client.stream_audio(url, samples, rate, key=key, speed=speed,
-                                           query={"diarize": True, "speaker_turns": True})
+        try:
+            samples, rate = client.read_audio(path)
+        except (OSError, RuntimeError) as exc:  # soundfile's errors are RuntimeErrors
+            raise ScoreError(f"{path}: cannot read audio: {exc}") from exc
+        try:
+            result = await client.stream_audio(url, samples, rate, key=key, speed=speed,
+                                               query={"diarize": True, "speaker_turns": True})
+        except InvalidStatus as exc:
+            raise ScoreError(f"{url} refused: HTTP {exc.response.status_code} "
+                             f"{exc.response.body.decode(errors='replace')}".rstrip()) from exc
+        except (OSError, WebSocketException) as exc:
+            raise ScoreError(f"cannot stream to {url}: {type(exc).__name__}: {exc}") from exc
         if result.close_code != 1000:
             errors = [m.get("description") for m in result.messages if m.get("type") == "Error"]
             raise ScoreError(f"{path}: the daemon closed the stream {result.close_code} "
@@ -216,4 +245,4 @@ def write_hypotheses(runs: list[Run], folder: Path) -> None:
 
 
 __all__ = ["CONFIGURED", "RUNTIMES", "Run", "parse_presets", "reference_for", "render_runs",
-           "render_runs_json", "run_daemon", "run_engine", "write_hypotheses"]
+           "render_runs_json", "run_daemon", "run_engine", "usage_problem", "write_hypotheses"]

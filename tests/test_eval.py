@@ -223,3 +223,14 @@ def _env() -> dict[str, str]:
     import os
 
     return {k: v for k, v in os.environ.items() if not k.startswith(("EDGE_", "NEMO_", "HF_", "STT_"))}
+
+
+def test_an_unreachable_daemon_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import numpy as np
+
+    soundfile.write(tmp_path / "m.wav", np.zeros(16000, dtype=np.float32), 16000)
+    (tmp_path / "ref.rttm").write_text(REF)
+    assert main(["eval", str(tmp_path / "m.wav"), "--ref", str(tmp_path / "ref.rttm"),
+                 "--url", "ws://127.0.0.1:9"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("edge: cannot stream to ws://127.0.0.1:9: ConnectionRefusedError")

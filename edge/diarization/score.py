@@ -23,7 +23,8 @@ NIST_TYPES = frozenset({"SEGMENT", "NOSCORE", "NO_RT_METADATA", "LEXEME", "NON-L
 
 
 class ScoreError(ValueError):
-    """Input that cannot be scored; the message is one line naming the file (and line)."""
+    """What `edge eval` cannot score: bad input (the message names the file, and the line where
+    there is one), or a hypothesis that could not be had (a daemon that refused). One line."""
 
 
 @dataclass
