@@ -291,9 +291,16 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _eval(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        from edge.diarization.score import ScoreError
+        from edge.eval import usage_problem
+
+        if args.plot:
+            import matplotlib  # noqa: F401  (checked now, not after minutes of diarizing)
+    except ImportError as exc:  # pyannote.metrics / matplotlib: the `eval` extra
+        print(f"edge eval needs the eval extra (pip install 'edge[eval]'): {exc}", file=sys.stderr)
+        return 1
     from edge.diarization.model import ModelUnavailable
-    from edge.diarization.score import ScoreError
-    from edge.eval import usage_problem
 
     usage = usage_problem(audio=args.audio, hyp=args.hyp, preset=args.preset, url=args.url,
                           model=args.model, runtime=args.runtime, collar=args.collar, speed=args.speed)

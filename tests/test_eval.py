@@ -155,6 +155,7 @@ def test_make_meeting_is_deterministic_with_turns_pauses_and_overlap(tmp_path: P
 
 
 @pytest.mark.nemo
+@pytest.mark.slow
 def test_audio_through_the_engine_prints_a_row_per_preset(tmp_path: Path) -> None:
     from tests.fakes.sortformer import tiny_model_path
 
@@ -165,17 +166,17 @@ def test_audio_through_the_engine_prints_a_row_per_preset(tmp_path: Path) -> Non
                         "STT_NEMO_DIARIZATION_WINDOW_S=3.2\n")
     run = subprocess.run(
         [sys.executable, "-m", "edge", "eval", str(wav), "--ref", str(ref), "--model", str(tiny_model_path()),
-         "--preset", "configured,ultra-low", "--json", "--save-hyp", str(tmp_path / "hyp"),
+         "--preset", "configured,high", "--json", "--save-hyp", str(tmp_path / "hyp"),
          "--plot", str(tmp_path / "t.png")],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
         env={**_env(), "EDGE_ENV_FILE": str(env_file)})
     assert run.returncode == 0, run.stderr
     lines = run.stdout.strip().splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("preset "))
-    assert [row.split()[0] for row in lines[header + 2:header + 4]] == ["configured", "ultra-low"]
+    assert [row.split()[0] for row in lines[header + 2:header + 4]] == ["configured", "high"]
     got = json.loads(lines[-1])["runs"]
-    assert [r["name"] for r in got] == ["configured", "ultra-low"]
-    assert got[0]["params"]["chunk_len"] == 6 and got[1]["params"]["chunk_len"] == 3
+    assert [r["name"] for r in got] == ["configured", "high"]
+    assert got[0]["params"]["chunk_len"] == 6 and got[1]["params"]["chunk_len"] == 124
     for r in got:
         assert r["audio_s"] == pytest.approx(soundfile.info(str(wav)).duration, abs=1e-3) and r["rtf"] > 0
         chunk = r["params"]["chunk_len"] * 0.08
@@ -190,6 +191,7 @@ def test_audio_through_the_engine_prints_a_row_per_preset(tmp_path: Path) -> Non
 
 
 @pytest.mark.nemo
+@pytest.mark.slow
 async def test_url_scores_what_a_running_daemon_sends_back(tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     from tests.conftest import running_app
