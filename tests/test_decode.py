@@ -138,3 +138,27 @@ async def test_wav_samples_split_anywhere_are_carried() -> None:
     got = np.concatenate([p.samples for p in parts])
     assert got.shape == (3000, 2)
     assert np.array_equal(np.rint(got * 32768).astype(np.int16), stereo)
+
+
+@pytest.mark.parametrize(("encoding", "rate", "frame"), [
+    ("amr-nb", 8000, bytes([0x04]) + bytes(12)),  # storage format: ToC (MR475) + 12 bytes
+    ("amr-wb", 16000, bytes([0x04]) + bytes(17)),  # ToC (6.60 kb/s) + 17 bytes
+    ("g729", 8000, bytes(10)),  # one 10 ms G.729 frame
+])
+async def test_raw_codecs_without_an_encoder_here_are_framed_right(
+    encoding: str, rate: int, frame: bytes
+) -> None:
+    """Framing only: Debian's ffmpeg has no AMR or G.729 encoder to make speech with, so
+    one second of all-zero frames must come out as one second on the clock."""
+    from edge.audio import SessionAudio
+
+    frames_per_s = 100 if encoding == "g729" else 50
+    data = frame * frames_per_s
+    audio = SessionAudio(encoding, rate)
+    samples = 0
+    for i in range(0, len(data), 37):  # frames split anywhere
+        block = await audio.decode(data[i:i + 37])
+        samples += block.samples if block else 0
+    tail = await audio.finish()
+    samples += tail.samples if tail else 0
+    assert abs(samples - 16000) <= 160
