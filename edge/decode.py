@@ -18,14 +18,30 @@ client frame buffered (`EDGE_MAX_FRAME_BYTES`): the receive loop does not read t
 until the decoder took this one, which is the backpressure. Only `sniff()` and the numpy
 conversion are ours; the container parsing is FFmpeg's, for every format it knows.
 
-Measured (scripts/bench/server.py, README "Limits (measured)"): PyAV releases the GIL inside
-FFmpeg's demux and decode calls, so a decoding thread costs the loop only the hand-off.
+The alternative, `av.CodecContext.create()` fed packets that we cut out of each container
+ourselves, would mean writing Ogg, Matroska, MP4, ADTS and MP3 framing by hand; it is used
+only where there is no container (raw Opus/Speex packets, `packets=True`). A shared thread
+pool cannot serve demuxers that block in `read()`, hence one thread per session.
+
+Cost (scripts/bench/server.py --formats linear16,webm-opus; README "Limits (measured)"): a
+webm/opus session costs the daemon 1.6-1.9x a 16 kHz linear16 one, about 0.5 % of a core
+more: libavcodec's Opus decode at 48 kHz (~23 us per 20 ms frame), PyAV's objects per packet
+and frame, resampling, and four thread wake-ups a second. The loop pays only the hand-off
+and the resampling: PyAV runs `av_read_frame` and `avcodec_send_packet` with the GIL
+released (`with nogil` in its Cython source), so a decoder stuck inside FFmpeg does not hold
+the loop either. `AudioFrame.to_ndarray()` and a resampler call per codec frame each cost
+more than the decode and are avoided (`frame_pcm`, `SessionAudio._decoded`). Measured
+start-up delay before the first audio: none for WebM/Ogg/MP3 beyond one piece; FLAC's
+demuxer reads ~24 KB first (about 0.5 s of 48 kHz audio), FFmpeg's WAV demuxer 64 KB, which is
+why WAV is parsed in edge/formats.py instead.
 
 Failure policy: any FFmpeg error, a stream with no audio track, a codec FFmpeg cannot
 decode, or `max_bytes_without_audio` bytes that yield no audio raise `DecodeError` (the
 session answers Error + close 1008 DATA-0000). A chunk the thread has not finished within
 `feed_timeout_s` raises `DecodeError` too (a stalled decoder); the thread is told to stop at
-its next read and, being a daemon thread, cannot hold the process at exit.
+its next read and, being a daemon thread, cannot hold the process at exit. A thread stuck
+inside FFmpeg itself cannot be killed: it stays until FFmpeg returns (a leaked thread per
+such session, off the loop).
 """
 
 from __future__ import annotations
