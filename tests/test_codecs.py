@@ -246,7 +246,8 @@ async def test_bad_input_gets_data_0000_and_neighbours_are_unharmed(
     tick.cancel()
     assert code == 1000
     assert_words(messages, script)
-    assert max(lags) < 0.25, f"the loop stalled for {max(lags):.3f} s"
+    # A decoder blocking the loop would show as seconds; a shared, loaded CI box as tenths.
+    assert max(lags) < 0.5, f"the loop stalled for {max(lags):.3f} s"
 
 
 async def test_a_stalled_decoder_is_cut_off_without_blocking_the_loop(
