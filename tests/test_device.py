@@ -164,12 +164,26 @@ def test_df_table_refuses_paths_it_does_not_list() -> None:
 # --- memory limits: the unit, its drop-in and the settings agree ---
 
 def test_memory_limits_match_the_unit_and_the_settings_default() -> None:
-    assert device.memory_limits(2048) == (2248, 2810)
+    assert device.memory_limits(2048) == (2453, 3066)
     unit = (ROOT / "systemd/edge.service").read_text()
     high, high_max = device.memory_limits(device.DEFAULT_DIARIZATION_MEMORY_MB)
     assert f"\nMemoryHigh={high}M\n" in unit and f"\nMemoryMax={high_max}M\n" in unit
     default = Settings.model_fields["edge_diarization_memory_mb"].default
     assert default == device.DEFAULT_DIARIZATION_MEMORY_MB
+
+
+@pytest.mark.parametrize("budget_mb", [256, 640, 2048, 4096, 65536])
+def test_memory_high_is_above_the_supervisors_kill_threshold_plus_the_daemon(budget_mb: int) -> None:
+    """The kernel must not throttle (MemoryHigh) or OOM-kill (MemoryMax) before the supervisor
+    has killed a worker over its budget (issue 14, item 4)."""
+    from edge.diarization.supervisor import WorkerSupervisor
+    from edge.metrics import Metrics
+
+    s = Settings(_env_file=None, edge_diarization_memory_mb=budget_mb)  # type: ignore[call-arg]
+    kill_at = WorkerSupervisor(s, Metrics(), None).rss_limit  # type: ignore[arg-type]
+    high, high_max = device.memory_limits(budget_mb)
+    assert high * device.MB >= kill_at + device.DAEMON_MEMORY_MB * device.MB
+    assert high_max > high
 
 
 # --- provision: what install.sh reads ---

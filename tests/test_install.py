@@ -128,7 +128,7 @@ def test_destdir_install_lays_out_venv_unit_env_and_user(installed: tuple[Path, 
     assert (root / UNIT).read_text() == (ROOT / "systemd/edge.service").read_text()
     assert (root / "opt/edge/README.md").is_file()  # the unit's Documentation=
     assert (root / DROPINS / "memory.conf").read_text().splitlines()[-2:] == [
-        "MemoryHigh=2248M", "MemoryMax=2810M",
+        "MemoryHigh=2453M", "MemoryMax=3066M",
     ]
     assert not (root / DROPINS / "cache.conf").exists()  # the cache is the unit's own
     env = root / ENV_FILE
@@ -176,7 +176,7 @@ def test_existing_env_file_is_kept_and_drives_the_unit(tmp_path: Path) -> None:
         steps(proc.stdout))
     assert "already sets NEMO_CACHE_DIR=/srv/models" in proc.stdout
     assert (tmp_path / DROPINS / "cache.conf").read_text().endswith("\nReadWritePaths=/srv/models\n")
-    assert "MemoryHigh=4296M" in (tmp_path / DROPINS / "memory.conf").read_text()
+    assert "MemoryHigh=4706M" in (tmp_path / DROPINS / "memory.conf").read_text()
     assert (tmp_path / "srv/models").is_dir()
 
 
@@ -285,7 +285,8 @@ SINCE = {
     "StartLimitIntervalSec": 229, "StartLimitBurst": 229, "Type": 1, "NotifyAccess": 1,
     "ExecStart": 1, "User": 1, "Group": 1, "SupplementaryGroups": 1, "EnvironmentFile": 1,
     "Environment": 1, "TimeoutStartSec": 188, "TimeoutStopSec": 188, "WatchdogSec": 1,
-    "Restart": 1, "RestartSec": 1, "RestartPreventExitStatus": 189, "KillMode": 1,
+    "Restart": 1, "RestartSec": 1, "RestartPreventExitStatus": 189, "KillMode": 1, "OOMPolicy": 243,
+    "LimitNOFILE": 1,
     "MemoryHigh": 231, "MemoryMax": 231,
     "CacheDirectory": 235, "CacheDirectoryMode": 235, "StateDirectory": 235,
     "StateDirectoryMode": 235, "ProtectSystem": 214, "ProtectHome": 214, "PrivateTmp": 1,
@@ -298,6 +299,15 @@ SINCE = {
     "SystemCallArchitectures": 209, "SystemCallFilter": 187, "SystemCallErrorNumber": 209,
     "UMask": 1, "RemoveIPC": 232, "KeyringMode": 235, "ReadWritePaths": 231,
 }
+
+
+def test_unit_survives_a_worker_oom_kill_and_has_fds_for_a_flood() -> None:
+    """Issue 14 items 3 and 4: a kernel OOM kill (of the worker) must not stop the unit, and the
+    fd limit must be far above the default soft 1024."""
+    unit = (ROOT / "systemd/edge.service").read_text()
+    assert re.search(r"^OOMPolicy=continue$", unit, re.M)
+    m = re.search(r"^LimitNOFILE=(\d+)$", unit, re.M)
+    assert m and int(m.group(1)) >= 16384
 
 
 def test_only_directives_systemd_249_knows(nvme_install: Path) -> None:

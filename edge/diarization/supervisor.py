@@ -32,6 +32,7 @@ from typing import Any, Protocol
 import psutil
 from pydantic import SecretStr
 
+from edge.device import worker_rss_limit
 from edge.diarization import wire
 from edge.diarization.process import WorkerProcess
 from edge.diarization.wire import Kind
@@ -63,7 +64,7 @@ class WorkerSupervisor:
     def __init__(self, settings: Settings, metrics: Metrics, handler: Handler) -> None:
         self.settings, self.metrics, self.handler = settings, metrics, handler
         self.budget = settings.edge_diarization_memory_mb * MB
-        self.rss_limit = self.budget + max(64 * MB, self.budget // 10)
+        self.rss_limit = worker_rss_limit(self.budget)
         self.proc: WorkerProcess | None = None
         self.ready = False
         self.final = False
