@@ -289,7 +289,7 @@ step_venv() {
     say venv "would create $VENV and install edge[$extras]"
     return 0
   fi
-  local site=() constraints=() build have want
+  local site=() constraints=() build have want pkg_extras=$extras
   # A Jetson's system Python may already hold NVIDIA's CUDA torch: reuse it, do not replace it.
   if [[ ${probe[platform]} == jetson ]] && ((nemo)) && "$PY" -c 'import torch' 2>/dev/null; then
     site=(--system-site-packages)
@@ -309,10 +309,12 @@ step_venv() {
   [[ -x $D$VENV/bin/python ]] || "$PY" -m venv "${site[@]}" "$D$VENV"
   if ((nemo)); then
     "$D$VENV/bin/python" -c 'import torch' 2>/dev/null || install_torch
-  elif [[ -n $exported && ${probe[platform]} == jetson ]]; then
-    # The onnx worker with the CUDA provider: NVIDIA's onnxruntime-gpu, from its Jetson index.
+  elif [[ $extras == *onnx* && ${probe[platform]} == jetson ]]; then
+    # The onnx worker with the CUDA provider: NVIDIA's onnxruntime-gpu from its Jetson index,
+    # in place of the `onnx` extra's CPU build (both would install the module onnxruntime).
     say venv "installing onnxruntime-gpu from ${EDGE_ORT_INDEX:-$JETSON_TORCH_INDEX}"
-    pip_install --extra-index-url "${EDGE_ORT_INDEX:-$JETSON_TORCH_INDEX}" onnxruntime-gpu
+    pip_install --index-url "${EDGE_ORT_INDEX:-$JETSON_TORCH_INDEX}" onnxruntime-gpu
+    pkg_extras=$(sed -E 's/(^|,)onnx(,|$)/\1/; s/,$//' <<<"$extras")
   fi
   if ((nemo)); then
     # Pin the torch we have, so NeMo's requirements cannot swap it for another build. The
@@ -322,12 +324,12 @@ step_venv() {
       >"$D$PREFIX/constraints.txt"
     constraints=(-c "$D$PREFIX/constraints.txt")
   fi
-  say venv "installing edge[$extras] into $VENV"
+  say venv "installing edge[$pkg_extras] into $VENV"
   # From a copy: a build in the checkout leaves build/ behind, whose stale modules a later
   # build would package again.
   build=$(mktemp -d)
   cp -r "$SRC/pyproject.toml" "$SRC/README.md" "$SRC/edge" "$build/"
-  pip_install "${constraints[@]}" "$build${extras:+[$extras]}"
+  pip_install "${constraints[@]}" "$build${pkg_extras:+[$pkg_extras]}"
   rm -rf "$build"
   [[ -z $D ]] || relocate_venv
   # A venv made from an interpreter the service user cannot reach (a pyenv under /root) would
