@@ -19,16 +19,29 @@ Options:
   --dry-run        print what would be done; write nothing
   --destdir DIR    install into DIR (image builds, tests): no systemctl, no user created
   --uninstall      remove the venv, the unit and its drop-ins; keep /etc/edge and the cache
-  --no-nemo        no torch and NeMo (no local diarization; transcripts still flow)
-  --no-model       do not prefetch the diarization model
+  --no-nemo        no torch and NeMo (transcripts still flow; with --exported, the diarizer
+                   runs on ONNX Runtime alone)
+  --no-model       do not prefetch (nor export) the diarization model
+  --exported DIR   install a pre-exported model folder (`edge model export --out DIR` on a
+                   build machine) into NEMO_CACHE_DIR/exported/; with --no-nemo only
+                   onnxruntime and numpy go into the venv for the worker
   --foreground     without systemd, run the daemon in this terminal after installing
-  --cache-dir DIR  the model cache (default: chosen; NEMO_CACHE_DIR in the env file wins)
-  --python PATH    the interpreter the venv is made from (default: python3, >= 3.10)
+  --cache-dir DIR  the model cache (default: chosen; NEMO_CACHE_DIR in the env file wins);
+                   an existing DIR is left as it is and the cache is DIR/edge-cache
+  --python PATH    the interpreter the venv is made from (default: /usr/bin/python3 when it
+                   exists, else python3; >= 3.10, runnable by the user edge)
+  --wheels DIR     a local wheel directory: pip's --find-links for every install, and torch
+                   from it when it holds a torch wheel (no index needed)
+  --torch-default-index
+                   when the PyTorch CPU index cannot be reached, take torch from pip's
+                   default index instead (on x86_64 that is the CUDA build: ~4 GB)
   -h, --help       this text
 
 Environment:
   EDGE_TORCH_INDEX       pip index for torch (default: NVIDIA's Jetson wheels on a Jetson,
                          the CPU build elsewhere; set it empty for pip's configured index)
+  EDGE_ORT_INDEX         pip index for onnxruntime with the CUDA provider on a Jetson
+                         (default: the same NVIDIA index as torch)
   EDGE_TORCH_SPEC        which torch, e.g. "torch==2.8.0" (default: torch)
   EDGE_INSTALL_PIP_ARGS  extra pip arguments, e.g. "--no-index --find-links /srv/wheels"
   EDGE_INSTALL_NEED_VENV_MB / EDGE_INSTALL_NEED_CACHE_MB
@@ -43,6 +56,8 @@ EOF
 }
 
 SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=scripts/install-lib.sh
+. "$SRC/scripts/install-lib.sh"
 PREFIX=/opt/edge
 VENV=$PREFIX/venv
 STAMP=$PREFIX/install.stamp
@@ -56,9 +71,10 @@ STATE_DIR=/var/lib/edge
 JETSON_TORCH_INDEX=https://pypi.jetson-ai-lab.io/jp6/cu126
 CPU_TORCH_INDEX=https://download.pytorch.org/whl/cpu
 MODEL_HOST=https://huggingface.co
+EXPORT_MARKER=edge-export.json  # edge.diarization.exports.MARKER: written last by `edge model export`
 
-dry_run=0 uninstall=0 nemo=1 fetch_model=1 foreground=0
-D="" cache_opt="" PY=python3
+dry_run=0 uninstall=0 nemo=1 fetch_model=1 foreground=0 torch_default_index=0
+D="" cache_opt="" PY="" wheels="" exported=""
 while (($#)); do
   case $1 in
     --dry-run) dry_run=1 ;;
@@ -69,11 +85,26 @@ while (($#)); do
     --foreground) foreground=1 ;;
     --cache-dir) [[ -n ${2:-} ]] || { usage >&2; exit 2; }; cache_opt=$(realpath -m "$2"); shift ;;
     --python) [[ -n ${2:-} ]] || { usage >&2; exit 2; }; PY=$2; shift ;;
+    --wheels) [[ -n ${2:-} ]] || { usage >&2; exit 2; }; wheels=$(realpath -m "$2"); shift ;;
+    --exported) [[ -n ${2:-} ]] || { usage >&2; exit 2; }; exported=$(realpath -m "$2"); shift ;;
+    --torch-default-index) torch_default_index=1 ;;
     -h | --help) usage; exit 0 ;;
     *) echo "install.sh: unknown option $1" >&2; usage >&2; exit 2 ;;
   esac
   shift
 done
+
+# A system service runs as `edge`: the system interpreter, not whatever python3 is first on
+# root's PATH (a pyenv under /root, which edge cannot even enter).
+if [[ -z $PY ]]; then
+  PY=python3
+  [[ -x /usr/bin/python3 ]] && PY=/usr/bin/python3
+fi
+[[ -z $wheels || -d $wheels ]] || { echo "install.sh: --wheels $wheels: not a directory" >&2; exit 2; }
+if [[ -n $exported && ! -f $exported/$EXPORT_MARKER ]]; then
+  echo "install.sh: --exported $exported: no $EXPORT_MARKER in it (not an \`edge model export\` folder)" >&2
+  exit 2
+fi
 
 changes=0 warnings=0
 say() { printf '%-8s %s\n' "$1" "${*:2}"; }  # say STEP WORDS...
@@ -167,12 +198,21 @@ check_python() {
     die "$PY: Python >= 3.10 with venv and ensurepip needed (apt-get install python3-venv)"
 }
 
+
+# Before anything is installed: the service user must be able to run the interpreter the venv
+# is made from (a pyenv under /root passes as root and fails only when the unit starts).
+check_python_for_edge() {
+  live || return 0
+  runuser -u edge -- "$(base_python "$PY")" -c 'import encodings, venv' 2>/dev/null ||
+    die "the user edge cannot run $PY ($(base_python "$PY")): a system service needs an interpreter every user can run; use --python /usr/bin/python3"
+}
+
 # The install stamp: what went into the venv. The same stamp next run means nothing to do.
 venv_stamp() {
   {
     "$PY" -c 'import sys; print(sys.executable, sys.version)'
-    printf 'extras=%s torch=%s %s pip_args=%s\n' "$extras" "${EDGE_TORCH_SPEC:-torch}" \
-      "${EDGE_TORCH_INDEX-default}" "${EDGE_INSTALL_PIP_ARGS:-}"
+    printf 'extras=%s torch=%s %s pip_args=%s wheels=%s\n' "$extras" "${EDGE_TORCH_SPEC:-torch}" \
+      "${EDGE_TORCH_INDEX-default}" "${EDGE_INSTALL_PIP_ARGS:-}" "$wheels"
     (cd "$SRC" && find pyproject.toml edge -type f ! -path '*/__pycache__/*' -print0 |
       LC_ALL=C sort -z | xargs -0 sha256sum)
   } | sha256sum | cut -d' ' -f1
@@ -188,6 +228,7 @@ step_probe() {
     --venv-dir "$D$PREFIX" --venv "$venv_kind") out key value
   [[ -n ${EDGE_INSTALL_DF:-} ]] && args+=(--df "$EDGE_INSTALL_DF")
   [[ -n $cache_opt ]] && args+=(--cache-dir "$cache_opt")
+  [[ -n $cache_opt && -d $D$cache_opt ]] && args+=(--cache-dir-exists)
   [[ -n ${EDGE_INSTALL_NEED_VENV_MB:-} ]] && args+=(--need-venv-mb "$EDGE_INSTALL_NEED_VENV_MB")
   [[ -n ${EDGE_INSTALL_NEED_CACHE_MB:-} ]] && args+=(--need-cache-mb "$EDGE_INSTALL_NEED_CACHE_MB")
   # Only a model download needs the room now; without one the choice alone matters.
@@ -234,6 +275,7 @@ pip_install() {
   local quiet=() extra=()
   [[ -t 1 ]] || quiet=(-q)  # progress bars for a person, quiet logs for automation
   read -ra extra <<<"${EDGE_INSTALL_PIP_ARGS:-}"
+  [[ -n $wheels ]] && extra+=(--find-links "$wheels")
   # --no-cache-dir: the wheels are not kept on the SD card.
   "$D$VENV/bin/python" -m pip install --no-cache-dir --disable-pip-version-check \
     "${quiet[@]}" "${extra[@]}" "$@"
@@ -247,26 +289,34 @@ step_venv() {
     say venv "would create $VENV and install edge[$extras]"
     return 0
   fi
-  local site=() constraints=() index build
+  local site=() constraints=() build have want pkg_extras=$extras
   # A Jetson's system Python may already hold NVIDIA's CUDA torch: reuse it, do not replace it.
   if [[ ${probe[platform]} == jetson ]] && ((nemo)) && "$PY" -c 'import torch' 2>/dev/null; then
     site=(--system-site-packages)
   fi
+  # A venv made from another interpreter (a pyenv, an older python3), or one the service user
+  # cannot run, is rebuilt: pip would otherwise add to it and the unit would still fail.
+  if [[ -e $D$VENV/bin/python || -L $D$VENV/bin/python ]]; then
+    have=$(base_python "$D$VENV/bin/python" || true) want=$(base_python "$PY")
+    if [[ $have != "$want" ]]; then
+      say venv "rebuilding $VENV: made from ${have:-an interpreter that no longer runs}, not $want"
+      rm -rf "$D$VENV"
+    elif live && ! runuser -u edge -- "$VENV/bin/python" -c '' 2>/dev/null; then
+      say venv "rebuilding $VENV: the user edge cannot run it"
+      rm -rf "$D$VENV"
+    fi
+  fi
   [[ -x $D$VENV/bin/python ]] || "$PY" -m venv "${site[@]}" "$D$VENV"
   if ((nemo)); then
-    if ! "$D$VENV/bin/python" -c 'import torch' 2>/dev/null; then
-      if [[ ${probe[platform]} == jetson ]]; then
-        index=${EDGE_TORCH_INDEX-$JETSON_TORCH_INDEX}
-      else
-        index=${EDGE_TORCH_INDEX-$CPU_TORCH_INDEX}  # never PyPI's CUDA build off a Jetson
-      fi
-      say venv "installing ${EDGE_TORCH_SPEC:-torch}${index:+ from $index}"
-      if [[ -n $index ]]; then
-        pip_install --index-url "$index" "${EDGE_TORCH_SPEC:-torch}"
-      else
-        pip_install "${EDGE_TORCH_SPEC:-torch}"
-      fi
-    fi
+    "$D$VENV/bin/python" -c 'import torch' 2>/dev/null || install_torch
+  elif [[ $extras == *onnx* && ${probe[platform]} == jetson ]]; then
+    # The onnx worker with the CUDA provider: NVIDIA's onnxruntime-gpu from its Jetson index,
+    # in place of the `onnx` extra's CPU build (both would install the module onnxruntime).
+    say venv "installing onnxruntime-gpu from ${EDGE_ORT_INDEX:-$JETSON_TORCH_INDEX}"
+    pip_install --index-url "${EDGE_ORT_INDEX:-$JETSON_TORCH_INDEX}" onnxruntime-gpu
+    pkg_extras=$(sed -E 's/(^|,)onnx(,|$)/\1/; s/,$//' <<<"$extras")
+  fi
+  if ((nemo)); then
     # Pin the torch we have, so NeMo's requirements cannot swap it for another build. The
     # public version: "==2.8.0" is met by the installed 2.8.0+cu126, and pip's resolver does
     # not find "==2.8.0+cu126" outside the index that build came from.
@@ -274,12 +324,12 @@ step_venv() {
       >"$D$PREFIX/constraints.txt"
     constraints=(-c "$D$PREFIX/constraints.txt")
   fi
-  say venv "installing edge[$extras] into $VENV"
+  say venv "installing edge[$pkg_extras] into $VENV"
   # From a copy: a build in the checkout leaves build/ behind, whose stale modules a later
   # build would package again.
   build=$(mktemp -d)
   cp -r "$SRC/pyproject.toml" "$SRC/README.md" "$SRC/edge" "$build/"
-  pip_install "${constraints[@]}" "$build${extras:+[$extras]}"
+  pip_install "${constraints[@]}" "$build${pkg_extras:+[$pkg_extras]}"
   rm -rf "$build"
   [[ -z $D ]] || relocate_venv
   # A venv made from an interpreter the service user cannot reach (a pyenv under /root) would
@@ -289,8 +339,44 @@ step_venv() {
   fi
   printf '%s\n' "$stamp" >"$D$STAMP"
   say venv "installed $("$D$VENV/bin/python" -c 'import edge; print("edge", edge.__version__)')"
+  if ((nemo)); then
+    say venv "torch $("$D$VENV/bin/python" -W ignore -c 'import torch
+cuda = torch.version.cuda
+print(torch.__version__, f"(CUDA {cuda} build)" if cuda else "(CPU build)")' 2>/dev/null || echo "not importable")"
+  fi
   changes=1
 }
+
+# torch before NeMo, from where this platform's build comes: --wheels DIR when it holds one;
+# else the index (NVIDIA's on a Jetson, PyTorch's CPU index elsewhere), checked first in one
+# line, so an unreachable index fails in seconds, not after minutes of pip retries.
+install_torch() {
+  local index spec=${EDGE_TORCH_SPEC:-torch}
+  if [[ -n $wheels ]] && compgen -G "$wheels/torch-*.whl" >/dev/null; then
+    say venv "installing $spec from $wheels"
+    pip_install --no-index "$spec"
+    return 0
+  fi
+  if [[ ${probe[platform]} == jetson ]]; then
+    index=${EDGE_TORCH_INDEX-$JETSON_TORCH_INDEX}
+  else
+    index=${EDGE_TORCH_INDEX-$CPU_TORCH_INDEX}  # never PyPI's CUDA build off a Jetson unasked
+  fi
+  if [[ -n $index ]] && ! provision online "$index" --timeout 5; then
+    if ((!torch_default_index)); then
+      die "the torch index $index did not answer in 5 s: use --wheels DIR (a local wheel directory), EDGE_TORCH_INDEX=<a mirror>, or --torch-default-index (pip's default index)"
+    fi
+    warn venv "$index did not answer in 5 s: torch from pip's default index instead (on x86_64 the CUDA build, ~4 GB with its libraries)"
+    index=""
+  fi
+  say venv "installing $spec${index:+ from $index}"
+  if [[ -n $index ]]; then
+    pip_install --index-url "$index" "$spec"
+  else
+    pip_install "$spec"
+  fi
+}
+
 
 relocate_venv() {
   # A venv writes its own path into scripts and pyvenv.cfg; built under DESTDIR it must name
@@ -356,7 +442,65 @@ step_model() {
       warn model "\`edge model fetch\` failed (exit $rc): not prefetched; run it again later"
     else
       say model "ready in ${probe[cache_dir]}"
+      step_export
     fi
+  fi
+}
+
+# The ONNX export (fp32, then int8) of the fetched model, so the worker can run without NeMo.
+step_export() {
+  local args rc
+  if ! "$VENV/bin/edge" model export --help >/dev/null 2>&1; then
+    warn model "this edge has no \`edge model export\`: the diarizer runs on NeMo"
+    return 0
+  fi
+  for args in "" "--quantize int8"; do
+    rc=0
+    # shellcheck disable=SC2086  # $args: zero or two words
+    runuser -u edge -- env HOME="$STATE_DIR" "$VENV/bin/edge" model export $args || rc=$?
+    if ((rc)); then
+      warn model "\`edge model export $args\` failed (exit $rc): the diarizer runs on NeMo; run it again later"
+      return 0
+    fi
+  done
+  say model "exported (fp32, int8) into ${probe[cache_dir]}/exported"
+}
+
+# --exported DIR: a folder `edge model export --out DIR` made on a build machine, checked
+# against its marker, then copied into NEMO_CACHE_DIR/exported/<its name>/ (atomically; the
+# same folder already there is "unchanged").
+step_exported() {
+  [[ -n $exported ]] || return 0
+  local target=${probe[cache_dir]}/exported/${exported##*/} tmp
+  "$PY" - "$exported" "$EXPORT_MARKER" <<'PYEOF' || die "--exported $exported: does not match its marker (see above)"
+import hashlib, json, os, sys
+folder, marker = sys.argv[1], sys.argv[2]
+files = json.load(open(os.path.join(folder, marker)))["files"]
+for name, want in files.items():
+    path = os.path.join(folder, name)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    if os.path.getsize(path) != want["size"] or h.hexdigest() != want["sha256"]:
+        sys.exit(f"{path}: size or SHA-256 differs from {marker}")
+PYEOF
+  if [[ -d $D$target ]] && diff -rq "$exported" "$D$target" >/dev/null 2>&1; then
+    say model "unchanged $target"
+  elif ((dry_run)); then
+    say model "would install $exported as $target"
+  else
+    tmp=${D}${target%/*}/.tmp-${target##*/}-$$
+    mkdir -p "${tmp%/*}"
+    rm -rf "$tmp"
+    cp -r "$exported" "$tmp"
+    if live; then chown -R edge:edge "${D}${target%/*}" ; fi
+    rm -rf "$D$target.old"
+    [[ -d $D$target ]] && mv "$D$target" "$D$target.old"
+    mv "$tmp" "$D$target"
+    rm -rf "$D$target.old"
+    say model "installed $exported as $target"
+    changes=1
   fi
 }
 
@@ -428,6 +572,7 @@ else
   check_python
   extras=""
   ((nemo)) && extras=diarization
+  ((!nemo)) && [[ -n $exported ]] && extras=onnx  # the exported runtime alone (no torch, no NeMo)
   # sd_notify needs systemd-python where the unit will run: here, or an image with libsystemd.
   if ((systemd_running)) || pkg-config --exists libsystemd 2>/dev/null; then
     extras=${extras:+$extras,}systemd
@@ -437,12 +582,16 @@ else
   [[ -x $D$VENV/bin/python && -f $D$STAMP && $(<"$D$STAMP") == "$stamp" ]] && venv_kind=none
   step_probe
   step_user
+  check_python_for_edge
   ensure_dir dirs "${probe[cache_dir]}"
   ensure_dir dirs "$STATE_DIR"
-  # pip unpacks GBs of wheels into TMPDIR: on the NVMe, not the SD card, where there is one.
+  # pip unpacks GBs of wheels into TMPDIR: on the NVMe, not the SD card, where there is one;
+  # in a root-only directory there (safe_tmp_parent), never inside the edge user's cache.
   if live && [[ ${probe[cache_kind]} == nvme && $venv_kind != none ]]; then
-    export TMPDIR=${probe[cache_dir]}/.install-tmp
-    mkdir -p "$TMPDIR"
+    tmp_parent=$(safe_tmp_parent "${probe[cache_dir]}")
+    [[ $tmp_parent == / ]] && tmp_parent=${TMPDIR:-/tmp}
+    TMPDIR=$(mktemp -d -p "$tmp_parent" .edge-install.XXXXXX)
+    export TMPDIR
     trap 'rm -rf "$TMPDIR"' EXIT
     step_venv
     rm -rf "$TMPDIR" && unset TMPDIR && trap - EXIT
@@ -451,6 +600,7 @@ else
   fi
   step_config
   step_unit
+  step_exported
   step_model
   step_service
 fi

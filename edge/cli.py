@@ -36,7 +36,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"edge: invalid setting {exc}", file=sys.stderr)
         return 2
-    return args.run(settings, args)
+    try:
+        return args.run(settings, args)
+    except UsageError as exc:
+        print(f"edge: {exc}", file=sys.stderr)
+        return 2
+
+
+class UsageError(Exception):
+    """A bad command line or option value (exit 2); `str()` is the one line shown."""
 
 
 # --- one block per command: `add_<name>` registers it, `_<name>` runs it ---
@@ -79,17 +87,51 @@ def add_check(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_check)
 
 
+CLIENT_KEY_ENV = "EDGE_API_KEY"  # the key `edge status/stream` send (a client's, not a setting)
+
+
 def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", help="daemon address (default: ws://EDGE_HOST:EDGE_PORT)")
-    p.add_argument("--key", help="API key (default: the first of EDGE_API_KEYS)")
+    p.add_argument("--key-file", type=Path,
+                   help=f"read the API key from this file (first line; default: ${CLIENT_KEY_ENV}, "
+                        "else the first of the daemon's EDGE_API_KEYS)")
+    p.add_argument("--key", help="API key on the command line: visible to every local user "
+                                 f"(ps, /proc) and kept in shell history; prefer ${CLIENT_KEY_ENV} "
+                                 "or --key-file")
+
+
+def _client_url(settings: Settings, args: argparse.Namespace | None = None) -> str:
+    host = "127.0.0.1" if settings.edge_host in ("0.0.0.0", "::") else settings.edge_host
+    scheme = "wss" if settings.edge_tls_cert else "ws"
+    url = (args.url if args is not None else None) or f"{scheme}://{host}:{settings.edge_port}"
+    return url.rstrip("/")
+
+
+def _client_key(settings: Settings, args: argparse.Namespace) -> str | None:
+    """The key to send: `--key` (warned about) > `--key-file` > $EDGE_API_KEY > the first of
+    the daemon's own keys (an operator on the device). Raises `UsageError` for an unreadable
+    or empty key file."""
+    if args.key:
+        print(f"edge: warning: --key shows the key to every local user (ps, /proc) and in shell "
+              f"history; use ${CLIENT_KEY_ENV} or --key-file", file=sys.stderr)
+        return str(args.key)
+    if args.key_file is not None:
+        try:
+            text = args.key_file.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--key-file {args.key_file}: {getattr(exc, 'strerror', None) or exc}") from exc
+        lines = [x.strip() for x in text.splitlines() if x.strip() and not x.lstrip().startswith("#")]
+        if not lines:
+            raise UsageError(f"--key-file {args.key_file}: no key in it (one key on the first line)")
+        return lines[0]
+    if os.environ.get(CLIENT_KEY_ENV):
+        return os.environ[CLIENT_KEY_ENV]
+    keys = settings.api_keys()
+    return keys[0] if keys else None
 
 
 def _client_target(settings: Settings, args: argparse.Namespace) -> tuple[str, str | None]:
-    host = "127.0.0.1" if settings.edge_host in ("0.0.0.0", "::") else settings.edge_host
-    scheme = "wss" if settings.edge_tls_cert else "ws"
-    url = args.url or f"{scheme}://{host}:{settings.edge_port}"
-    keys = settings.api_keys()
-    return url.rstrip("/"), args.key or (keys[0] if keys else None)
+    return _client_url(settings, args), _client_key(settings, args)
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
@@ -109,7 +151,7 @@ def _check(settings: Settings, args: argparse.Namespace) -> int:
     # What the daemon's environment holds: the env file's values under the process's own
     # (Google's variables are not settings, so only the file and the environment have them).
     file_values = {k: v for k, v in dotenv_values(env_file).items() if v} if env_file else {}
-    url, _key = _client_target(settings, argparse.Namespace(url=None, key=None))
+    url = _client_url(settings)
     checks = run_checks(settings, env_file=env_file, environ={**file_values, **os.environ},
                         daemon_url=url, deep=args.deep)
     print(render_json(checks) if args.json else render(checks))

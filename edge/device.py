@@ -278,10 +278,19 @@ def _cache_candidate(m: Mount) -> bool:
     )
 
 
+def worker_rss_limit(budget_bytes: int) -> int:
+    """The worker RSS (bytes) above which the supervisor kills it, cause "memory": its budget
+    (`EDGE_DIARIZATION_MEMORY_MB`) plus max(64 MB, 10 %)."""
+    return budget_bytes + max(64 * MB, budget_bytes // 10)
+
+
 def memory_limits(diarization_mb: int, daemon_mb: int = DAEMON_MEMORY_MB) -> tuple[int, int]:
-    """The unit's (MemoryHigh, MemoryMax) in MB: the worker's budget plus the daemon is where
-    the kernel starts reclaiming; a quarter above it the unit is OOM-killed and restarted."""
-    high = diarization_mb + daemon_mb
+    """The unit's (MemoryHigh, MemoryMax) in MB. MemoryHigh is the supervisor's kill threshold
+    for the worker (`worker_rss_limit`) plus the daemon: the kernel throttles only a worker the
+    supervisor would kill anyway, never a daemon that is within bounds. A quarter above it the
+    kernel OOM-kills, the worker first (oom_score_adj 1000), and with OOMPolicy=continue the
+    unit lives on and the supervisor restarts the worker."""
+    high = -(-worker_rss_limit(diarization_mb * MB) // MB) + daemon_mb
     return high, high + high // 4
 
 
@@ -308,4 +317,5 @@ __all__ = [
     "mount_of",
     "read_mounts",
     "storage_of",
+    "worker_rss_limit",
 ]

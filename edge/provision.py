@@ -67,8 +67,16 @@ def probe(args: argparse.Namespace) -> tuple[list[tuple[str, str]], str | None]:
         choice_source, reason = "env-file", "NEMO_CACHE_DIR in the env file"
     else:
         override = Path(args.cache_dir) if args.cache_dir else None
+        subdir = (override is not None and args.cache_dir_exists
+                  and override.name != device.NVME_CACHE_NAME)
+        if subdir:
+            # An existing directory is the operator's (an NVMe mount's root, a shared models
+            # folder): the cache is a dedicated subdirectory, the only thing made edge's.
+            override = override / device.NVME_CACHE_NAME  # type: ignore[operator]
         choice = device.choose_cache_dir(need_cache, root=root, free=free, override=override)
         choice_source, reason = ("option" if override else "auto"), choice.reason
+        if subdir:
+            reason = f"{args.cache_dir} exists: its subdirectory {device.NVME_CACHE_NAME}"
     if choice.storage.is_flash_card:
         warnings.append(f"model cache {choice.path} is on the {choice.storage.kind} card "
                         "(no NVMe with room): slower loads, more wear")
@@ -120,6 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--df", help="simulated `df -B1 --output=target,avail` output (tests)")
     p.add_argument("--env-file", help="the env file; its NEMO_CACHE_DIR wins")
     p.add_argument("--cache-dir", help="the operator's choice (--cache-dir of install.sh)")
+    p.add_argument("--cache-dir-exists", action="store_true",
+                   help="--cache-dir exists already: use a dedicated subdirectory of it")
     p.add_argument("--need-cache-mb", type=int, default=device.MODEL_SPACE_MB)
     p.add_argument("--check-cache-space", action="store_true", help="fail when the cache is short")
     p.add_argument("--venv-dir", help="where the venv goes")

@@ -164,12 +164,26 @@ def test_df_table_refuses_paths_it_does_not_list() -> None:
 # --- memory limits: the unit, its drop-in and the settings agree ---
 
 def test_memory_limits_match_the_unit_and_the_settings_default() -> None:
-    assert device.memory_limits(2048) == (2248, 2810)
+    assert device.memory_limits(2048) == (2453, 3066)
     unit = (ROOT / "systemd/edge.service").read_text()
     high, high_max = device.memory_limits(device.DEFAULT_DIARIZATION_MEMORY_MB)
     assert f"\nMemoryHigh={high}M\n" in unit and f"\nMemoryMax={high_max}M\n" in unit
     default = Settings.model_fields["edge_diarization_memory_mb"].default
     assert default == device.DEFAULT_DIARIZATION_MEMORY_MB
+
+
+@pytest.mark.parametrize("budget_mb", [256, 640, 2048, 4096, 65536])
+def test_memory_high_is_above_the_supervisors_kill_threshold_plus_the_daemon(budget_mb: int) -> None:
+    """The kernel must not throttle (MemoryHigh) or OOM-kill (MemoryMax) before the supervisor
+    has killed a worker over its budget (issue 14, item 4)."""
+    from edge.diarization.supervisor import WorkerSupervisor
+    from edge.metrics import Metrics
+
+    s = Settings(_env_file=None, edge_diarization_memory_mb=budget_mb)  # type: ignore[call-arg]
+    kill_at = WorkerSupervisor(s, Metrics(), None).rss_limit  # type: ignore[arg-type]
+    high, high_max = device.memory_limits(budget_mb)
+    assert high * device.MB >= kill_at + device.DAEMON_MEMORY_MB * device.MB
+    assert high_max > high
 
 
 # --- provision: what install.sh reads ---
@@ -194,7 +208,7 @@ def test_probe_prints_the_choice_for_install_sh(
     assert (facts["cache_dir"], facts["cache_managed"], facts["cache_kind"]) == (
         "/mnt/nvme/edge-cache", "no", "nvme",
     )
-    assert (facts["memory_high"], facts["memory_max"]) == ("2248M", "2810M")
+    assert (facts["memory_high"], facts["memory_max"]) == ("2453M", "3066M")
 
 
 def test_probe_env_file_wins_and_says_so(
@@ -209,7 +223,7 @@ def test_probe_env_file_wins_and_says_so(
     assert (facts["cache_dir"], facts["cache_source"], facts["cache_managed"]) == (
         "/var/cache/edge", "env-file", "yes",
     )
-    assert (facts["memory_high"], facts["memory_max"]) == ("4296M", "5370M")
+    assert (facts["memory_high"], facts["memory_max"]) == ("4706M", "5882M")
     assert re.search(r"NEMO_CACHE_DIR=/var/cache/edge and is never overwritten", facts["warning"])
     assert "on the sd card" in facts["warning"]
 

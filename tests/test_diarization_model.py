@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -115,7 +116,8 @@ def test_truncated_archive(tmp_path: Path) -> None:
     s = settings(tmp_path / "cache", nemo_diar_model_path=model)
     with pytest.raises(ModelUnavailable, match=r"not a valid \.nemo archive"):
         extract_model(model, s)
-    assert not list((tmp_path / "cache" / "extracted").iterdir())  # nothing half-unpacked left
+    left = [p.name for p in (tmp_path / "cache" / "extracted").iterdir()]
+    assert left == [".lock"]  # nothing half-unpacked left
 
 
 def test_archive_without_checkpoint(tmp_path: Path) -> None:
@@ -133,7 +135,9 @@ def test_unpacks_once_and_again_when_source_changes(tmp_path: Path) -> None:
     folder = extract_model(model, s)
     assert folder == tmp_path / "cache" / "extracted" / "m"
     marker = json.loads((folder / "edge-extracted.json").read_text())
-    assert marker["sha256"] == sha(model) and marker["files"]["model_weights.ckpt"] == 3_000_000
+    assert marker["sha256"] == sha(model)
+    weights = {"size": 3_000_000, "sha256": sha(folder / "model_weights.ckpt")}
+    assert marker["files"]["model_weights.ckpt"] == weights
     assert extract_model(model, s) == folder
     assert json.loads((folder / "edge-extracted.json").read_text()) == marker  # not unpacked again
     fake_nemo(model, weights=b"v" * 1000)  # a new checkpoint at the same path
@@ -145,6 +149,54 @@ def test_unpacks_once_and_again_when_source_changes(tmp_path: Path) -> None:
     # A pin the unpacked copy was not made from is never trusted.
     with pytest.raises(ModelUnavailable, match="does not match EDGE_MODEL_SHA256"):
         extract_model(model, settings(tmp_path / "cache", edge_model_sha256="b" * 64))
+
+
+def test_an_unpacked_file_changed_in_place_is_unpacked_again(tmp_path: Path) -> None:
+    """Same size and mtime, other bytes: only the marker's per-file hashes can tell."""
+    model = fake_nemo(tmp_path / "m.nemo")
+    s = settings(tmp_path / "cache")
+    weights = extract_model(model, s) / "model_weights.ckpt"
+    st = weights.stat()
+    with weights.open("r+b") as f:
+        f.write(b"EVIL")
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    extract_model(model, s)
+    assert weights.read_bytes() == b"w" * 3_000_000
+
+
+def test_dead_processes_unpack_temporaries_are_removed(tmp_path: Path) -> None:
+    model = fake_nemo(tmp_path / "m.nemo")
+    s = settings(tmp_path / "cache")
+    extract_model(model, s)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    pid = int(dead.stdout)
+    root = tmp_path / "cache" / "extracted"
+    left = [root / f".tmp-m-{pid}", root / f".old-m-{pid}"]
+    alive = root / ".tmp-m-1"  # pid 1 lives: another process may be unpacking right now
+    for d in [*left, alive]:
+        (d / "sub").mkdir(parents=True)
+        (d / "sub" / "model_weights.ckpt").write_bytes(b"x" * 1000)
+    extract_model(model, s)
+    assert not any(d.exists() for d in left) and alive.is_dir()
+    assert (root / "m" / "model_weights.ckpt").is_file()
+
+
+def test_the_cache_dir_is_made_private_and_another_users_is_refused(tmp_path: Path) -> None:
+    model = fake_nemo(tmp_path / "m.nemo")
+    fresh = tmp_path / "nemo_cache"
+    extract_model(model, settings(fresh))
+    assert fresh.stat().st_mode & 0o777 == 0o700
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("making a directory another user owns needs root")
+    os.chown(theirs, 65534, 65534)
+    with pytest.raises(ModelUnavailable) as exc:
+        resolve_model(settings(theirs, nemo_diar_model_path=model))
+    assert one_line(exc).startswith(f"NEMO_CACHE_DIR={theirs} is owned by ")
+    assert "uid 65534" in str(exc.value) and "refusing to use it" in str(exc.value)
+    assert not (theirs / "extracted").exists()
 
 
 # --- download from a local hub, through the real huggingface_hub client and the CLI ---
@@ -175,6 +227,19 @@ def test_download(tmp_path: Path) -> None:
         # Second run: found in the cache, nothing fetched.
         n = len(hub.requests)
         assert fetch(cache, hub).returncode == 0 and len(hub.requests) == n
+
+
+def test_the_token_is_never_sent_to_the_redirect_host(tmp_path: Path) -> None:
+    """The Hub answers LFS files with a 302 to its CDN: HF_TOKEN goes to the Hub only."""
+    source = fake_nemo(tmp_path / "src.nemo")
+    key = f"{REPO}/diar_streaming_sortformer_4spk-v2.1.nemo"
+    with FakeHub({key: source.read_bytes()}) as cdn, \
+            FakeHub({key: source.read_bytes()}, redirect_to=cdn.endpoint) as hub:
+        run = fetch(tmp_path / "cache", hub, HF_TOKEN="hf_secret")
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "cache" / key.rsplit("/", 1)[1]).read_bytes() == source.read_bytes()
+    assert hub.auth and all(a == "Bearer hf_secret" for _, a in hub.auth), hub.auth
+    assert [r[0] for r in cdn.requests] == ["GET"] and cdn.auth == [(cdn.requests[0][1], None)]
 
 
 def test_download_resumes_a_partial_file(tmp_path: Path) -> None:
@@ -266,3 +331,31 @@ def test_pickle_payload_is_refused(tmp_path: Path) -> None:
         load_model(resolve_model(s), s)
     assert one_line(exc).startswith(f"{model}: cannot load: ")
     assert not sentinel.exists()
+
+
+@pytest.mark.nemo
+def test_a_config_target_outside_nemos_allowlist_is_refused(tmp_path: Path) -> None:
+    """`_target_: nemo.utils.model_utils.os.system` passes a mere prefix check ("nemo.utils."),
+    as NeMo < 2.6 did; NeMo >= 2.6 (pyproject's floor) resolves it and refuses what it is."""
+    from omegaconf import OmegaConf
+
+    from tests.fakes.sortformer import tiny_model_path
+
+    with tarfile.open(tiny_model_path()) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}  # type: ignore[union-attr]
+    cfg = OmegaConf.create(members["./model_config.yaml"].decode())
+    cfg.preprocessor._target_ = "nemo.utils.model_utils.os.system"
+    model = fake_nemo(tmp_path / "evil.nemo", weights=members["./model_weights.ckpt"],
+                      config=OmegaConf.to_yaml(cfg).encode())
+    s = settings(tmp_path / "cache", nemo_diar_model_path=model)
+    with pytest.raises(ModelUnavailable) as exc:
+        load_model(resolve_model(s), s)
+    assert one_line(exc).startswith(f"{model}: cannot load: UnsafeTargetError"), str(exc.value)
+
+
+def test_the_nemo_floor_has_the_resolving_target_allowlist() -> None:
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    floors = [d for extra in deps.values() for d in extra if d.startswith("nemo_toolkit")]
+    assert floors and all(re.search(r">=\s*(2\.(?:[6-9]|\d\d)|[3-9])", d) for d in floors), floors

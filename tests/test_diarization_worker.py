@@ -445,3 +445,126 @@ def test_the_worker_dies_with_the_daemon(tmp_path: Path) -> None:
     finally:
         daemon.kill()
         daemon.wait(10)
+
+
+# --- issue 14: spawn, signals, isolation, what the worker inherits ---
+
+@engine_test
+async def test_a_worker_killed_by_a_realtime_signal_is_restarted(make_engine: Callable[..., Any]) -> None:
+    """Signal 35 has no name in Python's `signal.Signals`: supervision must survive it."""
+    engine = await make_engine(edge_api_keys="k-secret-1", edge_host="0.0.0.0")
+    await ready(engine)
+    s = engine.open_session("s")
+    talker = Talker(s)
+    await labels_flow(talker)
+    pid = engine.worker_pid
+    assert pid is not None
+    os.kill(pid, 35)  # SIGRTMIN+1 on glibc (kill -35)
+    await until(lambda: s.state == "degraded", 2, "the session to notice the worker died")
+    assert s.reason == "diarizer worker killed by signal 35; restarting"
+    while engine.state != "ready":
+        await talker.talk(0.5)
+    await labels_flow(talker)
+    assert restarts(engine, "crash") == 1 and engine.worker_pid not in (None, pid)
+
+
+def test_the_load_message_carries_no_api_key(tmp_path: Path) -> None:
+    import json
+
+    from edge.diarization.supervisor import worker_settings
+
+    s = settings(tmp_path, edge_api_keys="k-secret-1,k-secret-2", edge_host="0.0.0.0",
+                 hf_token="hf_abc")
+    payload = worker_settings(s)
+    assert "k-secret" not in json.dumps(payload)
+    assert payload["hf_token"] == "hf_abc"  # the worker downloads the model with it
+    # The worker can rebuild its settings from it: no keys and a loopback host are valid.
+    from edge.settings import Settings
+
+    assert Settings(_env_file=None, **payload).nemo_cache_dir == tmp_path  # type: ignore[call-arg]
+
+
+async def test_the_worker_is_isolated_from_the_daemons_cwd_and_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A daemon started from a directory holding `numpy.py` and an `edge/` package: the worker
+    imports neither, runs in /, gets no API key or Google credentials, and is the OOM killer's
+    first choice."""
+    from edge.diarization.process import WorkerProcess
+    from edge.diarization.wire import Kind
+
+    planted = tmp_path / "planted"
+    for name in ("numpy.py", "edge/__init__.py"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(f"open({str(planted)!r}, 'a').write({name!r})\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EDGE_API_KEYS", "k-secret-1")
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", "/etc/edge/google.json")
+    monkeypatch.setenv("EDGE_STT_PROJECT", "p")
+    monkeypatch.setenv("HF_TOKEN", "hf_abc")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    proc = await WorkerProcess.spawn()
+    try:
+        hello = await proc.recv()
+        assert hello is not None and hello.kind is Kind.HELLO
+        worker = psutil.Process(proc.pid)
+        env = worker.environ()
+        assert worker.cwd() == "/"
+        assert not planted.exists(), planted.read_text()
+        assert not {"EDGE_API_KEYS", "GOOGLE_APPLICATION_CREDENTIALS", "EDGE_STT_PROJECT"} & set(env)
+        assert env["HF_TOKEN"] == "hf_abc" and env["OMP_NUM_THREADS"] == "1" and "PATH" in env
+        with open(f"/proc/{proc.pid}/oom_score_adj") as f:  # noqa: ASYNC230
+            assert f.read().strip() == "1000"
+        assert await proc.stop(grace=10) == 0
+    finally:
+        proc.kill()
+        await proc.wait()
+
+
+@engine_test
+def test_a_failed_spawn_is_retried_not_final(tiny_model: Path, tmp_path: Path) -> None:
+    """A child daemon whose file descriptor limit is too low to make the worker's pipes
+    (EMFILE, as under a flood of connections): the supervisor keeps retrying, and once the
+    limit is back the worker starts."""
+    code = f"""
+import asyncio, json, os, resource
+from edge.diarization.supervisor import WorkerSupervisor
+from edge.metrics import Metrics
+from tests.diarization_helpers import settings
+
+events = []
+class Handler:
+    def on_message(self, msg): pass
+    def on_ready(self, figures): events.append("ready")
+    def on_lost(self, reason): events.append("lost: " + reason)
+    def on_final(self, reason): events.append("final: " + reason)
+    def on_progress(self): pass
+
+async def main():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 1, hard))
+    s = settings({str(tmp_path / "cache")!r}, nemo_diar_model_path={str(tiny_model)!r},
+                 edge_diarization_max_rtf=0)
+    sup = WorkerSupervisor(s, Metrics(), Handler())
+    task = sup.start()
+    while len(events) < 2:  # two failed spawns, 0.5 s apart
+        await asyncio.sleep(0.01)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    for _ in range(2400):
+        if "ready" in events or any(e.startswith("final") for e in events):
+            break
+        await asyncio.sleep(0.05)
+    await sup.stop()
+    await task
+    print(json.dumps(events))
+
+asyncio.run(main())
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=180, check=False)
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    events = json.loads(proc.stdout.splitlines()[-1])
+    assert events[:2] == ["lost: worker could not start: Too many open files"] * 2, events
+    assert events[-1] == "ready", events

@@ -128,7 +128,7 @@ def test_destdir_install_lays_out_venv_unit_env_and_user(installed: tuple[Path, 
     assert (root / UNIT).read_text() == (ROOT / "systemd/edge.service").read_text()
     assert (root / "opt/edge/README.md").is_file()  # the unit's Documentation=
     assert (root / DROPINS / "memory.conf").read_text().splitlines()[-2:] == [
-        "MemoryHigh=2248M", "MemoryMax=2810M",
+        "MemoryHigh=2453M", "MemoryMax=3066M",
     ]
     assert not (root / DROPINS / "cache.conf").exists()  # the cache is the unit's own
     env = root / ENV_FILE
@@ -176,7 +176,7 @@ def test_existing_env_file_is_kept_and_drives_the_unit(tmp_path: Path) -> None:
         steps(proc.stdout))
     assert "already sets NEMO_CACHE_DIR=/srv/models" in proc.stdout
     assert (tmp_path / DROPINS / "cache.conf").read_text().endswith("\nReadWritePaths=/srv/models\n")
-    assert "MemoryHigh=4296M" in (tmp_path / DROPINS / "memory.conf").read_text()
+    assert "MemoryHigh=4706M" in (tmp_path / DROPINS / "memory.conf").read_text()
     assert (tmp_path / "srv/models").is_dir()
 
 
@@ -285,7 +285,8 @@ SINCE = {
     "StartLimitIntervalSec": 229, "StartLimitBurst": 229, "Type": 1, "NotifyAccess": 1,
     "ExecStart": 1, "User": 1, "Group": 1, "SupplementaryGroups": 1, "EnvironmentFile": 1,
     "Environment": 1, "TimeoutStartSec": 188, "TimeoutStopSec": 188, "WatchdogSec": 1,
-    "Restart": 1, "RestartSec": 1, "RestartPreventExitStatus": 189, "KillMode": 1,
+    "Restart": 1, "RestartSec": 1, "RestartPreventExitStatus": 189, "KillMode": 1, "OOMPolicy": 243,
+    "LimitNOFILE": 1,
     "MemoryHigh": 231, "MemoryMax": 231,
     "CacheDirectory": 235, "CacheDirectoryMode": 235, "StateDirectory": 235,
     "StateDirectoryMode": 235, "ProtectSystem": 214, "ProtectHome": 214, "PrivateTmp": 1,
@@ -298,6 +299,15 @@ SINCE = {
     "SystemCallArchitectures": 209, "SystemCallFilter": 187, "SystemCallErrorNumber": 209,
     "UMask": 1, "RemoveIPC": 232, "KeyringMode": 235, "ReadWritePaths": 231,
 }
+
+
+def test_unit_survives_a_worker_oom_kill_and_has_fds_for_a_flood() -> None:
+    """Issue 14 items 3 and 4: a kernel OOM kill (of the worker) must not stop the unit, and the
+    fd limit must be far above the default soft 1024."""
+    unit = (ROOT / "systemd/edge.service").read_text()
+    assert re.search(r"^OOMPolicy=continue$", unit, re.M)
+    m = re.search(r"^LimitNOFILE=(\d+)$", unit, re.M)
+    assert m and int(m.group(1)) >= 16384
 
 
 def test_only_directives_systemd_249_knows(nvme_install: Path) -> None:
@@ -321,3 +331,163 @@ def test_sysusers_file_creates_the_service_user(installed: tuple[Path, str], tmp
     groups = (image / "etc/group").read_text()
     assert re.search(r"^video:x:\d+:edge$", groups, re.M)
     assert re.search(r"^render:x:\d+:edge$", groups, re.M)
+
+
+# --- issue 14 items 5, 17, 18, 19; issue 11 item 4 ---
+
+def _lib(call: str) -> str:
+    proc = subprocess.run(["bash", "-c", f'. "{ROOT}/scripts/install-lib.sh"; {call}'],
+                          capture_output=True, text=True, check=True)
+    return proc.stdout.strip()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making directories another user owns needs root")
+def test_pips_temporary_parent_is_one_only_root_can_change(tmp_path: Path) -> None:
+    """Never inside the service user's cache, nor under a directory it (or anyone) can change."""
+    mount = tmp_path / "nvme"
+    cache = mount / "models" / "edge-cache"  # the operator's dir, then the cache edge owns
+    cache.mkdir(parents=True)
+    mount.chmod(0o755)
+    (mount / "models").chmod(0o755)
+    os.chown(cache, 65534, 65534)
+    assert _lib(f"safe_tmp_parent {cache}") == str(mount / "models")
+    planted = cache / "root-owned"  # root's, but in a directory edge can rename it out of
+    planted.mkdir()
+    assert _lib(f"safe_tmp_parent {planted}") == str(mount / "models")
+    (mount / "models").chmod(0o775)  # group-writable: not root's alone
+    assert _lib(f"safe_tmp_parent {cache}") == str(mount)
+
+
+def test_an_existing_cache_dir_gets_a_dedicated_subdirectory(tmp_path: Path) -> None:
+    models = tmp_path / "srv/models"
+    models.mkdir(parents=True)
+    models.chmod(0o755)
+    (models / "theirs.bin").write_bytes(b"x")
+    proc = fast_install(tmp_path, "--cache-dir", "/srv/models")
+    said = dict(steps(proc.stdout))
+    assert said["cache"].startswith("/srv/models/edge-cache (") and "/srv/models exists" in said["cache"]
+    assert "\nNEMO_CACHE_DIR=/srv/models/edge-cache\n" in (tmp_path / ENV_FILE).read_text()
+    assert (tmp_path / DROPINS / "cache.conf").read_text().endswith(
+        "\nReadWritePaths=/srv/models/edge-cache\n")
+    assert models.stat().st_mode & 0o7777 == 0o755 and (models / "theirs.bin").read_bytes() == b"x"
+    assert (models / "edge-cache").stat().st_mode & 0o777 == 0o750
+    # A directory that does not exist yet is made the cache itself.
+    other = tmp_path / "other"
+    fast_install(other, "--cache-dir", "/srv/fresh")
+    assert "\nNEMO_CACHE_DIR=/srv/fresh\n" in (other / ENV_FILE).read_text()
+
+
+@pytest.mark.skipif(not Path("/usr/bin/python3").is_file(), reason="no /usr/bin/python3")
+def test_a_venv_made_from_another_interpreter_is_rebuilt(tmp_path: Path) -> None:
+    """First from this test's interpreter (a pyenv one here), then --python /usr/bin/python3:
+    the venv is made again from it, not reused with the old interpreter inside."""
+    system = os.path.realpath("/usr/bin/python3")
+    code = "import os, sys; print(os.path.realpath(sys._base_executable))"
+    ours = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    if ours == system:
+        pytest.skip("this interpreter is /usr/bin/python3 itself")
+    if subprocess.run(["/usr/bin/python3", "-c", "import ensurepip, venv"], check=False).returncode:
+        pytest.skip("/usr/bin/python3 has no venv/ensurepip")
+    fast_install(tmp_path)
+    proc = fast_install(tmp_path, "--python", "/usr/bin/python3")
+    assert f"venv     rebuilding /opt/edge/venv: made from {ours}, not {system}\n" in proc.stdout
+    cfg = (tmp_path / VENV / "pyvenv.cfg").read_text()
+    assert "\nhome = /usr/bin\n" in "\n" + cfg
+
+
+def fake_torch_wheel(folder: Path, version: str = "0.0.1+cpu") -> Path:
+    """A wheel named torch (a stand-in for PyTorch's 200 MB one): `torch.__version__` and
+    `torch.version.cuda`, which is all install.sh reads from it. Version 0.0.1, asked for by
+    EDGE_TORCH_SPEC, so that no real torch this machine's pip can see is taken instead."""
+    import base64
+    import hashlib
+    import zipfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    public = version.split("+")[0]
+    dist = f"torch-{public}.dist-info"
+    files = {
+        "torch/__init__.py": f"__version__ = {version!r}\nfrom torch import version\n",
+        "torch/version.py": "cuda = None\n",
+        f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: torch\nVersion: {public}\n",
+        f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+
+    def digest(text: str) -> str:
+        return base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+
+    record = [f"{name},sha256={digest(text)},{len(text.encode())}" for name, text in files.items()]
+    files[f"{dist}/RECORD"] = "\n".join([*record, f"{dist}/RECORD,,"]) + "\n"
+    path = folder / f"torch-{public}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for name, text in files.items():
+            z.writestr(name, text)
+    return path
+
+
+def test_an_unreachable_torch_index_fails_fast_and_wheels_or_the_default_index_stand_in(
+    tmp_path: Path,
+) -> None:
+    import time
+
+    dead = {"EDGE_TORCH_INDEX": "http://127.0.0.1:9/simple", "EDGE_INSTALL_NEED_VENV_MB": "0",
+            "EDGE_TORCH_SPEC": "torch==0.0.1"}
+    t0 = time.monotonic()
+    proc = run_install("--destdir", str(tmp_path / "a"), "--no-model", check=False,
+                       EDGE_INSTALL_PIP_ARGS="--no-deps", **dead)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stderr.startswith("install.sh: the torch index http://127.0.0.1:9/simple did not "
+                                  "answer in 5 s: use --wheels DIR"), proc.stderr
+    assert time.monotonic() - t0 < 120  # pip's retries on a dead index take minutes
+    wheels = tmp_path / "wheels"
+    fake_torch_wheel(wheels)
+    ok = run_install("--destdir", str(tmp_path / "b"), "--no-model", "--wheels", str(wheels),
+                     EDGE_INSTALL_PIP_ARGS="--no-deps", **dead)
+    said = steps(ok.stdout)
+    assert ("venv", f"installing torch==0.0.1 from {wheels}") in said
+    assert ("venv", "torch 0.0.1+cpu (CPU build)") in said
+    assert (tmp_path / "b/opt/edge/constraints.txt").read_text() == "torch==0.0.1\n"
+    # Asked for: pip's default index (here a local one) instead, with a warning about its size.
+    asked = run_install("--destdir", str(tmp_path / "c"), "--no-model", "--torch-default-index",
+                        EDGE_INSTALL_PIP_ARGS=f"--no-deps --find-links {wheels}", **dead)
+    said = steps(asked.stdout)
+    assert any(s == "venv" and "warning: http://127.0.0.1:9/simple did not answer" in m
+               and "~4 GB" in m for s, m in said), said
+    assert ("venv", "installing torch==0.0.1") in said and ("venv", "torch 0.0.1+cpu (CPU build)") in said
+
+
+def fake_export(folder: Path) -> Path:
+    """A folder shaped like `edge model export --out DIR`'s: files, then the marker listing them."""
+    import hashlib
+    import json
+
+    folder.mkdir(parents=True)
+    files = {"model.onnx": b"onnx" * 1000, "model.int8.onnx": b"int8" * 300, "features.npz": b"npz"}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    listed = {n: {"size": len(d), "sha256": hashlib.sha256(d).hexdigest()} for n, d in files.items()}
+    marker = {"source_sha256": "a" * 64, "source_name": "m.nemo", "files": listed}
+    (folder / "edge-export.json").write_text(json.dumps(marker))
+    return folder
+
+
+def test_a_pre_exported_model_is_installed_for_an_onnx_only_worker(tmp_path: Path) -> None:
+    export = fake_export(tmp_path / "build" / "diar_streaming_sortformer_4spk-v2.1-0123456789ab")
+    root = tmp_path / "root"
+    proc = fast_install(root, "--exported", str(export))
+    said = steps(proc.stdout)
+    target = "/var/cache/edge/exported/" + export.name
+    assert ("model", f"installed {export} as {target}") in said
+    assert any(s == "venv" and m.startswith("installing edge[onnx") for s, m in said), said
+    for name in ("model.onnx", "model.int8.onnx", "features.npz", "edge-export.json"):
+        assert (root / target.lstrip("/") / name).read_bytes() == (export / name).read_bytes()
+    again = fast_install(root, "--exported", str(export))
+    assert ("model", f"unchanged {target}") in steps(again.stdout)
+    (export / "model.onnx").write_bytes(b"tampered")
+    bad = run_install("--destdir", str(tmp_path / "r2"), "--no-nemo", "--no-model", "--exported",
+                      str(export), check=False, EDGE_INSTALL_PIP_ARGS="--no-deps")
+    assert bad.returncode == 1
+    assert "model.onnx: size or SHA-256 differs from edge-export.json" in bad.stderr
+    missing = run_install("--destdir", str(tmp_path / "r3"), "--exported", str(tmp_path), check=False)
+    assert missing.returncode == 2 and "no edge-export.json in it" in missing.stderr

@@ -8,8 +8,15 @@ before anything is unpacked, and torch's weights-only unpickler is never switche
 
 NeMo's `restore_from` unpacks the whole archive (~470 MB) into a temp dir on every start, which
 wears out an SD card. `load_model` unpacks it once into `NEMO_CACHE_DIR/extracted/<name>/`,
-writes a marker (source path, size, mtime, SHA-256, file sizes) last, and later starts load from
-that folder through NeMo's own `SaveRestoreConnector.model_extracted_dir`.
+writes a marker (source path, size, mtime, SHA-256, each file's size and SHA-256) last, and later
+starts load from that folder through NeMo's own `SaveRestoreConnector.model_extracted_dir`, after
+checking every file against the marker's hashes (a copy changed on disk is unpacked again).
+Unpacking runs under an exclusive lock (`extracted/.lock`), which also removes the temporaries
+(`.tmp-`/`.old-<name>-<pid>`) of a process that died mid-unpack (SIGKILL, power loss).
+
+The cache directory itself must be this user's or root's: the seed's default
+(`$TMPDIR/nemo_cache`, `/tmp/nemo_cache`) is in a directory every local user can write, so it is
+created 0700, and one that another user made first is refused (`check_cache_dir`).
 
 Every failure is a `ModelUnavailable` whose `str()` is one line for the operator. Nothing here
 imports torch or NeMo: loading is the worker's (`worker/loading.py`).
@@ -19,20 +26,25 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import gc
 import hashlib
 import json
 import os
+import re
 import shutil
 import tarfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from edge.settings import Settings
 
 MARKER = "edge-extracted.json"
+LOCK = ".lock"  # in NEMO_CACHE_DIR/extracted/: one unpack at a time (worker, `edge model fetch`)
+_TEMPORARY = re.compile(r"^\.(?:tmp|old)-.+-(\d+)$")  # .tmp-<name>-<pid>, .old-<name>-<pid>
 REQUIRED_MEMBERS = ("model_config.yaml", "model_weights.ckpt")
 SPACE_MARGIN = 64 * 1024 * 1024
 Progress = Callable[[int, int], None]
@@ -54,8 +66,10 @@ def resolve_model(settings: Settings, progress: Progress | None = None) -> Path:
     """`NEMO_DIAR_MODEL_PATH` -> `.nemo` in `NEMO_CACHE_DIR` -> HF download (unless offline/disabled).
 
     Verifies `EDGE_MODEL_SHA256` when set. `progress(done_bytes, total_bytes)` is called while
-    downloading. Returns the local `.nemo` path. Raises `ModelUnavailable(reason)`.
+    downloading. Returns the local `.nemo` path. Raises `ModelUnavailable(reason)`, also for a
+    cache dir that another user owns (`check_cache_dir`).
     """
+    check_cache_dir(settings.nemo_cache_dir)
     if settings.nemo_diar_model_path is not None:
         path = settings.nemo_diar_model_path
         if not path.is_file():
@@ -80,13 +94,25 @@ def extract_model(path: Path, settings: Settings) -> Path:
     """Unpack `path` once into `NEMO_CACHE_DIR/extracted/<name>/` and return that folder.
 
     Reuses the folder when its marker matches the source (path, size, mtime, and the pinned
-    SHA-256 if any) and every recorded file still has its size. Raises `ModelUnavailable`.
+    SHA-256 if any) and every recorded file still has its size and SHA-256. Runs under the
+    cache lock, and first removes dead processes' unpack temporaries. Raises `ModelUnavailable`.
     """
+    check_cache_dir(settings.nemo_cache_dir)
     try:
         st = path.stat()
     except OSError as exc:
         raise ModelUnavailable(f"{path}: {exc.strerror or exc}") from exc
     root = settings.nemo_cache_dir / "extracted"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ModelUnavailable(f"NEMO_CACHE_DIR={settings.nemo_cache_dir}: {exc.strerror or exc}") from exc
+    with _cache_lock(root):
+        remove_dead_temporaries(root)
+        return _extract_locked(path, st, root, settings)
+
+
+def _extract_locked(path: Path, st: os.stat_result, root: Path, settings: Settings) -> Path:
     folder = root / path.name.removesuffix(".nemo")
     pin = settings.edge_model_sha256.lower() if settings.edge_model_sha256 else None
     marker = _read_marker(folder)
@@ -95,10 +121,6 @@ def extract_model(path: Path, settings: Settings) -> Path:
     sha = file_sha256(path)
     if pin is not None and sha != pin:
         raise ModelUnavailable(_pin_mismatch(path, sha, pin))
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ModelUnavailable(f"NEMO_CACHE_DIR={settings.nemo_cache_dir}: {exc.strerror or exc}") from exc
     tmp = root / f".tmp-{folder.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -120,17 +142,53 @@ def extract_model(path: Path, settings: Settings) -> Path:
     return folder
 
 
+def check_cache_dir(cache: Path) -> None:
+    """Create `cache` (mode 0700, parents as needed) or check that this user or root owns it.
+
+    Raises `ModelUnavailable` naming the directory and its owner when another user does: a
+    model (a pickle inside a tar) must never be loaded from a directory someone else controls.
+    """
+    try:
+        cache.mkdir(mode=0o700, parents=True, exist_ok=True)
+        owner = cache.stat().st_uid
+    except OSError as exc:
+        raise ModelUnavailable(f"NEMO_CACHE_DIR={cache}: {exc.strerror or exc}") from exc
+    if owner not in (os.geteuid(), 0):
+        raise ModelUnavailable(
+            f"NEMO_CACHE_DIR={cache} is owned by {_user_name(owner)}, not by this user "
+            f"({_user_name(os.geteuid())}) or root: refusing to use it; remove it, or set "
+            "NEMO_CACHE_DIR to a directory of your own"
+        )
+
+
+def remove_dead_temporaries(root: Path) -> list[str]:
+    """Remove `.tmp-<name>-<pid>` / `.old-<name>-<pid>` folders in `root` whose process is gone
+    (killed mid-unpack: ~470 MB each). Call it under the cache lock. Returns the names removed."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(root):
+            m = _TEMPORARY.match(entry.name)
+            if m and entry.is_dir(follow_symlinks=False) and not _pid_alive(int(m.group(1))):
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed.append(entry.name)
+    return removed
+
+
 def file_sha256(path: Path) -> str:
     """SHA-256 of a file (hex), remembered per (path, size, mtime, inode) within this process."""
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
     if key not in _digests:
-        h = hashlib.sha256()
-        with path.open("rb") as f:
-            while block := f.read(4 * 1024 * 1024):
-                h.update(block)
-        _digests[key] = h.hexdigest()
+        _digests[key] = _sha256_of(path)
     return _digests[key]
+
+
+def _sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(4 * 1024 * 1024):
+            h.update(block)
+    return h.hexdigest()
 
 
 def trim_memory() -> None:
@@ -154,6 +212,39 @@ def rss_bytes() -> int:
 def _repo_filename(repo: str) -> str:
     # NeMo publishes `<org>/<name>` as `<name>.nemo` at the repo root.
     return repo.rsplit("/", 1)[-1] + ".nemo"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _user_name(uid: int) -> str:
+    import pwd
+
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+@contextlib.contextmanager
+def _cache_lock(root: Path) -> Iterator[None]:
+    """An exclusive flock on `root/.lock`, held for the block (the kernel drops it if we die)."""
+    try:
+        fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise ModelUnavailable(f"cannot lock {root / LOCK}: {exc.strerror or exc}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _check_pin(path: Path, settings: Settings) -> None:
@@ -200,9 +291,13 @@ def _download(settings: Settings, dest: Path, progress: Progress | None) -> Path
             f"not enough free space in {dest.parent}: need {need / 1e9:.2f} GB, have {free / 1e9:.2f} GB"
         )
     bar = _progress_class(progress)
+    headers = build_hf_headers(token=token)
+    if urlsplit(meta.location).netloc != urlsplit(url).netloc:
+        # A redirect to another host (the CDN, with a signed URL): the token is the Hub's only.
+        headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
     try:
         with partial.open("ab") as f:
-            http_get(meta.location, f, resume_size=have, headers=build_hf_headers(token=token),
+            http_get(meta.location, f, resume_size=have, headers=headers,
                      expected_size=size or None, displayed_filename=filename, tqdm_class=bar)
             f.flush()
             os.fsync(f.fileno())
@@ -249,8 +344,8 @@ def _progress_class(progress: Progress | None) -> type:
     return _Bar
 
 
-def _unpack(path: Path, out: Path) -> dict[str, int]:
-    """Extract the archive safely into `out`; returns {relative path: size}."""
+def _unpack(path: Path, out: Path) -> dict[str, dict[str, Any]]:
+    """Extract the archive safely into `out`; returns {relative path: {"size", "sha256"}}."""
     try:
         with tarfile.open(path, "r:*") as tar:
             members = [m for m in tar.getmembers() if m.isfile()]
@@ -278,7 +373,7 @@ def _unpack(path: Path, out: Path) -> dict[str, int]:
         if p.is_file():
             with p.open("rb") as f:
                 os.fsync(f.fileno())
-            files[str(p.relative_to(out))] = p.stat().st_size
+            files[str(p.relative_to(out))] = {"size": p.stat().st_size, "sha256": _sha256_of(p)}
     return files
 
 
@@ -297,9 +392,11 @@ def _marker_matches(marker: dict[str, Any], folder: Path, path: Path, st: os.sta
     files = marker.get("files") or {}
     if not all(n in {os.path.normpath(f) for f in files} for n in REQUIRED_MEMBERS):
         return False
-    for name, size in files.items():
+    for name, entry in files.items():
         p = folder / name
-        if not p.is_file() or p.stat().st_size != size:
+        if not isinstance(entry, dict) or not p.is_file() or p.stat().st_size != entry.get("size"):
+            return False
+        if _sha256_of(p) != entry.get("sha256"):  # changed in place: same size, other bytes
             return False
     return True
 
@@ -340,8 +437,10 @@ def first_line(exc: BaseException) -> str:
 __all__ = [
     "ModelUnavailable",
     "cached_model_path",
+    "check_cache_dir",
     "extract_model",
     "file_sha256",
+    "remove_dead_temporaries",
     "resolve_model",
     "rss_bytes",
     "trim_memory",

@@ -7,7 +7,10 @@ engine what happened through a `Handler`. Everything runs on the event loop.
   (exit, crash, SIGKILL from us or the OOM killer).
 - Restart: backoff 0.5 s doubling to 30 s; a worker that stayed ready for 60 s resets it. Five
   starts in a row that never reach READY give up (unavailable). A FATAL from the worker (no
-  NeMo, no model, a model that does not load) is final at once: retrying cannot help.
+  NeMo, no model, a model that does not load) is final at once: retrying cannot help. A spawn
+  that fails (EMFILE under a flood of connections, ENOMEM, EAGAIN: any OSError) is a passing
+  condition of the machine, not of the model: it is retried with the same backoff, forever,
+  and never counts towards giving up.
 - Kill causes, the `edge_diarizer_worker_restarts{cause}` label: "crash" (it died on its own),
   "stuck" (the engine saw it silent with work outstanding), "memory" (RSS above the budget plus
   margin), "errors" (repeated failed steps), "protocol" (a malformed frame), "internal" (a bug
@@ -29,6 +32,7 @@ from typing import Any, Protocol
 import psutil
 from pydantic import SecretStr
 
+from edge.device import worker_rss_limit
 from edge.diarization import wire
 from edge.diarization.process import WorkerProcess
 from edge.diarization.wire import Kind
@@ -60,7 +64,7 @@ class WorkerSupervisor:
     def __init__(self, settings: Settings, metrics: Metrics, handler: Handler) -> None:
         self.settings, self.metrics, self.handler = settings, metrics, handler
         self.budget = settings.edge_diarization_memory_mb * MB
-        self.rss_limit = self.budget + max(64 * MB, self.budget // 10)
+        self.rss_limit = worker_rss_limit(self.budget)
         self.proc: WorkerProcess | None = None
         self.ready = False
         self.final = False
@@ -134,15 +138,20 @@ class WorkerSupervisor:
 
     # --- the loop ---
     async def _supervise(self) -> None:
-        failures = 0
+        failures = spawn_failures = 0
         while not (self.closing or self.final):
             cause = await self._run_worker()
             if self.closing or self.final:
                 return
-            healthy = self._ready_at is not None and time.monotonic() - self._ready_at >= HEALTHY_RUN_S
-            failures = 0 if healthy else failures + 1
             self.restarts += 1
             self.metrics.diarizer_restarts.labels(cause).inc()
+            if cause == "spawn":
+                spawn_failures += 1
+                await asyncio.sleep(BACKOFF_S[min(spawn_failures - 1, len(BACKOFF_S) - 1)])
+                continue
+            spawn_failures = 0
+            healthy = self._ready_at is not None and time.monotonic() - self._ready_at >= HEALTHY_RUN_S
+            failures = 0 if healthy else failures + 1
             if self._ready_at is None and failures >= MAX_START_FAILURES:
                 self.give_up(f"worker failed to start {failures} times in a row (last: {cause})")
                 return
@@ -155,12 +164,14 @@ class WorkerSupervisor:
         try:
             proc = await WorkerProcess.spawn()
         except OSError as exc:
-            self.give_up(f"cannot start the diarizer worker: {exc}")
+            reason = f"worker could not start: {exc.strerror or exc}"
+            log.error("%s; retrying", reason)
+            self.handler.on_lost(reason)
             return "spawn"
         self.proc, self._ps, self.last_msg = proc, None, time.monotonic()
         with contextlib.suppress(psutil.Error):
             self._ps = psutil.Process(proc.pid)
-        proc.send(Kind.LOAD, {"settings": self._settings_payload(), "generation": self._generation})
+        proc.send(Kind.LOAD, {"settings": worker_settings(self.settings), "generation": self._generation})
         try:
             while (msg := await proc.recv()) is not None:
                 self.last_msg = time.monotonic()
@@ -179,7 +190,7 @@ class WorkerSupervisor:
         self.proc, self._ps, self.ready, self.rss, self.progress = None, None, False, 0, None
         cause = self._kill_cause or "crash"
         if not (self.closing or self.final):
-            how = f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exited with code {rc}"
+            how = f"killed by {signal_name(-rc)}" if rc < 0 else f"exited with code {rc}"
             reason = f"worker {how}" + (f" ({cause})" if self._kill_cause else "")
             log.warning("diarizer %s; restarting", reason)
             self.handler.on_lost(reason)
@@ -203,14 +214,32 @@ class WorkerSupervisor:
         else:
             self.handler.on_message(msg)
 
-    def _settings_payload(self) -> dict[str, Any]:
-        # The worker rebuilds the same Settings: secrets in clear (our own child, over a pipe).
-        values = self.settings.model_dump(mode="json")
-        for name in values:
-            value = getattr(self.settings, name)
-            if isinstance(value, SecretStr):
-                values[name] = value.get_secret_value()
-        return values
+
+# The daemon's own settings that the worker never needs: who may connect, and how.
+DAEMON_ONLY = frozenset({
+    "edge_api_keys", "edge_api_keys_file", "edge_allow_unauthenticated", "edge_host",
+    "edge_tls_cert", "edge_tls_key",
+})
 
 
-__all__ = ["Handler", "WorkerSupervisor"]
+def worker_settings(settings: Settings) -> dict[str, Any]:
+    """The LOAD message's settings: everything but `DAEMON_ONLY` (so no API key ever reaches the
+    worker), secrets the worker uses (HF_TOKEN, for a download) in clear: our own child, over a
+    pipe. The worker rebuilds `Settings` from this; the left-out fields take their defaults."""
+    values = settings.model_dump(mode="json", exclude=set(DAEMON_ONLY))
+    for name in values:
+        value = getattr(settings, name)
+        if isinstance(value, SecretStr):
+            values[name] = value.get_secret_value()
+    return values
+
+
+def signal_name(signum: int) -> str:
+    """`SIGKILL` for a named signal, `signal 35` for one Python has no name for (real-time)."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+__all__ = ["DAEMON_ONLY", "Handler", "WorkerSupervisor", "signal_name", "worker_settings"]

@@ -4,7 +4,9 @@ It answers `HEAD`/`GET /{repo}/resolve/{revision}/{filename}` with the headers t
 `huggingface_hub` client reads (`X-Repo-Commit`, `X-Linked-Etag` = the file's SHA-256 as for
 LFS files, `X-Linked-Size`), honours `Range: bytes=N-` for resumed downloads, and records every
 request so tests can see what the client asked for. `cut_after` drops the connection after that
-many body bytes once, to test resuming.
+many body bytes once, to test resuming. `redirect_to` (another FakeHub's endpoint) answers a
+known file with a 302 to the same path on that host, with the file's headers, as the Hub does
+for LFS files it serves from its CDN; `auth` records each request's Authorization header.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ class FakeHub:
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)  # method, path, Range
     claimed_size: int | None = None  # lie about the size (free-space checks)
     cut_after: int | None = None  # drop the first GET after this many bytes
+    redirect_to: str | None = None  # a CDN's endpoint: 302 there for every known file
+    auth: list[tuple[str, str | None]] = field(default_factory=list)  # path, Authorization
 
     def __post_init__(self) -> None:
         hub = self
@@ -40,6 +44,7 @@ class FakeHub:
 
             def _serve(self, body: bool) -> None:
                 hub.requests.append((self.command, self.path, self.headers.get("Range")))
+                hub.auth.append((self.path, self.headers.get("Authorization")))
                 parts = self.path.split("?")[0].strip("/").split("/")
                 # owner / name / "resolve" / revision / filename
                 key = "/".join(parts[:2] + parts[4:]) if len(parts) >= 5 and parts[2] == "resolve" else ""
@@ -50,6 +55,16 @@ class FakeHub:
                     self.end_headers()
                     return
                 data = hub.files[key]
+                if hub.redirect_to is not None:
+                    self.send_response(302)
+                    self.send_header("Location", hub.redirect_to + self.path)
+                    self.send_header("X-Repo-Commit", COMMIT)
+                    self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+                    self.send_header("X-Linked-Etag", f'"{hashlib.sha256(data).hexdigest()}"')
+                    self.send_header("X-Linked-Size", str(len(data)))
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 start = 0
                 rng = self.headers.get("Range")
                 if rng and rng.startswith("bytes=") and body:

@@ -1,7 +1,8 @@
 """The diarizer worker process: owns the Sortformer model and every session's stream state.
 
-Run by the engine as `python -m edge.diarization.worker PARENT_PID` (`__main__.py`), a fresh interpreter (a
-spawn, never a fork of the daemon). This is the only place that imports NeMo and torch. It
+Run by the engine as `python -I -c BOOT ROOT PARENT_PID` (`edge.diarization.process`), a fresh
+interpreter (a spawn, never a fork of the daemon); `python -m edge.diarization.worker PARENT_PID`
+runs the same by hand. This is the only place that imports NeMo and torch. It
 reads `wire` frames on stdin and writes them on its original stdout; fd 1 is then pointed at
 stderr, so whatever NeMo prints goes to the log and can never corrupt the protocol.
 
