@@ -31,6 +31,8 @@ REASON_SHUTDOWN = "server shutting down"
 REASON_FRAME_TOO_LARGE = "frame too large"
 REASON_NOT_READING = "client not reading"
 REASON_AT_CAPACITY = "at capacity"
+REASON_TOO_MANY_FRAMES = "too many frames"
+REASON_DATA_FRAME = "no data frames on this channel"
 
 AUTH_SCHEMES = ("token", "bearer")
 SUBPROTOCOL_TOKEN = "token"
@@ -254,16 +256,28 @@ Control = Literal["KeepAlive", "Finalize", "CloseStream"]
 CONTROLS: tuple[Control, ...] = ("KeepAlive", "Finalize", "CloseStream")
 
 
+MAX_TEXT_BYTES = 4096  # a control message is ~30 bytes; anything longer is refused unparsed
+
+
 class ControlError(ValueError):
     """A text frame that is not a control message we know; `str()` says why."""
 
 
 def parse_control(text: str) -> Control:
-    """`{"type": "KeepAlive" | "Finalize" | "CloseStream"}` -> the type; else ControlError."""
+    """`{"type": "KeepAlive" | "Finalize" | "CloseStream"}` -> the type.
+
+    Raises ControlError (never anything else) for a frame over `MAX_TEXT_BYTES`, one that is
+    not JSON or nested too deeply to parse, or a JSON value that is not such an object.
+    """
+    if len(text) > MAX_TEXT_BYTES:
+        raise ControlError(f"text frame of {len(text)} characters: control messages are at "
+                           f"most {MAX_TEXT_BYTES}")
     try:
         msg = json.loads(text)
     except ValueError:
         raise ControlError("text frame is not JSON") from None
+    except RecursionError:
+        raise ControlError("text frame is JSON nested too deeply") from None
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
         raise ControlError("text frame must be a JSON object with a string 'type'")
     if msg["type"] not in CONTROLS:

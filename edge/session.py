@@ -37,6 +37,7 @@ from websockets.exceptions import ConnectionClosed
 from edge import __version__, protocol
 from edge.audio import SessionAudio
 from edge.health import Status
+from edge.limits import TokenBucket
 from edge.metrics import Metrics
 from edge.protocol import ListenParams, ModelInfo
 from edge.settings import Settings
@@ -52,14 +53,19 @@ UPSTREAM_QUEUE_S = 10.0
 OUTBOUND_MAX = 512
 FINISH_TIMEOUT_S = 15.0  # how long CloseStream waits for the upstream's last finals
 TURNS_INTERVAL_S = 0.25  # how often growing SpeakerTurns are reported
+FRAME_BURST_S = 2.0  # EDGE_MAX_FRAMES_PER_S may be exceeded for this long's worth of frames
+# Finalize bound: each one half-closes the Google call. Beyond it a Finalize is refused with
+# an Error (nothing is lost: the audio is finalized anyway, by the next Finalize or the end).
+FINALIZE_PER_S, FINALIZE_BURST = 2.0, 10
 
-End = Literal["close", "shutdown", "idle", "gone", "too_large", "slow"]
+End = Literal["close", "shutdown", "idle", "gone", "too_large", "slow", "too_fast"]
 _END_CLOSE: dict[End, tuple[int, str]] = {
     "close": (protocol.CLOSE_NORMAL, ""),
     "shutdown": (protocol.CLOSE_GOING_AWAY, protocol.REASON_SHUTDOWN),
     "idle": (protocol.CLOSE_INTERNAL, protocol.REASON_IDLE),
     "too_large": (protocol.CLOSE_POLICY, protocol.REASON_FRAME_TOO_LARGE),
     "slow": (protocol.CLOSE_POLICY, protocol.REASON_NOT_READING),
+    "too_fast": (protocol.CLOSE_POLICY, protocol.REASON_TOO_MANY_FRAMES),
     "gone": (protocol.CLOSE_NORMAL, ""),
 }
 
@@ -101,6 +107,9 @@ class Session:
         self.model = ModelInfo(self.config.model, __version__, arch)
         self.diarizer_model = ModelInfo("diar_streaming_sortformer_4spk-v2.1", __version__, "sortformer")
         self.last_activity = time.monotonic()
+        rate = s.edge_max_frames_per_s
+        self._frames = TokenBucket(rate, rate * FRAME_BURST_S, self.last_activity)
+        self._finalizes = TokenBucket(FINALIZE_PER_S, FINALIZE_BURST, self.last_activity)
         self.created = datetime.now(timezone.utc)
         self._end: End | None = None
         self._recv_task: asyncio.Task[End] | None = None
@@ -178,7 +187,7 @@ class Session:
 
     async def _finish(self, end: End, upstream: asyncio.Task[None] | None) -> None:
         """Flush what the client is owed: every final result, turns, then Metadata."""
-        if end in ("gone", "too_large", "slow"):
+        if end in ("gone", "too_large", "slow", "too_fast"):
             return
         tail = self.audio.flush()
         if tail is not None:
@@ -224,6 +233,11 @@ class Session:
                     if len(message) > max_frame:
                         return "too_large"
                     self.last_activity = time.monotonic()
+                    if not self._frames.take(self.last_activity):
+                        self._send(protocol.error_message(
+                            "TOO_MANY_FRAMES", f"more than {self._frames.rate:g} audio frames "
+                            "per second (EDGE_MAX_FRAMES_PER_S): send 20-250 ms per frame"))
+                        return "too_fast"
                     block = self.audio.feed(message)
                     if block is not None:
                         self._on_audio(block)
@@ -265,6 +279,11 @@ class Session:
                 ))
 
     def _finalize(self) -> None:
+        if not self._finalizes.take(time.monotonic()):
+            self._send(protocol.error_message(
+                "FINALIZE_RATE_LIMITED", f"Finalize ignored: at most {FINALIZE_PER_S:g} per "
+                f"second (bursts of {FINALIZE_BURST}); the audio is still transcribed"))
+            return
         if self._upstream_alive:
             self._finalize_pending += 1
             self._finals_since_finalize = 0

@@ -82,6 +82,12 @@ class Settings(BaseSettings):
     edge_label_wait_ms: int = Field(3000, ge=0, le=60000)
     edge_auth_max_failures: int = Field(10, ge=1, le=100000)
     edge_auth_window_s: float = Field(60.0, gt=0, le=86400)
+    # Audio frames one session may send per second (bursts of 2 s worth); beyond it the
+    # session gets an Error and is closed 1008. A browser's AudioWorklet sends 375/s at 48 kHz.
+    edge_max_frames_per_s: int = Field(500, ge=10, le=100000)
+    edge_max_status_clients: int = Field(16, ge=1, le=10000)
+    # Connections not yet through auth; the oldest is dropped to admit a new one.
+    edge_max_pending_connections: int = Field(256, ge=1, le=100000)
     edge_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     # --- upstream: Google Cloud Speech-to-Text ---

@@ -54,3 +54,62 @@ async def test_trickled_handshake_is_cut_off() -> None:
             await ws.send(json.dumps({"type": "CloseStream"}))
             messages = await read_until_closed(ws)
         assert messages[-1]["type"] == "Metadata"
+
+
+async def _finalize_round_trip(ws) -> float:  # type: ignore[no-untyped-def]
+    """Seconds from a Finalize to its from_finalize Results (no upstream: answered at once)."""
+    start = time.perf_counter()
+    await ws.send(json.dumps({"type": "Finalize"}))
+    while True:
+        msg = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        if msg.get("type") == "Results" and msg.get("from_finalize"):
+            return time.perf_counter() - start
+
+
+async def test_one_sample_frames_are_cut_off_and_a_neighbour_keeps_its_latency() -> None:
+    async with running_app(edge_max_frames_per_s=200) as app:
+        async with connect(listen_url(app), additional_headers=AUTH) as good:
+            quiet = sorted([await _finalize_round_trip(good) for _ in range(5)])
+            async with connect(listen_url(app), additional_headers=AUTH) as bad:
+                async def flood() -> None:
+                    for _ in range(20000):
+                        if bad.close_code is not None:
+                            return
+                        await bad.send(b"\x01\x00")  # one sample per frame
+
+                flooding = asyncio.create_task(flood())
+                loud = sorted([await _finalize_round_trip(good) for _ in range(5)])
+                messages = await read_until_closed(bad, timeout=10)
+                flooding.cancel()
+                await asyncio.gather(flooding, return_exceptions=True)
+            assert bad.close_code == 1008 and bad.close_reason == "too many frames"
+            assert [m["variant"] for m in messages if m["type"] == "Error"] == ["TOO_MANY_FRAMES"]
+            # The neighbour still answers within a small bound (its median, not one sample).
+            assert loud[2] < max(0.1, 5 * quiet[2]), (quiet, loud)
+            await good.send(json.dumps({"type": "CloseStream"}))
+            assert (await read_until_closed(good))[-1]["type"] == "Metadata"
+        assert app.monitor.last_lag < 0.25
+
+
+async def test_a_finalize_flood_is_rate_limited_with_an_error() -> None:
+    async with running_app() as app, connect(listen_url(app), additional_headers=AUTH) as ws:
+        for _ in range(200):
+            await ws.send(json.dumps({"type": "Finalize"}))
+        await ws.send(json.dumps({"type": "CloseStream"}))
+        messages = await read_until_closed(ws)
+    answered = [m for m in messages if m["type"] == "Results" and m["from_finalize"]]
+    limited = [m for m in messages if m.get("variant") == "FINALIZE_RATE_LIMITED"]
+    assert 10 <= len(answered) < 20 and len(answered) + len(limited) == 200
+    assert messages[-1]["type"] == "Metadata"
+
+
+async def test_deeply_nested_json_gets_an_error_and_the_stream_goes_on(app) -> None:  # type: ignore[no-untyped-def]
+    async def bad(ws) -> None:  # type: ignore[no-untyped-def]
+        for text in ("[" * 100000, "{" * 3000):
+            await ws.send(text)
+            msg = json.loads(await asyncio.wait_for(ws.recv(), 5))
+            assert msg["type"] == "Error" and msg["variant"] == "INVALID_MESSAGE"
+        await ws.send(json.dumps({"type": "CloseStream"}))
+        messages = await read_until_closed(ws)
+        assert messages[-1]["type"] == "Metadata" and ws.close_code == 1000
+    await _healthy_second_session(app, bad)

@@ -48,3 +48,12 @@ def test_auth_throttle_window() -> None:
     t.failed("b", 21)
     t.failed("c", 22)
     assert set(t._failures) == {"b", "c"}
+
+
+@pytest.mark.parametrize("text", ["[" * 100000, "[" * 3000, '{"type": "' + "x" * 5000 + '"}'])
+def test_any_parse_failure_or_oversize_text_is_a_control_error(text: str) -> None:
+    from edge.protocol import ControlError, parse_control
+
+    with pytest.raises(ControlError) as err:
+        parse_control(text)
+    assert str(err.value)
