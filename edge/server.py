@@ -14,16 +14,18 @@ import logging
 import ssl
 import time
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from websockets.asyncio.server import Server as WsServer
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 from edge import protocol
 from edge.health import Status
+from edge.limits import PendingCap
 from edge.metrics import Metrics
 from edge.settings import Settings
 
@@ -33,6 +35,10 @@ PATH_LISTEN = "/v1/listen"
 PATH_STATUS = "/v1/status"
 PROBES = ("/health", "/ready", "/metrics")
 WEBSOCKET_PATHS = (PATH_LISTEN, PATH_STATUS)
+# Status clients only listen: anything they send is refused, so keep what one may send tiny
+# (websockets' own limit on /v1/listen is twice EDGE_MAX_FRAME_BYTES).
+STATUS_MAX_INBOUND = 1024
+STATUS_CLOSE_S = 2.0  # shutdown: status clients get this long to answer the close, then abort
 
 
 class ListenService(Protocol):
@@ -68,6 +74,7 @@ class Server:
         )
         self._ws: WsServer | None = None
         self._status_clients: set[ServerConnection] = set()
+        self._pending = PendingCap(settings.edge_max_pending_connections)
 
     @property
     def port(self) -> int:
@@ -89,6 +96,7 @@ class Server:
             open_timeout=s.edge_handshake_timeout_s,
             ssl=_ssl_context(s),
             server_header="edge",
+            create_connection=self._connection,  # type: ignore[arg-type]
         )
         log.info("listening on %s:%d", s.edge_host, self.port)
 
@@ -105,8 +113,7 @@ class Server:
         deadline = loop.time() + timeout
         if self.listen is not None:
             await self.listen.drain(timeout)
-        for conn in list(self._status_clients):
-            await conn.close(protocol.CLOSE_GOING_AWAY, protocol.REASON_SHUTDOWN)
+        await self._close_status_clients()
         if self._ws is not None:
             remaining = max(0.1, deadline - loop.time())
             try:
@@ -117,9 +124,36 @@ class Server:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._ws.wait_closed(), 2.0)
 
+    async def _close_status_clients(self) -> None:
+        """Close every status channel at once; any that has not answered the close within
+        `STATUS_CLOSE_S` (a client that stopped reading) is aborted."""
+        clients = list(self._status_clients)
+        if not clients:
+            return
+        closing = [asyncio.ensure_future(
+            c.close(protocol.CLOSE_GOING_AWAY, protocol.REASON_SHUTDOWN)) for c in clients]
+        _, stuck = await asyncio.wait(closing, timeout=STATUS_CLOSE_S)
+        for task in stuck:
+            task.cancel()
+        for conn in clients:
+            if conn.state is not State.CLOSED:
+                conn.transport.abort()
+        await asyncio.gather(*closing, return_exceptions=True)
+
+    def _connection(self, *args: Any, **kwargs: Any) -> ServerConnection:
+        """websockets' connection factory: each connection counts as pending (see
+        `PendingCap`) from its TCP accept until it authenticates or closes."""
+        conn = _CountedConnection(*args, **kwargs)
+        conn.pending = self._pending
+        return conn
+
     # --- routing (before the upgrade) ---
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        path = urlsplit(request.path).path
+        try:
+            path = urlsplit(request.path).path
+        except ValueError:  # `GET //[`: not a path at all
+            return protocol.json_response(
+                400, protocol.error_body("BAD_REQUEST", "the request path is not a valid URL"))
         known = path in PROBES or path in WEBSOCKET_PATHS
         if not known:
             return protocol.json_response(404, protocol.error_body("NOT_FOUND", f"no route {path}"))
@@ -135,6 +169,7 @@ class Server:
             refusal = self._authenticate(connection, request)
             if refusal is not None:
                 return refusal
+        self._pending.done(connection)
         if path == "/ready":
             return protocol.json_response(200 if self.status.ready else 503, self.status.snapshot())
         if path == "/metrics":
@@ -145,6 +180,12 @@ class Server:
                     503, protocol.error_body("UNAVAILABLE", "sessions are not available yet")
                 )
             return self.listen.accept(request)
+        if len(self._status_clients) >= self.settings.edge_max_status_clients:
+            return protocol.json_response(
+                503, protocol.error_body(
+                    "TOO_MANY_STATUS_CLIENTS", f"at capacity: "
+                    f"{self.settings.edge_max_status_clients} status clients (EDGE_MAX_STATUS_CLIENTS)"),
+                headers=[("Retry-After", "5")])
         return None  # /v1/status: continue the websocket handshake
 
     def _authenticate(self, connection: ServerConnection, request: Request) -> Response | None:
@@ -167,9 +208,14 @@ class Server:
             await self._status_channel(connection)
 
     async def _status_channel(self, connection: ServerConnection) -> None:
-        """Snapshot on connect, then one per change, and a heartbeat when nothing changes."""
+        """Snapshot on connect, then one per change, and a heartbeat when nothing changes.
+        The channel is one-way: any data frame from the client closes it 1008."""
+        if len(self._status_clients) >= self.settings.edge_max_status_clients:
+            await connection.close(protocol.CLOSE_TRY_AGAIN, protocol.REASON_AT_CAPACITY)
+            return
+        connection.protocol.max_message_size = STATUS_MAX_INBOUND
         self._status_clients.add(connection)
-        closed = asyncio.ensure_future(connection.wait_closed())
+        closed = asyncio.ensure_future(_refuse_data(connection))
         try:
             generation = self.status.generation
             await connection.send(json.dumps(self.status.snapshot()))
@@ -188,6 +234,29 @@ class Server:
         finally:
             closed.cancel()
             self._status_clients.discard(connection)
+
+
+class _CountedConnection(ServerConnection):
+    """A connection that leaves the server's `PendingCap` when it closes."""
+
+    pending: PendingCap
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.pending.add(self, transport.abort)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.pending.done(self)
+        super().connection_lost(exc)
+
+
+async def _refuse_data(connection: ServerConnection) -> None:
+    """Returns when the status channel is closed: by the client, or by us (1008) because
+    it sent a data frame."""
+    with contextlib.suppress(ConnectionClosed):
+        await connection.recv()
+        await connection.close(protocol.CLOSE_POLICY, protocol.REASON_DATA_FRAME)
+    await connection.wait_closed()
 
 
 def _select_subprotocol(connection: ServerConnection, offered: Sequence[str]) -> str | None:

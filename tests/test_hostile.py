@@ -8,7 +8,7 @@ import time
 
 from websockets.asyncio.client import connect
 
-from tests.conftest import KEY, running_app
+from tests.conftest import KEY, daemon_process, running_app
 from tests.test_listen import _healthy_second_session, listen_url, read_until_closed
 
 AUTH = {"Authorization": f"Token {KEY}"}
@@ -113,3 +113,31 @@ async def test_deeply_nested_json_gets_an_error_and_the_stream_goes_on(app) -> N
         messages = await read_until_closed(ws)
         assert messages[-1]["type"] == "Metadata" and ws.close_code == 1000
     await _healthy_second_session(app, bad)
+
+
+async def test_half_open_connections_cannot_use_up_file_descriptors() -> None:
+    # 400 connections that never send a request, against a daemon allowed 256 descriptors
+    # and a long handshake timeout (an attacker that trickles keeps them that long): a real
+    # session must still be served. (scripts/bench/churn.py --half-open 2000 does the same
+    # at full size.)
+    with daemon_process(fd_limit=256, EDGE_STT_API="none",
+                        STT_ENABLE_NEMO_DIARIZATION_FALLBACK="false",
+                        EDGE_HANDSHAKE_TIMEOUT_S="120", EDGE_MAX_PENDING_CONNECTIONS="64") as (
+                            proc, port):
+        held = []
+        try:
+            for _ in range(400):
+                held.append(await asyncio.open_connection("127.0.0.1", port))
+            await asyncio.sleep(0.5)
+            url = f"ws://127.0.0.1:{port}/v1/listen"
+            start = time.monotonic()
+            async with connect(url, additional_headers=AUTH, open_timeout=5) as ws:
+                await ws.send(b"\x00\x00" * 1600)
+                await ws.send(json.dumps({"type": "CloseStream"}))
+                messages = await read_until_closed(ws)
+            assert messages[-1]["type"] == "Metadata"
+            assert time.monotonic() - start < 5
+            assert proc.poll() is None
+        finally:
+            for _, writer in held:
+                writer.transport.abort()

@@ -11,6 +11,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from edge.app import App
+from edge.server import STATUS_CLOSE_S
 from tests.conftest import KEY, running_app
 
 AUTH = {"Authorization": f"Token {KEY}"}
@@ -135,3 +136,63 @@ async def test_auth_brute_force_is_throttled_per_address() -> None:
         text = app.metrics.render().decode()
         assert "edge_auth_failures_total 3.0" in text
         assert "edge_auth_throttled_total 3.0" in text
+
+
+async def test_a_path_that_is_not_a_url_gets_400_and_no_traceback(
+        app: App, caplog: pytest.LogCaptureFixture) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", app.server.port)
+    try:
+        writer.write(b"GET //[ HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        head = await asyncio.wait_for(reader.read(4096), 5)
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 400 "), head
+    assert b"BAD_REQUEST" in head
+    assert not [r for r in caplog.records if r.exc_info or r.levelname == "ERROR"]
+
+
+async def test_status_clients_are_capped() -> None:
+    async with running_app(edge_max_status_clients=2) as app:
+        url = f"ws://127.0.0.1:{app.server.port}/v1/status"
+        async with connect(url, additional_headers=AUTH), connect(url, additional_headers=AUTH):
+            with pytest.raises(InvalidStatus) as err:
+                async with connect(url, additional_headers=AUTH):
+                    pass
+            assert err.value.response.status_code == 503
+            assert json.loads(err.value.response.body)["err_code"] == "TOO_MANY_STATUS_CLIENTS"
+        # Closed ones free their place.
+        await asyncio.sleep(0.1)
+        async with connect(url, additional_headers=AUTH) as ws:
+            assert json.loads(await ws.recv())["type"] == "Status"
+
+
+@pytest.mark.parametrize(("frame", "code"), [("hello", 1008), (b"\x00", 1008), ("x" * 5000, 1009)])
+async def test_status_channel_closes_on_any_data_frame(app: App, frame: str | bytes,
+                                                       code: int) -> None:
+    url = f"ws://127.0.0.1:{app.server.port}/v1/status"
+    async with connect(url, additional_headers=AUTH) as ws:
+        await ws.recv()
+        await ws.send(frame)
+        await asyncio.wait_for(ws.wait_closed(), 5)
+    assert ws.close_code == code
+    for _ in range(100):  # the handler lets go of it right after the close
+        if not app.server._status_clients:
+            break
+        await asyncio.sleep(0.01)
+    assert not app.server._status_clients
+
+
+async def test_shutdown_does_not_wait_on_status_clients_that_stopped_reading() -> None:
+    async with running_app() as app:
+        url = f"ws://127.0.0.1:{app.server.port}/v1/status"
+        clients = [await connect(url, additional_headers=AUTH) for _ in range(3)]
+        for ws in clients:
+            await ws.recv()
+            ws.transport.pause_reading()  # never sees (or answers) the server's close frame
+        start = asyncio.get_running_loop().time()
+        app.stop()
+    elapsed = asyncio.get_running_loop().time() - start
+    assert elapsed < 2 * STATUS_CLOSE_S + 1, f"shutdown took {elapsed:.1f} s"
+    for ws in clients:
+        ws.transport.abort()
