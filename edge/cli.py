@@ -82,7 +82,7 @@ def _client_target(settings: Settings, args: argparse.Namespace) -> tuple[str, s
     host = "127.0.0.1" if settings.edge_host in ("0.0.0.0", "::") else settings.edge_host
     scheme = "wss" if settings.edge_tls_cert else "ws"
     url = args.url or f"{scheme}://{host}:{settings.edge_port}"
-    keys = settings.api_keys()
+    keys = settings.admin_keys() + settings.api_keys()  # an operator's tools see details
     return url.rstrip("/"), args.key or (keys[0] if keys else None)
 
 

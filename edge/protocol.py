@@ -7,6 +7,7 @@ or raises an exact exception, so its tests need no server. See PROTOCOL.md.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import re
 import uuid
@@ -102,6 +103,21 @@ class AuthThrottle:
         self._failures[address] = times  # re-insert: dict order = least recently failed first
         if len(self._failures) > self.max_addresses:
             del self._failures[next(iter(self._failures))]
+
+
+def throttle_key(address: str) -> str:
+    """The bucket an address's failed attempts count in: an IPv4 address itself, an IPv6
+    address's /64 (one host usually holds a whole /64, so it cannot rotate through it), an
+    IPv4-mapped IPv6 address as its IPv4 address."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 def too_many_attempts(retry_after_s: float) -> Response:

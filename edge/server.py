@@ -25,9 +25,9 @@ from websockets.protocol import State
 
 from edge import protocol
 from edge.health import Status
-from edge.limits import PendingCap
+from edge.limits import PendingCap, TokenBucket
 from edge.metrics import Metrics
-from edge.settings import Settings
+from edge.settings import Settings, is_loopback
 
 log = logging.getLogger("edge.server")
 
@@ -39,6 +39,7 @@ WEBSOCKET_PATHS = (PATH_LISTEN, PATH_STATUS)
 # (websockets' own limit on /v1/listen is twice EDGE_MAX_FRAME_BYTES).
 STATUS_MAX_INBOUND = 1024
 STATUS_CLOSE_S = 2.0  # shutdown: status clients get this long to answer the close, then abort
+AUTH_LOG_PER_S, AUTH_LOG_BURST = 1.0, 10  # failed-key warnings; the rest are counted
 
 
 class ListenService(Protocol):
@@ -68,7 +69,11 @@ class Server:
         self.status = status
         self.metrics = metrics
         self.listen = listen
-        self._keys = settings.api_keys()
+        self._admin_keys = settings.admin_keys()
+        self._keys = settings.api_keys() + self._admin_keys
+        # Failed-key log lines: a guesser must not be able to flood the journal.
+        self._auth_log = TokenBucket(AUTH_LOG_PER_S, AUTH_LOG_BURST, time.monotonic())
+        self._auth_log_suppressed = 0
         self._throttle = protocol.AuthThrottle(
             settings.edge_auth_max_failures, settings.edge_auth_window_s
         )
@@ -99,6 +104,10 @@ class Server:
             create_connection=self._connection,  # type: ignore[arg-type]
         )
         log.info("listening on %s:%d", s.edge_host, self.port)
+        if self._keys and s.edge_tls_cert is None and not is_loopback(s.edge_host):
+            log.warning("API keys travel in plain text: listening on %s without TLS (ws://); "
+                        "set EDGE_TLS_CERT and EDGE_TLS_KEY, or bind to loopback behind a "
+                        "TLS proxy", s.edge_host)
 
     def stop_accepting(self) -> None:
         """Close the listening socket; open connections carry on."""
@@ -166,12 +175,13 @@ class Server:
         if path == "/health":
             return protocol.json_response(200, {"status": "ok"})
         if self._keys:
-            refusal = self._authenticate(connection, request)
+            refusal = self._authenticate(connection, request, path)
             if refusal is not None:
                 return refusal
         self._pending.done(connection)
         if path == "/ready":
-            return protocol.json_response(200 if self.status.ready else 503, self.status.snapshot())
+            return protocol.json_response(200 if self.status.ready else 503,
+                                          self._snapshot(connection))
         if path == "/metrics":
             return protocol.text_response(200, self.metrics.render(), self.metrics.content_type)
         if path == PATH_LISTEN:
@@ -188,17 +198,41 @@ class Server:
                 headers=[("Retry-After", "5")])
         return None  # /v1/status: continue the websocket handshake
 
-    def _authenticate(self, connection: ServerConnection, request: Request) -> Response | None:
+    def _authenticate(
+        self, connection: ServerConnection, request: Request, path: str
+    ) -> Response | None:
+        """None if the request carries a key (and marks an operator key on the connection),
+        else the refusal: 429 while its address bucket is throttled, 401 otherwise."""
         address = str(connection.remote_address[0]) if connection.remote_address else "?"
+        bucket = protocol.throttle_key(address)
         now = time.monotonic()
-        if self._throttle.blocked(address, now):
+        if self._throttle.blocked(bucket, now):
             self.metrics.auth_throttled.inc()
             return protocol.too_many_attempts(self.settings.edge_auth_window_s)
-        if protocol.key_matches(protocol.request_token(request.headers), self._keys):
+        token = protocol.request_token(request.headers)
+        if protocol.key_matches(token, self._keys):
+            if self._admin_keys and protocol.key_matches(token, self._admin_keys):
+                connection.edge_admin = True  # type: ignore[attr-defined]
             return None
-        self._throttle.failed(address, now)
+        self._throttle.failed(bucket, now)
         self.metrics.auth_failures.inc()
+        if self._auth_log.take(now):
+            # Never the key itself: it may be a real key with a typo, or another service's.
+            log.warning("refused %s from %s: %s%s", path, address,
+                        "wrong key" if token else "no key",
+                        f" ({self._auth_log_suppressed} more not logged)"
+                        if self._auth_log_suppressed else "")
+            self._auth_log_suppressed = 0
+        else:
+            self._auth_log_suppressed += 1
         return protocol.unauthorized()
+
+    def _snapshot(self, connection: ServerConnection) -> dict[str, Any]:
+        """The full status for an operator key (or when no keys are configured at all),
+        else the summary (`Status.public_snapshot`)."""
+        if not self._keys or getattr(connection, "edge_admin", False):
+            return self.status.snapshot()
+        return self.status.public_snapshot()
 
     async def _handler(self, connection: ServerConnection) -> None:
         path = urlsplit(connection.request.path).path
@@ -218,7 +252,7 @@ class Server:
         closed = asyncio.ensure_future(_refuse_data(connection))
         try:
             generation = self.status.generation
-            await connection.send(json.dumps(self.status.snapshot()))
+            await connection.send(json.dumps(self._snapshot(connection)))
             while not closed.done():
                 changed = asyncio.ensure_future(
                     self.status.wait_changed(generation, self.settings.edge_status_heartbeat_s)
@@ -228,7 +262,7 @@ class Server:
                     changed.cancel()
                     break
                 generation = changed.result()
-                await connection.send(json.dumps(self.status.snapshot()))
+                await connection.send(json.dumps(self._snapshot(connection)))
         except ConnectionClosed:
             pass
         finally:

@@ -57,3 +57,17 @@ def test_any_parse_failure_or_oversize_text_is_a_control_error(text: str) -> Non
     with pytest.raises(ControlError) as err:
         parse_control(text)
     assert str(err.value)
+
+
+def test_ipv6_failures_count_per_64_so_a_host_cannot_rotate_through_its_prefix() -> None:
+    from edge.protocol import throttle_key
+
+    assert throttle_key("2001:db8:1:2::1") == throttle_key("2001:db8:1:2:ffff::9")
+    assert throttle_key("2001:db8:1:2::1") == "2001:db8:1:2::/64"
+    assert throttle_key("2001:db8:1:3::1") != throttle_key("2001:db8:1:2::1")
+    assert throttle_key("::ffff:192.0.2.7") == throttle_key("192.0.2.7") == "192.0.2.7"
+    assert throttle_key("fe80::1%eth0") == "fe80::/64"
+    t = AuthThrottle(max_failures=3, window_s=10)
+    for i in range(3):
+        t.failed(throttle_key(f"2001:db8::{i + 1:x}"), 0)
+    assert t.blocked(throttle_key("2001:db8::ffff"), 1)
