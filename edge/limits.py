@@ -43,11 +43,13 @@ class PendingCap:
     it is only evicted if `limit` newer connections arrive during its own handshake.
     """
 
-    def __init__(self, limit: int) -> None:
-        """`limit` >= 1. Raises ValueError."""
+    def __init__(self, limit: int, on_evict: Callable[[], None] | None = None) -> None:
+        """`limit` >= 1; `on_evict` is called once per eviction (a metric). Raises
+        ValueError."""
         if limit < 1:
             raise ValueError(f"limit must be >= 1 (got {limit})")
         self.limit = limit
+        self.on_evict = on_evict
         self._pending: OrderedDict[Hashable, Callable[[], None]] = OrderedDict()
         self.evicted = 0
 
@@ -60,6 +62,8 @@ class PendingCap:
         while len(self._pending) > self.limit:
             _, oldest = self._pending.popitem(last=False)
             self.evicted += 1
+            if self.on_evict is not None:
+                self.on_evict()
             oldest()
 
     def done(self, key: Hashable) -> None:

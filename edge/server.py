@@ -79,7 +79,8 @@ class Server:
         )
         self._ws: WsServer | None = None
         self._status_clients: set[ServerConnection] = set()
-        self._pending = PendingCap(settings.edge_max_pending_connections)
+        self._pending = PendingCap(settings.edge_max_pending_connections,
+                                   on_evict=metrics.pending_evicted.inc)
 
     @property
     def port(self) -> int:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 from edge import __version__, protocol
 from edge.audio import SessionAudio
@@ -53,6 +54,7 @@ UPSTREAM_QUEUE_S = 10.0
 OUTBOUND_MAX = 512
 FINISH_TIMEOUT_S = 15.0  # how long CloseStream waits for the upstream's last finals
 TURNS_INTERVAL_S = 0.25  # how often growing SpeakerTurns are reported
+FLOOD_CLOSE_S = 1.0  # how long a client cut off for flooding has to answer our close
 FRAME_BURST_S = 2.0  # EDGE_MAX_FRAMES_PER_S may be exceeded for this long's worth of frames
 # Finalize bound: each one half-closes the Google call. Beyond it a Finalize is refused with
 # an Error (nothing is lost: the audio is finalized anyway, by the next Finalize or the end).
@@ -219,8 +221,13 @@ class Session:
         sender.cancel()
         with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
             await sender
-        with contextlib.suppress(ConnectionClosed):
-            await self.conn.close(code, reason)
+        # A flooding client's answer to our close waits behind its own frames, which we no
+        # longer read: give it a moment, then drop the connection rather than hold the slot.
+        timeout = FLOOD_CLOSE_S if end in ("too_fast", "too_large") else None
+        with contextlib.suppress(ConnectionClosed, asyncio.TimeoutError):
+            await asyncio.wait_for(self.conn.close(code, reason), timeout)
+        if self.conn.state is not State.CLOSED:
+            self.conn.transport.abort()
 
     # --- input ---
     async def _receive_loop(self) -> End:

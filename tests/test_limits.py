@@ -23,7 +23,8 @@ def test_token_bucket_rejects_nonsense() -> None:
 
 def test_pending_cap_evicts_the_oldest() -> None:
     aborted: list[int] = []
-    cap = PendingCap(3)
+    evictions: list[None] = []
+    cap = PendingCap(3, on_evict=lambda: evictions.append(None))
     for i in range(3):
         cap.add(i, lambda i=i: aborted.append(i))
     cap.done(1)
@@ -31,6 +32,6 @@ def test_pending_cap_evicts_the_oldest() -> None:
     assert aborted == [] and len(cap) == 3
     cap.add(4, lambda: aborted.append(4))
     cap.add(5, lambda: aborted.append(5))
-    assert aborted == [0, 2] and len(cap) == 3 and cap.evicted == 2
+    assert aborted == [0, 2] and len(cap) == 3 and cap.evicted == len(evictions) == 2
     cap.done(99)  # unknown: no effect
     assert len(cap) == 3

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 import threading
@@ -25,12 +26,18 @@ FAKE_ENDPOINT_S = 0.3  # the fake's endpointing: a final comes this long after t
 
 @contextmanager
 def process(
-    args: list[str], env: dict[str, str], ready: str
+    args: list[str], env: dict[str, str], ready: str, fd_limit: int | None = None,
 ) -> Iterator[tuple[subprocess.Popen[str], re.Match[str]]]:
     """A child process; yields (Popen, the first match of `ready` in its output). Its output
-    keeps being read afterwards: a full pipe would block the child's log writer."""
+    keeps being read afterwards: a full pipe would block the child's log writer.
+    `fd_limit`: the child's RLIMIT_NOFILE (what a unit without LimitNOFILE= gets is 1024)."""
+
+    def limit_fds() -> None:
+        if fd_limit is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, fd_limit))
+
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=limit_fds)
     assert proc.stdout is not None
     match = None
     lines: list[str] = []
@@ -64,10 +71,10 @@ def daemon_env(**settings: str) -> dict[str, str]:
 
 
 @contextmanager
-def daemon(**settings: str) -> Iterator[tuple[int, str, str]]:
+def daemon(fd_limit: int | None = None, **settings: str) -> Iterator[tuple[int, str, str]]:
     """`python -m edge serve` with `settings`; yields (pid, http base, ws base)."""
     with process([sys.executable, "-m", "edge", "serve"], daemon_env(**settings),
-                 r"listening on \S+:(\d+)") as (proc, m):
+                 r"listening on \S+:(\d+)", fd_limit) as (proc, m):
         port = m.group(1)
         yield proc.pid, f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}"
 
