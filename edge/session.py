@@ -51,11 +51,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("edge.session")
 
 UPSTREAM_QUEUE_S = 10.0
+MIN_QUEUED_SAMPLES = 320  # 20 ms: smaller blocks are joined before the upstream queue
 OUTBOUND_MAX = 512
 FINISH_TIMEOUT_S = 15.0  # how long CloseStream waits for the upstream's last finals
 TURNS_INTERVAL_S = 0.25  # how often growing SpeakerTurns are reported
 FLOOD_CLOSE_S = 1.0  # how long a client cut off for flooding has to answer our close
-FRAME_BURST_S = 2.0  # EDGE_MAX_FRAMES_PER_S may be exceeded for this long's worth of frames
+FRAME_BURST_S = 1.0  # a burst of up to one second's worth of frames over EDGE_MAX_FRAMES_PER_S
 # Finalize bound: each one half-closes the Google call. Beyond it a Finalize is refused with
 # an Error (nothing is lost: the audio is finalized anyway, by the next Finalize or the end).
 FINALIZE_PER_S, FINALIZE_BURST = 2.0, 10
@@ -120,6 +121,7 @@ class Session:
             max(4, int(UPSTREAM_QUEUE_S * 50))  # blocks of >= 20 ms
         )
         self._upstream_alive = deps.upstream is not None
+        self._held: AudioBlock | None = None  # audio under MIN_QUEUED_SAMPLES, not yet queued
         self._google_labels = False
         self._finalize_pending = 0
         self._finals_since_finalize = 0
@@ -195,6 +197,7 @@ class Session:
         if tail is not None:
             self._on_audio(tail)
         if self._upstream_alive:
+            self._put_audio(self._take_held())
             self._put_audio(_END_OF_AUDIO)
         if self.diar is not None:
             with contextlib.suppress(Exception):
@@ -266,11 +269,25 @@ class Session:
     def _on_audio(self, block: AudioBlock) -> None:
         self.deps.metrics.audio_seconds.inc(block.samples / 16000)
         if self._upstream_alive:
-            self._put_audio(block)
+            # The upstream queue is bounded in blocks: hold tiny ones until they make 20 ms,
+            # so its bound means seconds whatever the client's frame size.
+            if self._held is not None:
+                block = AudioBlock(self._held.start, self._held.pcm + block.pcm)
+                self._held = None
+            if block.samples < MIN_QUEUED_SAMPLES:
+                self._held = block
+            else:
+                self._put_audio(block)
         if self.diar is not None:
             self.diar.push(block)
 
+    def _take_held(self) -> AudioBlock | None:
+        held, self._held = self._held, None
+        return held
+
     def _put_audio(self, item: object) -> None:
+        if item is None:
+            return
         try:
             self._audio_q.put_nowait(item)
         except asyncio.QueueFull:
@@ -294,6 +311,7 @@ class Session:
         if self._upstream_alive:
             self._finalize_pending += 1
             self._finals_since_finalize = 0
+            self._put_audio(self._take_held())
             self._put_audio(FLUSH)
         else:
             self._send_empty_final(from_finalize=True)

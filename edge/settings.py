@@ -85,7 +85,7 @@ class Settings(BaseSettings):
     edge_label_wait_ms: int = Field(3000, ge=0, le=60000)
     edge_auth_max_failures: int = Field(10, ge=1, le=100000)
     edge_auth_window_s: float = Field(60.0, gt=0, le=86400)
-    # Audio frames one session may send per second (bursts of 2 s worth); beyond it the
+    # Audio frames one session may send per second (bursts of 1 s worth); beyond it the
     # session gets an Error and is closed 1008. A browser's AudioWorklet sends 375/s at 48 kHz.
     edge_max_frames_per_s: int = Field(500, ge=10, le=100000)
     edge_max_status_clients: int = Field(16, ge=1, le=10000)

@@ -141,3 +141,24 @@ async def test_half_open_connections_cannot_use_up_file_descriptors() -> None:
         finally:
             for _, writer in held:
                 writer.transport.abort()
+
+
+async def test_one_sample_frames_lose_no_audio_on_the_way_to_google() -> None:
+    # The audio queue to the upstream is bounded in blocks (10 s of >= 20 ms blocks): tiny
+    # frames must be held together before it, or a burst of them overflows it in milliseconds.
+    from tests.fakes.google_speech import encode, fake_speech, utterances
+
+    audio, script = encode(utterances(1))
+    async with fake_speech() as (_fake, endpoint), running_app(
+            edge_stt_endpoint=endpoint, edge_stt_insecure=True,
+            edge_max_frames_per_s=100000) as app:
+        async with connect(listen_url(app, "diarize=false"), additional_headers=AUTH) as ws:
+            for i in range(0, len(audio), 2):
+                await ws.send(audio[i:i + 2])
+            await ws.send(json.dumps({"type": "CloseStream"}))
+            messages = await read_until_closed(ws, timeout=30)
+    assert not [m for m in messages if m["type"] == "Error"], messages
+    words = [w["word"] for m in messages if m["type"] == "Results" and m["is_final"]
+             for w in m["channel"]["alternatives"][0]["words"]]
+    assert words == [w.text for w in script]
+    assert messages[-1]["type"] == "Metadata"

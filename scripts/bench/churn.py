@@ -166,11 +166,13 @@ async def neighbour(ws_base: str, seconds: float, rtts: list[float]) -> None:
         reader.cancel()
 
 
-async def tiny_frames(ws_base: str, seconds: float) -> dict[str, int]:
+async def tiny_frames(ws_base: str, seconds: float) -> dict[str, Any]:
     """2-byte frames as fast as the socket takes them, reconnecting whenever cut off."""
     sent = sessions = cut = 0
     loop = asyncio.get_running_loop()
-    end = loop.time() + seconds
+    start = loop.time()
+    end = start + seconds
+    first_cut: float | None = None
     while loop.time() < end:
         sessions += 1
         try:
@@ -182,8 +184,10 @@ async def tiny_frames(ws_base: str, seconds: float) -> dict[str, int]:
                     await asyncio.sleep(0)
         except (ConnectionClosed, InvalidStatus, OSError):
             cut += 1
+            first_cut = first_cut if first_cut is not None else round(loop.time() - start, 3)
             await asyncio.sleep(0.05)
-    return {"frames_sent": sent, "sessions": sessions, "sessions_cut": cut}
+    return {"frames_sent": sent, "sessions": sessions, "sessions_cut": cut,
+            "first_cut_after_s": first_cut}
 
 
 async def phase(ws_base: str, http: str, seconds: float, hostile: bool) -> dict[str, Any]:
