@@ -248,7 +248,10 @@ class Server:
         if len(self._status_clients) >= self.settings.edge_max_status_clients:
             await connection.close(protocol.CLOSE_TRY_AGAIN, protocol.REASON_AT_CAPACITY)
             return
-        connection.protocol.max_message_size = STATUS_MAX_INBOUND
+        # The parser reads the limit per frame (`max_message_size` since websockets 15,
+        # `max_size` before).
+        limit = "max_message_size" if hasattr(connection.protocol, "max_message_size") else "max_size"
+        setattr(connection.protocol, limit, STATUS_MAX_INBOUND)
         self._status_clients.add(connection)
         closed = asyncio.ensure_future(_refuse_data(connection))
         try:

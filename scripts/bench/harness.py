@@ -21,6 +21,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "bench-key"
+ADMIN_KEY = "bench-admin-key"  # an operator key: /ready shows reasons and notices
 FAKE_ENDPOINT_S = 0.3  # the fake's endpointing: a final comes this long after the last word
 
 
@@ -64,7 +65,8 @@ def process(
 def daemon_env(**settings: str) -> dict[str, str]:
     """The environment for `python -m edge serve`: ours only, nothing from the developer's."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("EDGE_", "STT_", "NEMO_"))}
-    env.update({"EDGE_PORT": "0", "EDGE_API_KEYS": KEY, "EDGE_ENV_FILE": "/dev/null",
+    env.update({"EDGE_PORT": "0", "EDGE_API_KEYS": KEY, "EDGE_ADMIN_KEYS": ADMIN_KEY,
+                "EDGE_ENV_FILE": "/dev/null",
                 "EDGE_LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1"})
     env.update(settings)
     return env
@@ -119,7 +121,7 @@ def emit(result: dict[str, Any], out: Path | None) -> None:
 
 async def status(http: str) -> dict[str, Any]:
     async with httpx.AsyncClient(timeout=30) as c:
-        return (await c.get(http + "/ready", headers={"Authorization": f"Token {KEY}"})).json()
+        return (await c.get(http + "/ready", headers={"Authorization": f"Token {ADMIN_KEY}"})).json()
 
 
 async def wait_diarizer(http: str, timeout: float = 300) -> dict[str, Any]:
