@@ -7,7 +7,6 @@ or raises an exact exception, so its tests need no server. See PROTOCOL.md.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
 import re
 import uuid
@@ -68,56 +67,6 @@ def key_matches(token: str | None, keys: Iterable[str]) -> bool:
     for key in keys:
         ok |= hmac.compare_digest(given, key.encode())
     return ok
-
-
-class AuthThrottle:
-    """Failed-auth rate limit per client address (sliding window).
-
-    More than `max_failures` failed attempts from one address within `window_s` refuses
-    every request from it (HTTP 429, even with a right key, so a guesser learns nothing)
-    until the window slides past them. At most `max_addresses` are tracked; the oldest is
-    forgotten first, so a flood of spoofed sources costs bounded memory.
-    """
-
-    def __init__(self, max_failures: int, window_s: float, max_addresses: int = 4096) -> None:
-        self.max_failures = max_failures
-        self.window_s = window_s
-        self.max_addresses = max_addresses
-        self._failures: dict[str, list[float]] = {}
-
-    def blocked(self, address: str, now: float) -> bool:
-        times = self._failures.get(address)
-        if not times:
-            return False
-        while times and now - times[0] > self.window_s:
-            times.pop(0)
-        if not times:
-            del self._failures[address]
-            return False
-        return len(times) >= self.max_failures
-
-    def failed(self, address: str, now: float) -> None:
-        times = self._failures.pop(address, [])
-        times.append(now)
-        del times[: max(0, len(times) - self.max_failures)]
-        self._failures[address] = times  # re-insert: dict order = least recently failed first
-        if len(self._failures) > self.max_addresses:
-            del self._failures[next(iter(self._failures))]
-
-
-def throttle_key(address: str) -> str:
-    """The bucket an address's failed attempts count in: an IPv4 address itself, an IPv6
-    address's /64 (one host usually holds a whole /64, so it cannot rotate through it), an
-    IPv4-mapped IPv6 address as its IPv4 address."""
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return address
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip)
 
 
 def too_many_attempts(retry_after_s: float) -> Response:

@@ -25,7 +25,7 @@ from websockets.protocol import State
 
 from edge import protocol
 from edge.health import Status
-from edge.limits import PendingCap, TokenBucket
+from edge.limits import AuthThrottle, PendingCap, TokenBucket, throttle_key
 from edge.metrics import Metrics
 from edge.settings import Settings, is_loopback
 
@@ -74,7 +74,7 @@ class Server:
         # Failed-key log lines: a guesser must not be able to flood the journal.
         self._auth_log = TokenBucket(AUTH_LOG_PER_S, AUTH_LOG_BURST, time.monotonic())
         self._auth_log_suppressed = 0
-        self._throttle = protocol.AuthThrottle(
+        self._throttle = AuthThrottle(
             settings.edge_auth_max_failures, settings.edge_auth_window_s
         )
         self._ws: WsServer | None = None
@@ -205,7 +205,7 @@ class Server:
         """None if the request carries a key (and marks an operator key on the connection),
         else the refusal: 429 while its address bucket is throttled, 401 otherwise."""
         address = str(connection.remote_address[0]) if connection.remote_address else "?"
-        bucket = protocol.throttle_key(address)
+        bucket = throttle_key(address)
         now = time.monotonic()
         if self._throttle.blocked(bucket, now):
             self.metrics.auth_throttled.inc()

@@ -151,12 +151,12 @@ async def test_one_sample_frames_lose_no_audio_on_the_way_to_google() -> None:
     audio, script = encode(utterances(1))
     async with fake_speech() as (_fake, endpoint), running_app(
             edge_stt_endpoint=endpoint, edge_stt_insecure=True,
-            edge_max_frames_per_s=100000) as app:
-        async with connect(listen_url(app, "diarize=false"), additional_headers=AUTH) as ws:
-            for i in range(0, len(audio), 2):
-                await ws.send(audio[i:i + 2])
-            await ws.send(json.dumps({"type": "CloseStream"}))
-            messages = await read_until_closed(ws, timeout=30)
+            edge_max_frames_per_s=100000) as app, connect(
+                listen_url(app, "diarize=false"), additional_headers=AUTH) as ws:
+        for i in range(0, len(audio), 2):
+            await ws.send(audio[i:i + 2])
+        await ws.send(json.dumps({"type": "CloseStream"}))
+        messages = await read_until_closed(ws, timeout=30)
     assert not [m for m in messages if m["type"] == "Error"], messages
     words = [w["word"] for m in messages if m["type"] == "Results" and m["is_final"]
              for w in m["channel"]["alternatives"][0]["words"]]
