@@ -109,7 +109,7 @@ def _client_url(settings: Settings, args: argparse.Namespace | None = None) -> s
 
 def _client_key(settings: Settings, args: argparse.Namespace) -> str | None:
     """The key to send: `--key` (warned about) > `--key-file` > $EDGE_API_KEY > the first of
-    the daemon's own keys (an operator on the device). Raises `UsageError` for an unreadable
+    the daemon's own keys, admin keys first (an operator on the device). Raises `UsageError` for an unreadable
     or empty key file."""
     if args.key:
         print(f"edge: warning: --key shows the key to every local user (ps, /proc) and in shell "
@@ -126,7 +126,7 @@ def _client_key(settings: Settings, args: argparse.Namespace) -> str | None:
         return lines[0]
     if os.environ.get(CLIENT_KEY_ENV):
         return os.environ[CLIENT_KEY_ENV]
-    keys = settings.api_keys()
+    keys = settings.admin_keys() + settings.api_keys()  # an operator's tools see details
     return keys[0] if keys else None
 
 

@@ -116,6 +116,17 @@ class Status:
             "uptime_s": round(self._clock() - self._started, 3),
         }
 
+    def public_snapshot(self) -> dict[str, Any]:
+        """`snapshot()` without what only an operator may see: each check's reason (upstream
+        errors, paths) is cut to its first word(s) before ':', the diarizer's reason and model
+        path are left out, and notices (other sessions' ids, error texts) are only counted."""
+        snap = self.snapshot()
+        snap["checks"] = {name: value.split(":", 1)[0] for name, value in self.checks.items()}
+        snap["diarizer"] = {k: v for k, v in self.diarizer.items() if k not in ("reason", "model")}
+        snap["notices"] = len(self.notices)
+        snap["detail"] = "summary"
+        return snap
+
     def summary(self) -> str:
         """One line for systemd's `STATUS=` (no uptime, so it changes only with the state)."""
         state = "ready" if self.ready else "not ready: " + ", ".join(

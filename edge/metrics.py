@@ -40,6 +40,11 @@ class Metrics:
         self.auth_failures = Counter(
             "edge_auth_failures", "Requests refused for a missing or wrong key", registry=r
         )
+        self.pending_evicted = Counter(
+            "edge_pending_evicted",
+            "Connections dropped before auth to admit a newer one (EDGE_MAX_PENDING_CONNECTIONS)",
+            registry=r,
+        )
         self.auth_throttled = Counter(
             "edge_auth_throttled",
             "Requests refused (429) from an address with too many failed attempts", registry=r,

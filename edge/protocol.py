@@ -32,6 +32,8 @@ REASON_FRAME_TOO_LARGE = "frame too large"
 REASON_NOT_READING = "client not reading"
 REASON_AT_CAPACITY = "at capacity"
 REASON_BAD_AUDIO = "DATA-0000"  # Deepgram's: the payload cannot be decoded as audio
+REASON_TOO_MANY_FRAMES = "too many frames"
+REASON_DATA_FRAME = "no data frames on this channel"
 
 AUTH_SCHEMES = ("token", "bearer")
 SUBPROTOCOL_TOKEN = "token"
@@ -66,41 +68,6 @@ def key_matches(token: str | None, keys: Iterable[str]) -> bool:
     for key in keys:
         ok |= hmac.compare_digest(given, key.encode())
     return ok
-
-
-class AuthThrottle:
-    """Failed-auth rate limit per client address (sliding window).
-
-    More than `max_failures` failed attempts from one address within `window_s` refuses
-    every request from it (HTTP 429, even with a right key, so a guesser learns nothing)
-    until the window slides past them. At most `max_addresses` are tracked; the oldest is
-    forgotten first, so a flood of spoofed sources costs bounded memory.
-    """
-
-    def __init__(self, max_failures: int, window_s: float, max_addresses: int = 4096) -> None:
-        self.max_failures = max_failures
-        self.window_s = window_s
-        self.max_addresses = max_addresses
-        self._failures: dict[str, list[float]] = {}
-
-    def blocked(self, address: str, now: float) -> bool:
-        times = self._failures.get(address)
-        if not times:
-            return False
-        while times and now - times[0] > self.window_s:
-            times.pop(0)
-        if not times:
-            del self._failures[address]
-            return False
-        return len(times) >= self.max_failures
-
-    def failed(self, address: str, now: float) -> None:
-        times = self._failures.pop(address, [])
-        times.append(now)
-        del times[: max(0, len(times) - self.max_failures)]
-        self._failures[address] = times  # re-insert: dict order = least recently failed first
-        if len(self._failures) > self.max_addresses:
-            del self._failures[next(iter(self._failures))]
 
 
 def too_many_attempts(retry_after_s: float) -> Response:
@@ -271,16 +238,28 @@ Control = Literal["KeepAlive", "Finalize", "CloseStream"]
 CONTROLS: tuple[Control, ...] = ("KeepAlive", "Finalize", "CloseStream")
 
 
+MAX_TEXT_BYTES = 4096  # a control message is ~30 bytes; anything longer is refused unparsed
+
+
 class ControlError(ValueError):
     """A text frame that is not a control message we know; `str()` says why."""
 
 
 def parse_control(text: str) -> Control:
-    """`{"type": "KeepAlive" | "Finalize" | "CloseStream"}` -> the type; else ControlError."""
+    """`{"type": "KeepAlive" | "Finalize" | "CloseStream"}` -> the type.
+
+    Raises ControlError (never anything else) for a frame over `MAX_TEXT_BYTES`, one that is
+    not JSON or nested too deeply to parse, or a JSON value that is not such an object.
+    """
+    if len(text) > MAX_TEXT_BYTES:
+        raise ControlError(f"text frame of {len(text)} characters: control messages are at "
+                           f"most {MAX_TEXT_BYTES}")
     try:
         msg = json.loads(text)
     except ValueError:
         raise ControlError("text frame is not JSON") from None
+    except RecursionError:
+        raise ControlError("text frame is JSON nested too deeply") from None
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
         raise ControlError("text frame must be a JSON object with a string 'type'")
     if msg["type"] not in CONTROLS:

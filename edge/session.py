@@ -33,10 +33,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 from edge import __version__, protocol
 from edge.audio import DecodeError, SessionAudio
 from edge.health import Status
+from edge.limits import TokenBucket
 from edge.metrics import Metrics
 from edge.protocol import ListenParams, ModelInfo
 from edge.settings import Settings
@@ -49,11 +51,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("edge.session")
 
 UPSTREAM_QUEUE_S = 10.0
+MIN_QUEUED_SAMPLES = 320  # 20 ms: smaller blocks are joined before the upstream queue
 OUTBOUND_MAX = 512
 FINISH_TIMEOUT_S = 15.0  # how long CloseStream waits for the upstream's last finals
 TURNS_INTERVAL_S = 0.25  # how often growing SpeakerTurns are reported
+FLOOD_CLOSE_S = 1.0  # how long a client cut off for flooding has to answer our close
+FRAME_BURST_S = 1.0  # a burst of up to one second's worth of frames over EDGE_MAX_FRAMES_PER_S
+# Finalize bound: each one half-closes the Google call. Beyond it a Finalize is refused with
+# an Error (nothing is lost: the audio is finalized anyway, by the next Finalize or the end).
+FINALIZE_PER_S, FINALIZE_BURST = 2.0, 10
 
-End = Literal["close", "shutdown", "idle", "gone", "too_large", "slow", "bad_audio"]
+End = Literal["close", "shutdown", "idle", "gone", "too_large", "slow", "bad_audio", "too_fast"]
 _END_CLOSE: dict[End, tuple[int, str]] = {
     "close": (protocol.CLOSE_NORMAL, ""),
     "shutdown": (protocol.CLOSE_GOING_AWAY, protocol.REASON_SHUTDOWN),
@@ -61,6 +69,7 @@ _END_CLOSE: dict[End, tuple[int, str]] = {
     "too_large": (protocol.CLOSE_POLICY, protocol.REASON_FRAME_TOO_LARGE),
     "slow": (protocol.CLOSE_POLICY, protocol.REASON_NOT_READING),
     "bad_audio": (protocol.CLOSE_POLICY, protocol.REASON_BAD_AUDIO),
+    "too_fast": (protocol.CLOSE_POLICY, protocol.REASON_TOO_MANY_FRAMES),
     "gone": (protocol.CLOSE_NORMAL, ""),
 }
 
@@ -103,6 +112,9 @@ class Session:
         self.model = ModelInfo(self.config.model, __version__, arch)
         self.diarizer_model = ModelInfo("diar_streaming_sortformer_4spk-v2.1", __version__, "sortformer")
         self.last_activity = time.monotonic()
+        rate = s.edge_max_frames_per_s
+        self._frames = TokenBucket(rate, rate * FRAME_BURST_S, self.last_activity)
+        self._finalizes = TokenBucket(FINALIZE_PER_S, FINALIZE_BURST, self.last_activity)
         self.created = datetime.now(timezone.utc)
         self._end: End | None = None
         self._recv_task: asyncio.Task[End] | None = None
@@ -111,6 +123,7 @@ class Session:
             max(4, int(UPSTREAM_QUEUE_S * 50))  # blocks of >= 20 ms
         )
         self._upstream_alive = deps.upstream is not None
+        self._held: AudioBlock | None = None  # audio under MIN_QUEUED_SAMPLES, not yet queued
         self._google_labels = False
         self._finalize_pending = 0
         self._finals_since_finalize = 0
@@ -181,10 +194,11 @@ class Session:
 
     async def _finish(self, end: End, upstream: asyncio.Task[None] | None) -> None:
         """Flush what the client is owed: every final result, turns, then Metadata."""
-        if end in ("gone", "too_large", "slow", "bad_audio"):
+        if end in ("gone", "too_large", "slow", "bad_audio", "too_fast"):
             return
         await self._end_of_audio()
         if self._upstream_alive:
+            self._put_audio(self._take_held())
             self._put_audio(_END_OF_AUDIO)
         if self.diar is not None:
             with contextlib.suppress(Exception):
@@ -211,8 +225,13 @@ class Session:
         sender.cancel()
         with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
             await sender
-        with contextlib.suppress(ConnectionClosed):
-            await self.conn.close(code, reason)
+        # A flooding client's answer to our close waits behind its own frames, which we no
+        # longer read: give it a moment, then drop the connection rather than hold the slot.
+        timeout = FLOOD_CLOSE_S if end in ("too_fast", "too_large") else None
+        with contextlib.suppress(ConnectionClosed, asyncio.TimeoutError):
+            await asyncio.wait_for(self.conn.close(code, reason), timeout)
+        if self.conn.state is not State.CLOSED:
+            self.conn.transport.abort()
 
     # --- input ---
     async def _receive_loop(self) -> End:
@@ -225,6 +244,11 @@ class Session:
                     if len(message) > max_frame:
                         return "too_large"
                     self.last_activity = time.monotonic()
+                    if not self._frames.take(self.last_activity):
+                        self._send(protocol.error_message(
+                            "TOO_MANY_FRAMES", f"more than {self._frames.rate:g} audio frames "
+                            "per second (EDGE_MAX_FRAMES_PER_S): send 20-250 ms per frame"))
+                        return "too_fast"
                     try:
                         block = await self.audio.decode(message)
                     except DecodeError as exc:
@@ -267,11 +291,25 @@ class Session:
     def _on_audio(self, block: AudioBlock) -> None:
         self.deps.metrics.audio_seconds.inc(block.samples / 16000)
         if self._upstream_alive:
-            self._put_audio(block)
+            # The upstream queue is bounded in blocks: hold tiny ones until they make 20 ms,
+            # so its bound means seconds whatever the client's frame size.
+            if self._held is not None:
+                block = AudioBlock(self._held.start, self._held.pcm + block.pcm)
+                self._held = None
+            if block.samples < MIN_QUEUED_SAMPLES:
+                self._held = block
+            else:
+                self._put_audio(block)
         if self.diar is not None:
             self.diar.push(block)
 
+    def _take_held(self) -> AudioBlock | None:
+        held, self._held = self._held, None
+        return held
+
     def _put_audio(self, item: object) -> None:
+        if item is None:
+            return
         try:
             self._audio_q.put_nowait(item)
         except asyncio.QueueFull:
@@ -287,9 +325,15 @@ class Session:
                 ))
 
     def _finalize(self) -> None:
+        if not self._finalizes.take(time.monotonic()):
+            self._send(protocol.error_message(
+                "FINALIZE_RATE_LIMITED", f"Finalize ignored: at most {FINALIZE_PER_S:g} per "
+                f"second (bursts of {FINALIZE_BURST}); the audio is still transcribed"))
+            return
         if self._upstream_alive:
             self._finalize_pending += 1
             self._finals_since_finalize = 0
+            self._put_audio(self._take_held())
             self._put_audio(FLUSH)
         else:
             self._send_empty_final(from_finalize=True)

@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     edge_port: int = Field(8765, ge=0, le=65535)
     edge_api_keys: SecretStr | None = None
     edge_api_keys_file: Path | None = None
+    # Operator keys: accepted wherever API keys are, and alone shown other sessions' ids,
+    # file paths and upstream errors (on /ready and /v1/status; others get the summary).
+    edge_admin_keys: SecretStr | None = None
     edge_allow_unauthenticated: bool = False
     edge_tls_cert: Path | None = None
     edge_tls_key: Path | None = None
@@ -83,6 +86,12 @@ class Settings(BaseSettings):
     edge_label_wait_ms: int = Field(3000, ge=0, le=60000)
     edge_auth_max_failures: int = Field(10, ge=1, le=100000)
     edge_auth_window_s: float = Field(60.0, gt=0, le=86400)
+    # Audio frames one session may send per second (bursts of 1 s worth); beyond it the
+    # session gets an Error and is closed 1008. A browser's AudioWorklet sends 375/s at 48 kHz.
+    edge_max_frames_per_s: int = Field(500, ge=10, le=100000)
+    edge_max_status_clients: int = Field(16, ge=1, le=10000)
+    # Connections not yet through auth; the oldest is dropped to admit a new one.
+    edge_max_pending_connections: int = Field(256, ge=1, le=100000)
     edge_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     # --- upstream: Google Cloud Speech-to-Text ---
@@ -137,7 +146,8 @@ class Settings(BaseSettings):
             raise _FieldError(
                 "nemo_diar_model_path", str(self.nemo_diar_model_path), "file does not exist"
             )
-        if not self.api_keys() and not self.edge_allow_unauthenticated and not _is_loopback(
+        if not self.api_keys() and not self.admin_keys() and not self.edge_allow_unauthenticated \
+                and not is_loopback(
             self.edge_host
         ):
             raise _FieldError(
@@ -160,6 +170,13 @@ class Settings(BaseSettings):
                 if line and not line.startswith("#"):
                     keys.append(line)
         return tuple(k for k in keys if k)
+
+    def admin_keys(self) -> tuple[str, ...]:
+        """The operator keys: `EDGE_ADMIN_KEYS`, comma-separated."""
+        if self.edge_admin_keys is None:
+            return ()
+        return tuple(k.strip() for k in self.edge_admin_keys.get_secret_value().split(",")
+                     if k.strip())
 
     def diarization_streaming_params(self) -> dict[str, int]:
         """Sortformer streaming parameters (NeMo `sortformer_modules` names, 80 ms frames).
@@ -192,7 +209,8 @@ class _FieldError(ValueError):
         self.field, self.value, self.allowed = field, value, allowed
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """True for `localhost` and loopback addresses (127.0.0.0/8, ::1)."""
     if host == "localhost":
         return True
     try:
@@ -243,7 +261,7 @@ def _describe(exc: ValidationError) -> str:
 
 def _line(field: str, value: Any, allowed: str) -> str:
     name = field.upper()
-    if name in {"EDGE_API_KEYS", "HF_TOKEN"}:
+    if name in {"EDGE_API_KEYS", "EDGE_ADMIN_KEYS", "HF_TOKEN"}:
         value = "<secret>"  # never echo a key, even a malformed one
     if value is None:
         return f"{name} (unset): {allowed}"
@@ -277,6 +295,7 @@ __all__ = [
     "FRAME_S",
     "Settings",
     "SettingsError",
+    "is_loopback",
     "load_settings",
     "resolve_env_file",
 ]

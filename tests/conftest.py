@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import re
+import resource
 import subprocess
 import sys
 import threading
@@ -69,11 +70,19 @@ def daemon_env(**env: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def daemon_process(**env: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
-    """`python -m edge serve` as a child; yields (process, port) once it listens."""
+def daemon_process(fd_limit: int | None = None,
+                   **env: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """`python -m edge serve` as a child; yields (process, port) once it listens.
+    `fd_limit`: its RLIMIT_NOFILE (soft and hard), as a unit's LimitNOFILE= would set."""
+
+    def limit_fds() -> None:
+        if fd_limit is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, fd_limit))
+
     proc = subprocess.Popen(
         [sys.executable, "-m", "edge", "serve"],
         cwd=ROOT, env=daemon_env(**env), stderr=subprocess.PIPE, text=True,
+        preexec_fn=limit_fds,
     )
     assert proc.stderr is not None
     port = None

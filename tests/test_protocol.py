@@ -1,11 +1,11 @@
-"""protocol.py without sockets: token extraction and key comparison."""
+"""protocol.py without sockets: token extraction, key comparison, control messages."""
 
 from __future__ import annotations
 
 import pytest
 from websockets.datastructures import Headers
 
-from edge.protocol import AuthThrottle, key_matches, request_token
+from edge.protocol import key_matches, request_token
 
 
 @pytest.mark.parametrize(
@@ -35,16 +35,10 @@ def test_key_matches() -> None:
     assert not key_matches("ab", ["a"])
 
 
-def test_auth_throttle_window() -> None:
-    t = AuthThrottle(max_failures=3, window_s=10, max_addresses=2)
-    for i in range(3):
-        assert not t.blocked("a", i)
-        t.failed("a", i)
-    assert t.blocked("a", 3) and not t.blocked("b", 3)
-    assert t.blocked("a", 9.5)  # all three failures still inside the window
-    assert not t.blocked("a", 10.5)  # the first one slid out: 2 < 3
-    # bounded memory: a third address evicts the least recently failed one
-    t.failed("a", 20)
-    t.failed("b", 21)
-    t.failed("c", 22)
-    assert set(t._failures) == {"b", "c"}
+@pytest.mark.parametrize("text", ["[" * 100000, "[" * 3000, '{"type": "' + "x" * 5000 + '"}'])
+def test_any_parse_failure_or_oversize_text_is_a_control_error(text: str) -> None:
+    from edge.protocol import ControlError, parse_control
+
+    with pytest.raises(ControlError) as err:
+        parse_control(text)
+    assert str(err.value)

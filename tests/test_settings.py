@@ -114,3 +114,26 @@ def test_invalid_value_exits_2_with_one_line(name: str, value: str, hint: str) -
     if name not in ("EDGE_HOST", "EDGE_TLS_CERT"):
         assert repr(value) in line or value in line
 
+
+
+@pytest.mark.parametrize(("name", "value", "says"), [
+    ("EDGE_MAX_FRAMES_PER_S", "5", ">= 10"),
+    ("EDGE_MAX_STATUS_CLIENTS", "0", ">= 1"),
+    ("EDGE_MAX_PENDING_CONNECTIONS", "lots", "an integer"),
+])
+def test_client_bounds_are_checked(monkeypatch: pytest.MonkeyPatch, name: str, value: str,
+                                   says: str) -> None:
+    from edge.settings import SettingsError
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError) as err:
+        load_settings()
+    assert str(err.value).startswith(f"{name}={value!r}") and says in str(err.value)
+
+
+def test_admin_keys_are_keys_and_never_echoed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGE_ADMIN_KEYS", " op-1 , op-2 ,")
+    monkeypatch.setenv("EDGE_HOST", "0.0.0.0")  # keys (admin ones only) allow a public bind
+    s = load_settings()
+    assert s.admin_keys() == ("op-1", "op-2") and s.api_keys() == ()
+    assert "op-1" not in repr(s)

@@ -299,3 +299,41 @@ def test_cuts_and_closes_deliver_every_word_once_in_place(
 def test_replay_bound_must_be_positive(bad: float) -> None:
     with pytest.raises(ValueError):
         ReplayBuffer(bad)
+
+
+def test_one_sample_blocks_are_coalesced_and_a_replay_read_stays_cheap() -> None:
+    # A hostile client's 2-byte frames arrive as 1-sample blocks: 30 s of them is 480k blocks.
+    # The buffer must hold them as a few >= 20 ms blocks, and replaying the whole 30 s from
+    # `t_final` (300 reads of 100 ms, as a call after a rotation does) must stay cheap.
+    import time
+
+    buf = ReplayBuffer(30.0)
+    total = 30 * SAMPLE_RATE
+    for i in range(total):
+        buf.push(AudioBlock(i, b"\x01\x00"))
+    assert buf.retained_s == pytest.approx(30.0)
+    assert buf.blocks <= total // ReplayBuffer.MIN_BLOCK_SAMPLES + 1
+    started = time.perf_counter()
+    cursor, got = buf.t_final, 0
+    while (piece := buf.read(cursor, SAMPLE_RATE // 10)) is not None:
+        got += piece.samples
+        cursor = piece.end
+    elapsed = time.perf_counter() - started
+    assert got == total
+    assert elapsed < 0.25, f"replaying 30 s of 1-sample blocks took {elapsed:.3f} s"
+
+
+def test_reads_in_the_middle_find_their_block_and_drops_keep_the_index() -> None:
+    buf = ReplayBuffer(1.0)
+    pcm = bytes(range(256)) * 125  # 32000 bytes = 16000 samples
+    for b in blocks(pcm, [7, 400, 1, 3200]):
+        buf.push(b)
+    piece = buf.read(5000, 10)
+    assert piece is not None and piece.start == 5000 and piece.pcm == pcm[10000:10020]
+    buf.push(AudioBlock(16000, b"\x05\x00" * 800))  # overflows: the oldest 800 samples go
+    assert buf.start == 800
+    piece = buf.read(0, 3)
+    assert piece is not None and piece.start == 800 and piece.pcm == pcm[1600:1606]
+    buf.finalize(12345)
+    piece = buf.read(0, 2)
+    assert piece is not None and piece.start == 12345 and piece.pcm == pcm[24690:24694]

@@ -428,3 +428,20 @@ async def test_closing_the_stream_early_cancels_the_call() -> None:
         await events.aclose()  # type: ignore[attr-defined]
         await eventually(lambda: g.fake.calls[-1].outcome != "open")
     assert g.fake.calls[-1].outcome == "cancelled"
+
+
+async def test_a_finalize_flood_is_coalesced_into_few_calls_and_each_is_answered() -> None:
+    # A FLUSH after every 10 ms block: each one used to half-close a call of its own.
+    pcm, script = encode(utterances(4))
+    n = len(pcm) // 2
+    every = list(range(160, n, 160))
+    async with google() as g:
+        s = Session()
+        await asyncio.wait_for(s.run(g.upstream, feed(pcm, s, sizes=(160,), flush_at=every)), 60)
+    # A FLUSH inside a word splits it across two calls (both halves come back): every word is
+    # there, in order, none lost.
+    heard = [w.word for w in s.words]
+    assert [t for i, t in enumerate(heard) if i == 0 or t != heard[i - 1]] == [
+        w.text for w in script]
+    assert sum(e.kind == "flushed" for e in s.events) == len(every)  # one answer per FLUSH
+    assert len(g.fake.calls) <= 60, f"{len(g.fake.calls)} calls for {len(every)} FLUSHes"

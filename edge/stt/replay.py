@@ -19,7 +19,7 @@ import random
 import re
 from bisect import bisect_left, bisect_right
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from edge.stt.base import SAMPLE_RATE, AudioBlock, TranscriptEvent, Word
@@ -62,14 +62,24 @@ class ReplayBuffer:
     Overflow policy: drop the oldest samples. Dropped samples that are not yet finalized are
     remembered as *at risk*: if the call they were sent on later completes or finalizes past
     them nothing is lost; if a call boundary comes first (`take_lost()`), they are lost.
+
+    Blocks are held coalesced: a push contiguous with a newest block shorter than
+    `MIN_BLOCK_SAMPLES` (20 ms) joins it, so the block count is bounded by the retained audio,
+    not by how small the client's frames are. Reads find their block by bisection.
     """
+
+    MIN_BLOCK_SAMPLES = SAMPLE_RATE // 50  # 20 ms
 
     def __init__(self, max_s: float) -> None:
         """`max_s`: the replay bound in seconds (EDGE_STT_REPLAY_S). Raises ValueError if <= 0."""
         if max_s <= 0:
             raise ValueError("max_s must be > 0")
         self.max_samples = round(max_s * SAMPLE_RATE)
-        self._blocks: deque[AudioBlock] = deque()
+        # Retained blocks are `_blocks[_head:]`, with their start samples in `_starts` (for
+        # bisection); popping from the front moves `_head`, compacted now and then.
+        self._blocks: list[AudioBlock] = []
+        self._starts: list[int] = []
+        self._head = 0
         self._samples = 0
         self.end = 0  # session sample just past the newest audio pushed
         self.t_final = 0  # session sample before which everything is delivered (or given up)
@@ -80,6 +90,11 @@ class ReplayBuffer:
         return self._samples / SAMPLE_RATE
 
     @property
+    def blocks(self) -> int:
+        """How many blocks are retained (bounded by retained audio / 20 ms, plus gaps)."""
+        return len(self._blocks) - self._head
+
+    @property
     def intact(self) -> bool:
         """True while nothing unfinalized has been dropped: a replay from `t_final` is whole."""
         return not self._at_risk
@@ -87,7 +102,7 @@ class ReplayBuffer:
     @property
     def start(self) -> int | None:
         """The first retained sample, or None when nothing is retained."""
-        return self._blocks[0].start if self._blocks else None
+        return self._starts[self._head] if self.blocks else None
 
     def push(self, block: AudioBlock) -> None:
         """Append audio. Overlap with audio already pushed is cut off (the clock never goes
@@ -99,12 +114,17 @@ class ReplayBuffer:
             block = AudioBlock(self.end, block.pcm[cut:])
         if not block.samples:
             return
-        self._blocks.append(block)
+        last = self._blocks[-1] if self.blocks else None
+        if last is not None and last.end == block.start and last.samples < self.MIN_BLOCK_SAMPLES:
+            self._blocks[-1] = AudioBlock(last.start, last.pcm + block.pcm)
+        else:
+            self._blocks.append(block)
+            self._starts.append(block.start)
         self._samples += block.samples
         self.end = block.end
         excess = self._samples - self.max_samples
         while excess > 0:
-            oldest = self._blocks[0]
+            oldest = self._blocks[self._head]
             n = min(excess, oldest.samples)
             self._drop_front(n)
             self._note_at_risk(oldest.start, oldest.start + n)
@@ -138,8 +158,8 @@ class ReplayBuffer:
         if until <= self.t_final:
             return
         self.t_final = until
-        while self._blocks and self._blocks[0].start < until:
-            self._drop_front(min(self._blocks[0].samples, until - self._blocks[0].start))
+        while self.blocks and (first := self._blocks[self._head]).start < until:
+            self._drop_front(min(first.samples, until - first.start))
         while self._at_risk and self._at_risk[0][1] <= until:
             self._at_risk.popleft()
         if self._at_risk and self._at_risk[0][0] < until:
@@ -175,20 +195,25 @@ class ReplayBuffer:
             self._at_risk = deque(kept)
         return lost
 
-    def _iter_from(self, cursor: int) -> list[AudioBlock]:
-        # The cursor is almost always at the tail (live audio): scan from the right.
-        found: list[AudioBlock] = []
-        for block in reversed(self._blocks):
-            if block.end <= cursor:
-                break
-            found.append(block)
-        found.reverse()
-        return found
+    def _iter_from(self, cursor: int) -> Iterator[AudioBlock]:
+        # The block holding `cursor` (or the first after it), found by bisection, and on.
+        i = max(self._head, bisect_right(self._starts, cursor, lo=self._head) - 1)
+        while i < len(self._blocks):
+            block = self._blocks[i]
+            if block.end > cursor:
+                yield block
+            i += 1
 
     def _drop_front(self, n: int) -> None:
-        oldest = self._blocks.popleft()
+        oldest = self._blocks[self._head]
         if n < oldest.samples:
-            self._blocks.appendleft(AudioBlock(oldest.start + n, oldest.pcm[n * 2:]))
+            self._blocks[self._head] = AudioBlock(oldest.start + n, oldest.pcm[n * 2:])
+            self._starts[self._head] = oldest.start + n
+        else:
+            self._head += 1
+            if self._head > 64 and self._head * 2 > len(self._blocks):
+                del self._blocks[:self._head], self._starts[:self._head]
+                self._head = 0
         self._samples -= n
 
     def _note_at_risk(self, a: int, b: int) -> None:

@@ -52,6 +52,8 @@ log = logging.getLogger("edge.stt")
 
 OUT_QUEUE = 64  # events waiting for the session; full -> the call's reader waits
 REQUEST_SAMPLES = SAMPLE_RATE // 10  # 100 ms = 3200 bytes per request (Google's limit: 25 KB)
+# Pending FLUSHes kept apart; beyond it a FLUSH joins the newest (each FLUSH half-closes a call).
+MAX_PENDING_FLUSHES = 4
 
 
 class Api(Protocol):
@@ -136,7 +138,10 @@ class StreamRun:
         self.policy = RotationPolicy.for_limit(params.rotate_s)
         self.buffer = ReplayBuffer(params.replay_s)
         self.transcript = Transcript(self.buffer)
-        self.flushes: deque[int] = deque()  # session sample of each pending FLUSH
+        # Pending FLUSHes: [session sample, how many FLUSHes it answers]. A FLUSH with no audio
+        # since the newest one, or one past MAX_PENDING_FLUSHES, joins the newest (its sample
+        # moves up to the buffer's end): each still gets its `flushed`, but no extra call.
+        self.flushes: deque[list[int]] = deque()
         self.ended = False
         self._changed = asyncio.Event()
         self._out: asyncio.Queue[Any] = asyncio.Queue(OUT_QUEUE)
@@ -162,13 +167,22 @@ class StreamRun:
                 if isinstance(item, AudioBlock):
                     self.buffer.push(item)
                 else:
-                    self.flushes.append(self.buffer.end)
+                    self._add_flush()
                 self._notify()
         except Exception:
             log.exception("stt[%d]: the audio source failed; ending the stream", self.run_id)
         finally:
             self.ended = True
             self._notify()
+
+    def _add_flush(self) -> None:
+        newest = self.flushes[-1] if self.flushes else None
+        if newest is not None and (newest[0] == self.buffer.end
+                                   or len(self.flushes) >= MAX_PENDING_FLUSHES):
+            newest[0] = self.buffer.end
+            newest[1] += 1
+        else:
+            self.flushes.append([self.buffer.end, 1])
 
     def _notify(self) -> None:
         # Wake every waiter once: each waits on the event current when it checked.
@@ -259,9 +273,11 @@ class StreamRun:
     async def _answer_flushes(self) -> None:
         """Emit `flushed` for each FLUSH with no unfinalized audio left before it."""
         pending = self._pending()
-        while self.flushes and (pending is None or pending.start >= self.flushes[0]):
-            pos = self.flushes.popleft() / SAMPLE_RATE
-            await self._emit(TranscriptEvent(kind="flushed", start=pos, end=pos))
+        while self.flushes and (pending is None or pending.start >= self.flushes[0][0]):
+            sample, count = self.flushes.popleft()
+            pos = sample / SAMPLE_RATE
+            for _ in range(count):
+                await self._emit(TranscriptEvent(kind="flushed", start=pos, end=pos))
 
     async def _report_lost(self, samples: int) -> None:
         if samples <= 0:
@@ -368,7 +384,7 @@ class StreamRun:
         cursor = self.buffer.t_final
         rotate_samples = round(self.params.rotate_s * SAMPLE_RATE)
         while not call.finished and call.close is None:
-            stop_at = self.flushes[0] if self.flushes else (self.buffer.end if self.ended else None)
+            stop_at = self.flushes[0][0] if self.flushes else (self.buffer.end if self.ended else None)
             room = rotate_samples - call.map.sent
             changed = self._changed
             if room <= 0:  # audio time reached the limit
@@ -410,4 +426,4 @@ def _message(exc: BaseException) -> str:
     return str(getattr(exc, "message", None) or exc)
 
 
-__all__ = ["OUT_QUEUE", "REQUEST_SAMPLES", "Api", "Hooks", "RunParams", "StreamRun"]
+__all__ = ["MAX_PENDING_FLUSHES", "OUT_QUEUE", "REQUEST_SAMPLES", "Api", "Hooks", "RunParams", "StreamRun"]

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 import threading
@@ -20,17 +21,24 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "bench-key"
+ADMIN_KEY = "bench-admin-key"  # an operator key: /ready shows reasons and notices
 FAKE_ENDPOINT_S = 0.3  # the fake's endpointing: a final comes this long after the last word
 
 
 @contextmanager
 def process(
-    args: list[str], env: dict[str, str], ready: str
+    args: list[str], env: dict[str, str], ready: str, fd_limit: int | None = None,
 ) -> Iterator[tuple[subprocess.Popen[str], re.Match[str]]]:
     """A child process; yields (Popen, the first match of `ready` in its output). Its output
-    keeps being read afterwards: a full pipe would block the child's log writer."""
+    keeps being read afterwards: a full pipe would block the child's log writer.
+    `fd_limit`: the child's RLIMIT_NOFILE (what a unit without LimitNOFILE= gets is 1024)."""
+
+    def limit_fds() -> None:
+        if fd_limit is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, fd_limit))
+
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=limit_fds)
     assert proc.stdout is not None
     match = None
     lines: list[str] = []
@@ -57,17 +65,18 @@ def process(
 def daemon_env(**settings: str) -> dict[str, str]:
     """The environment for `python -m edge serve`: ours only, nothing from the developer's."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("EDGE_", "STT_", "NEMO_"))}
-    env.update({"EDGE_PORT": "0", "EDGE_API_KEYS": KEY, "EDGE_ENV_FILE": "/dev/null",
+    env.update({"EDGE_PORT": "0", "EDGE_API_KEYS": KEY, "EDGE_ADMIN_KEYS": ADMIN_KEY,
+                "EDGE_ENV_FILE": "/dev/null",
                 "EDGE_LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1"})
     env.update(settings)
     return env
 
 
 @contextmanager
-def daemon(**settings: str) -> Iterator[tuple[int, str, str]]:
+def daemon(fd_limit: int | None = None, **settings: str) -> Iterator[tuple[int, str, str]]:
     """`python -m edge serve` with `settings`; yields (pid, http base, ws base)."""
     with process([sys.executable, "-m", "edge", "serve"], daemon_env(**settings),
-                 r"listening on \S+:(\d+)") as (proc, m):
+                 r"listening on \S+:(\d+)", fd_limit) as (proc, m):
         port = m.group(1)
         yield proc.pid, f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}"
 
@@ -113,7 +122,7 @@ def emit(result: dict[str, Any], out: Path | None) -> None:
 
 async def status(http: str) -> dict[str, Any]:
     async with httpx.AsyncClient(timeout=30) as c:
-        return (await c.get(http + "/ready", headers={"Authorization": f"Token {KEY}"})).json()
+        return (await c.get(http + "/ready", headers={"Authorization": f"Token {ADMIN_KEY}"})).json()
 
 
 async def wait_diarizer(http: str, timeout: float = 300) -> dict[str, Any]:
