@@ -263,6 +263,7 @@ async def test_a_stalled_decoder_is_cut_off_without_blocking_the_loop(
     async with fake_speech(word_code="tone") as (_fake, endpoint), running_app(
         edge_stt_endpoint=endpoint, edge_stt_insecure=True, edge_stt_language="en-US",
         edge_decode_timeout_s=0.001,
+        edge_max_frames_per_s=100_000,  # the neighbour sends small pieces as fast as it can
     ) as app:
         neighbour = asyncio.create_task(
             stream(app, pieces(pcm, seed=9, largest=960), f"sample_rate={SOURCE_RATE}"))
