@@ -26,6 +26,7 @@ from typing import Literal
 from edge import device
 from edge.diarization import nemo_diarization_available
 from edge.health import REQUIRED_PACKAGES, UPSTREAM_PACKAGES, missing_packages
+from edge.plan import local_diarizer_used
 from edge.settings import Settings
 
 Level = Literal["ok", "warn", "FAIL"]
@@ -133,9 +134,8 @@ def find_model(settings: Settings) -> Path | None:
 
 
 def _diarization_off(settings: Settings) -> bool:
-    return not settings.stt_enable_nemo_diarization_fallback or settings.edge_stt_diarization in (
-        "off", "google",
-    )
+    # The sessions' own plan decides (edge/plan.py): no session would open a local diarizer.
+    return not local_diarizer_used(settings)
 
 
 def _model(settings: Settings, model: Path | None) -> tuple[Level, str]:

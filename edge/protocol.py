@@ -33,14 +33,13 @@ REASON_NOT_READING = "client not reading"
 REASON_AT_CAPACITY = "at capacity"
 
 AUTH_SCHEMES = ("token", "bearer")
-SUBPROTOCOL_TOKEN = "token"
 
 
 def request_token(headers: Headers) -> str | None:
     """The API key a request carries, or None.
 
     Accepted: `Authorization: Token <key>` or `Bearer <key>` (any case), and for browsers,
-    which cannot set headers, the subprotocols `["token", "<key>"]`.
+    which cannot set headers, the subprotocols `["token", "<key>"]` or `["bearer", "<key>"]`.
     """
     auth = headers.get("Authorization")
     if auth:
@@ -51,8 +50,17 @@ def request_token(headers: Headers) -> str | None:
     offered = [
         p.strip() for h in headers.get_all("Sec-WebSocket-Protocol") for p in h.split(",")
     ]
-    if len(offered) >= 2 and offered[0] == SUBPROTOCOL_TOKEN and offered[1]:
+    if len(offered) >= 2 and offered[0].lower() in AUTH_SCHEMES and offered[1]:
         return offered[1]
+    return None
+
+
+def auth_subprotocol(offered: Iterable[str]) -> str | None:
+    """The subprotocol to echo for a browser that authenticated with one (`token` or
+    `bearer`, as offered), or None: a browser fails a handshake that echoes none it offered."""
+    for name in offered:
+        if name.lower() in AUTH_SCHEMES:
+            return name
     return None
 
 
@@ -152,7 +160,17 @@ def unauthorized() -> Response:
 
 ENCODINGS = ("linear16", "mulaw", "alaw")
 MIN_RATE, MAX_RATE = 8000, 48000
-_LANGUAGE = re.compile(r"^(auto|[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*)$")
+_LANGUAGE = re.compile(r"^(auto|multi|[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*)$")
+MULTILINGUAL = "multi"  # Deepgram's code-switching language: the upstream's multilingual mode
+MAX_CHANNELS = 32  # an upstream stream and a diarizer session each: bounded per session
+DEFAULT_ENDPOINTING_MS = 10  # Deepgram's default
+MAX_MS = 600_000  # endpointing / utterance_end_ms: Deepgram sets no upper bound; 10 min is ours
+# The query parameters edge honours; any other is accepted and named once in a warning.
+HONOURED = frozenset({
+    "encoding", "sample_rate", "channels", "multichannel", "language", "model", "diarize",
+    "interim_results", "punctuate", "smart_format", "vad_events", "utterance_end_ms",
+    "endpointing", "speaker_turns",
+})
 _MODEL = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 # Deepgram's own model names mean nothing to Google: a Deepgram SDK sends nova-3 by default,
 # so these select the daemon's configured model instead of being forwarded.
@@ -170,26 +188,33 @@ class QueryError(ValueError):
 @dataclass(frozen=True)
 class ListenParams:
     """A validated `/v1/listen` query. `language`/`model` are None when the client left
-    them to the daemon's settings."""
+    them to the daemon's settings; `diarize` is None when the client did not say (the
+    session plan applies `EDGE_DIARIZE_DEFAULT`); `endpointing` is None when turned off;
+    `ignored` names the parameters accepted but not honoured (sorted, for one warning)."""
 
     encoding: str = "linear16"
     sample_rate: int = 16000
     channels: int = 1
+    multichannel: bool = False
     language: str | None = None
     model: str | None = None
-    diarize: bool = True
+    diarize: bool | None = None
     interim_results: bool = False
     punctuate: bool = True
     smart_format: bool = False
     vad_events: bool = False
     utterance_end_ms: int | None = None
-    endpointing: int | None = None
+    endpointing: int | None = DEFAULT_ENDPOINTING_MS
     speaker_turns: bool = False
+    ignored: tuple[str, ...] = ()
 
 
 def parse_listen_query(query: str) -> ListenParams:
-    """Parse and validate a `/v1/listen` query string (unknown keys ignored; the last of a
-    repeated key wins). Raises `QueryError` naming the first bad parameter."""
+    """Parse and validate a `/v1/listen` query string (the last of a repeated key wins).
+
+    Value ranges are Deepgram's own: a value Deepgram refuses raises `QueryError` naming the
+    first bad parameter; a parameter edge does not honour is accepted and named in `ignored`.
+    """
     raw = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
     kw: dict[str, Any] = {}
     if "encoding" in raw:
@@ -200,13 +225,11 @@ def parse_listen_query(query: str) -> ListenParams:
     if "sample_rate" in raw:
         kw["sample_rate"] = _int(raw, "sample_rate", MIN_RATE, MAX_RATE)
     if "channels" in raw:
-        channels = _int(raw, "channels", 1, 1 << 16)
-        if channels != 1:
-            raise QueryError("channels", raw["channels"], "only 1 (mono) is supported")
-        kw["channels"] = channels
+        kw["channels"] = _int(raw, "channels", 1, MAX_CHANNELS)
     if raw.get("language"):
         if not _LANGUAGE.match(raw["language"]):
-            raise QueryError("language", raw["language"], "a BCP-47 code (e.g. en-US) or auto")
+            raise QueryError("language", raw["language"],
+                             "a BCP-47 code (e.g. en-US), auto, or multi")
         kw["language"] = raw["language"]
     if raw.get("model"):
         model = raw["model"]
@@ -215,25 +238,28 @@ def parse_listen_query(query: str) -> ListenParams:
         if not model.lower().startswith(DEEPGRAM_MODEL_PREFIXES):
             kw["model"] = model
     for name in ("diarize", "interim_results", "punctuate", "smart_format", "vad_events",
-                 "speaker_turns"):
+                 "speaker_turns", "multichannel"):
         if name in raw:
             kw[name] = _bool(raw, name)
     if raw.get("utterance_end_ms"):
-        kw["utterance_end_ms"] = _int(raw, "utterance_end_ms", 1000, 5000)
+        kw["utterance_end_ms"] = _int(raw, "utterance_end_ms", 0, MAX_MS)
     if raw.get("endpointing"):
-        kw["endpointing"] = (
-            None if raw["endpointing"].lower() == "false" else _int(raw, "endpointing", 10, 60000)
-        )
+        value = raw["endpointing"].lower()
+        if value == "false":
+            kw["endpointing"] = None
+        elif value != "true":  # true: Deepgram's default
+            kw["endpointing"] = _int(raw, "endpointing", 0, MAX_MS, "true, false or ")
+    kw["ignored"] = tuple(sorted(k for k in raw if k not in HONOURED))
     return ListenParams(**kw)
 
 
-def _int(raw: Mapping[str, str], name: str, lo: int, hi: int) -> int:
+def _int(raw: Mapping[str, str], name: str, lo: int, hi: int, also: str = "") -> int:
     try:
         value = int(raw[name])
     except ValueError:
-        raise QueryError(name, raw[name], f"an integer from {lo} to {hi}") from None
+        raise QueryError(name, raw[name], f"{also}an integer from {lo} to {hi}") from None
     if not lo <= value <= hi:
-        raise QueryError(name, raw[name], f"an integer from {lo} to {hi}")
+        raise QueryError(name, raw[name], f"{also}an integer from {lo} to {hi}")
     return value
 
 
@@ -250,8 +276,8 @@ def bad_query(exc: QueryError) -> Response:
 
 # --- client text frames ---
 
-Control = Literal["KeepAlive", "Finalize", "CloseStream"]
-CONTROLS: tuple[Control, ...] = ("KeepAlive", "Finalize", "CloseStream")
+Control = Literal["KeepAlive", "Finalize", "CloseStream", "Configure"]
+CONTROLS: tuple[Control, ...] = ("KeepAlive", "Finalize", "CloseStream", "Configure")
 
 
 class ControlError(ValueError):
@@ -259,7 +285,8 @@ class ControlError(ValueError):
 
 
 def parse_control(text: str) -> Control:
-    """`{"type": "KeepAlive" | "Finalize" | "CloseStream"}` -> the type; else ControlError."""
+    """`{"type": "KeepAlive" | "Finalize" | "CloseStream" | "Configure", ...}` -> the type;
+    else ControlError."""
     try:
         msg = json.loads(text)
     except ValueError:
@@ -268,8 +295,32 @@ def parse_control(text: str) -> Control:
         raise ControlError("text frame must be a JSON object with a string 'type'")
     if msg["type"] not in CONTROLS:
         raise ControlError(f"unsupported message type {msg['type'][:40]!r}; "
-                           "expected KeepAlive, Finalize or CloseStream")
+                           "expected KeepAlive, Finalize, CloseStream or Configure")
     return msg["type"]  # type: ignore[no-any-return]
+
+
+def configure_reply(text: str, request_id: str) -> dict[str, Any]:
+    """The answer to a `Configure` text frame (already known to be one).
+
+    Deepgram's Configure may replace `keyterms` and switch formatting `features`. Neither can
+    change on a running Google stream, so any of them gets `ConfigureFailure` saying which;
+    a Configure that asks for no change gets `ConfigureSuccess`.
+    """
+    msg = json.loads(text)
+    keyterms, features = msg.get("keyterms"), msg.get("features")
+    if keyterms is not None:
+        return configure_failure(request_id, "CONFIGURE_KEYTERMS_NOT_SUPPORTED",
+                                 "keyterms cannot change mid-stream on this appliance's upstream")
+    if features:
+        names = ", ".join(sorted(map(str, features)))[:200] if isinstance(features, dict) else "?"
+        return configure_failure(request_id, "CONFIGURE_FEATURES_NOT_SUPPORTED",
+                                 f"features cannot change mid-stream: {names}")
+    return {"type": "ConfigureSuccess", "request_id": request_id}
+
+
+def configure_failure(request_id: str, code: str, description: str) -> dict[str, Any]:
+    return {"type": "ConfigureFailure", "request_id": request_id, "code": code,
+            "description": description}
 
 
 # --- daemon -> client messages ---

@@ -46,19 +46,16 @@ def authorized_user(tmp_path: Path) -> Path:
 
 
 # --- capabilities ---------------------------------------------------------------------------
-@pytest.mark.parametrize(("api", "model", "language", "mode", "diarizes", "why"), [
-    ("v2", "chirp_3", "auto", "auto", False, "auto"),
-    ("v2", "chirp_3", "en-US", "auto", False, "chirp_3"),
-    ("v2", "long", "auto", "auto", False, "auto"),
-    ("v1", "latest_long", "en-US", "auto", True, None),
-    ("v1", "phone_call", "auto", "auto", False, "auto"),
-    ("v2", "chirp_3", "auto", "google", True, None),
-    ("v1", "latest_long", "en-US", "local", False, "EDGE_STT_DIARIZATION=local"),
-    ("v1", "latest_long", "en-US", "off", False, "EDGE_STT_DIARIZATION=off"),
+@pytest.mark.parametrize(("api", "model", "language", "diarizes", "why"), [
+    ("v2", "chirp_3", "auto", False, "auto"),
+    ("v2", "chirp_3", "en-US", False, "chirp_3"),
+    ("v2", "long", "auto", False, "auto"),
+    ("v1", "latest_long", "en-US", True, None),
+    ("v1", "phone_call", "auto", False, "auto"),
 ])
-def test_capabilities(api: str, model: str, language: str, mode: str, diarizes: bool,
+def test_capabilities(api: str, model: str, language: str, diarizes: bool,
                       why: str | None) -> None:
-    caps = capabilities(api, model, language, mode)
+    caps = capabilities(api, model, language)
     assert caps.diarization is diarizes
     if why is None:
         assert caps.reason is None
@@ -66,16 +63,16 @@ def test_capabilities(api: str, model: str, language: str, mode: str, diarizes: 
         assert caps.reason and why in caps.reason
 
 
-async def test_upstream_capabilities_follow_the_settings() -> None:
+async def test_upstream_capabilities_follow_the_api() -> None:
     settings = load_settings(edge_stt_endpoint="127.0.0.1:1", edge_stt_insecure=True)
     upstream = await create_upstream(settings)
     assert upstream is not None
-    caps = upstream.capabilities(StreamConfig(language="auto", model="chirp_3"))
+    caps = upstream.capabilities("chirp_3", "auto")
     assert not caps.diarization and "auto" in (caps.reason or "")
-    forced = await create_upstream(load_settings(
-        edge_stt_endpoint="127.0.0.1:1", edge_stt_insecure=True, edge_stt_diarization="google"))
-    assert forced is not None
-    assert forced.capabilities(StreamConfig(language="auto", model="chirp_3")).diarization
+    v1 = await create_upstream(load_settings(
+        edge_stt_endpoint="127.0.0.1:1", edge_stt_insecure=True, edge_stt_api="v1",
+        edge_stt_language="en-US"))
+    assert v1 is not None and v1.capabilities("latest_long", "en-US").diarization
 
 
 # --- credentials and the upstream check -----------------------------------------------------

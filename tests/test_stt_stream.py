@@ -171,8 +171,8 @@ async def test_v1_with_diarization_deduplicates_repeated_words_and_labels_speake
     pcm, script = encode(utterances(60, words=3, word_s=0.4, gap_s=0.5))  # ~2.5 min
     async with google(edge_stt_api="v1", edge_stt_language="en-US", edge_stt_rotate_s=30) as g:
         g.fake.faults.fail_at_requests = {700: grpc.StatusCode.UNAVAILABLE}
-        config = StreamConfig(language="en-US", model="latest_long")
-        assert g.upstream.capabilities(config).diarization
+        config = StreamConfig(language="en-US", model="latest_long", diarize=True)
+        assert g.upstream.capabilities(config.model, config.language).diarization
         s = Session()
         await asyncio.wait_for(s.run(g.upstream, feed(pcm, s), config), 60)
     assert_exact(s.words, script)

@@ -3,7 +3,7 @@
 An upstream turns a session's audio into transcript events:
 
     stream(audio, config) -> async iterator of TranscriptEvent
-    capabilities(config)  -> Capabilities(diarization: bool, reason)
+    capabilities(model, language) -> Capabilities(diarization: bool, reason)
 
 `audio` yields `AudioBlock`s (16 kHz mono linear16 on the session clock) and `FLUSH` markers.
 A `FLUSH` asks the upstream to finalize everything received so far (Deepgram's `Finalize`):
@@ -63,7 +63,7 @@ class StreamConfig:
     model: str
     interim_results: bool = False
     punctuate: bool = True
-    diarize: bool = True  # the client wants speaker numbers
+    diarize: bool = False  # ask the upstream for speaker labels (the session plan decides)
     vad_events: bool = False
     max_speakers: int = 4
 
@@ -117,7 +117,7 @@ class TranscriptEvent:
 class Upstream(Protocol):
     """A speech-to-text service. One instance per daemon; one `stream()` per session."""
 
-    def capabilities(self, config: StreamConfig) -> Capabilities: ...
+    def capabilities(self, model: str, language: str) -> Capabilities: ...
 
     def stream(
         self, audio: AsyncIterator[AudioItem], config: StreamConfig
