@@ -3,8 +3,11 @@
 The session clock is the number of 16 kHz samples produced since the session's first byte;
 every time in the daemon (upstream offsets, diarizer frames, Results) is seconds on it.
 `SessionAudio.feed()` takes frames of any length in the declared encoding and returns
-`AudioBlock`s placed on that clock. An odd byte of linear16 (or a split sample) is carried
-to the next frame, never dropped.
+`AudioBlock`s placed on that clock: one per output channel. Interleaved input of `channels`
+channels is downmixed to one (the mean), or with `split=True` (Deepgram's `multichannel`)
+kept apart: every output channel has its own resampler and they share one clock. A partial
+frame (an odd byte of linear16, a sample of some channels only) is carried to the next frame,
+never dropped.
 """
 
 from __future__ import annotations
@@ -46,18 +49,26 @@ BYTES_PER_SAMPLE = {"linear16": 2, "mulaw": 1, "alaw": 1}
 class SessionAudio:
     """One session's audio input: decoder, resampler, clock, checksum and receive times."""
 
-    def __init__(self, encoding: str, sample_rate: int, history_s: float = 120.0) -> None:
+    def __init__(self, encoding: str, sample_rate: int, history_s: float = 120.0,
+                 channels: int = 1, split: bool = False) -> None:
+        """Raises ValueError for an encoding it cannot decode or fewer than one channel."""
         if encoding not in BYTES_PER_SAMPLE:
             raise ValueError(f"unsupported encoding {encoding!r}")
+        if channels < 1:
+            raise ValueError(f"channels must be >= 1, got {channels}")
         self.encoding = encoding
         self.sample_rate = sample_rate
+        self.channels = channels
+        self.outputs = channels if split else 1
         self._width = BYTES_PER_SAMPLE[encoding]
+        self._frame = self._width * channels  # bytes of one interleaved sample frame
         self._carry = b""
-        self._resampler = (
+        self._resamplers = [
             None
             if sample_rate == SAMPLE_RATE
             else soxr.ResampleStream(sample_rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
-        )
+            for _ in range(self.outputs)
+        ]
         self._sha = hashlib.sha256()
         self.received_bytes = 0
         self.next_sample = 0  # the session clock, in 16 kHz samples
@@ -67,7 +78,7 @@ class SessionAudio:
     @property
     def duration(self) -> float:
         """Seconds of audio received, at the device's own rate."""
-        return self.received_bytes // self._width / self.sample_rate
+        return self.received_bytes // self._frame / self.sample_rate
 
     @property
     def sha256(self) -> str:
@@ -78,26 +89,45 @@ class SessionAudio:
         """The session clock now: seconds of 16 kHz audio produced."""
         return self.next_sample / SAMPLE_RATE
 
-    def feed(self, data: bytes) -> AudioBlock | None:
-        """Decode one device frame; returns the new 16 kHz audio (None if none was produced)."""
+    def feed(self, data: bytes) -> list[AudioBlock]:
+        """Decode one device frame; returns the new 16 kHz audio, one block per output
+        channel (empty when none was produced yet)."""
         self._sha.update(data)
         self.received_bytes += len(data)
         if self._carry:
             data = self._carry + data
-        usable = len(data) - len(data) % self._width
+        usable = len(data) - len(data) % self._frame
         self._carry = data[usable:]
         if not usable:
-            return None
-        samples = self._decode(memoryview(data)[:usable])
-        return self._place(self._resample(samples, last=False))
+            return []
+        samples = self._decode(memoryview(data)[:usable]).reshape(-1, self.channels)
+        return self._emit(samples, last=False)
 
-    def flush(self) -> AudioBlock | None:
-        """End of audio: the resampler's tail (an unpaired trailing byte is dropped here,
-        the only place a partial sample can go — it is not a sample)."""
+    def flush(self) -> list[AudioBlock]:
+        """End of audio: the resamplers' tails (a partial trailing frame is dropped here,
+        the only place it can go — it is not a sample of every channel)."""
         self._carry = b""
-        if self._resampler is None:
-            return None
-        return self._place(self._resample(np.zeros(0, np.int16), last=True))
+        if self._resamplers[0] is None:
+            return []
+        return self._emit(np.zeros((0, self.channels), np.int16), last=True)
+
+    def _emit(self, samples: np.ndarray, last: bool) -> list[AudioBlock]:
+        """Decoded `samples` (frames x channels, int16 at the device rate) -> 16 kHz mono
+        blocks on the session clock, one per output channel (downmixed, or split)."""
+        if self.outputs == 1:
+            mono = samples[:, 0] if self.channels == 1 else np.rint(
+                samples.astype(np.float32).mean(axis=1)).astype(np.int16)
+            parts = [self._resample(0, mono, last)]
+        else:
+            parts = [self._resample(c, samples[:, c], last) for c in range(self.outputs)]
+        # Channels resample in step (same rate, same input length): one clock for all.
+        n = min(len(p) for p in parts)
+        if n == 0:
+            return []
+        start = self.next_sample
+        self.next_sample += n
+        self._received.append((self.next_sample, time.monotonic()))
+        return [AudioBlock(start, p[:n].astype("<i2", copy=False).tobytes()) for p in parts]
 
     def received_at(self, t: float) -> float | None:
         """Monotonic time at which the audio at session time `t` arrived (None if unknown)."""
@@ -115,19 +145,12 @@ class SessionAudio:
             return ALAW[raw]
         return raw
 
-    def _resample(self, samples: np.ndarray, last: bool) -> np.ndarray:
-        if self._resampler is None:
+    def _resample(self, channel: int, samples: np.ndarray, last: bool) -> np.ndarray:
+        resampler = self._resamplers[channel]
+        if resampler is None:
             return samples
-        out = self._resampler.resample_chunk(samples.astype(np.float32) / 32768.0, last=last)
+        out = resampler.resample_chunk(samples.astype(np.float32) / 32768.0, last=last)
         return np.clip(np.rint(out * 32768.0), -32768, 32767).astype(np.int16)
-
-    def _place(self, pcm: np.ndarray) -> AudioBlock | None:
-        if pcm.size == 0:
-            return None
-        block = AudioBlock(self.next_sample, pcm.astype("<i2", copy=False).tobytes())
-        self.next_sample = block.end
-        self._received.append((block.end, time.monotonic()))
-        return block
 
 
 __all__ = ["ALAW", "MULAW", "SessionAudio"]
