@@ -75,7 +75,7 @@ class EndOfSpeech(Generic[T]):
         self._spans.append((start, end))
         self._spans.sort()
         if len(self._spans) > MAX_SPANS:  # bounded: merge the two oldest
-            (a, b), (c, d) = self._spans[0], self._spans[1]
+            (a, b), (_, d) = self._spans[0], self._spans[1]
             self._spans[:2] = [(a, max(b, d))]
         self._heard = max(self._heard, end)
 
