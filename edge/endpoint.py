@@ -25,6 +25,7 @@ matter), at most `MAX_SPANS` (adjacent ones are merged beyond that).
 
 from __future__ import annotations
 
+from bisect import insort
 from collections import deque
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -72,8 +73,11 @@ class EndOfSpeech(Generic[T]):
         floor = self._last_word_end
         if floor is not None and end <= floor:
             return
-        self._spans.append((start, end))
-        self._spans.sort()
+        if self._spans and self._spans[-1][0] <= start <= self._spans[-1][1]:
+            # The common case, speech growing at the end: extend the newest span.
+            self._spans[-1] = (self._spans[-1][0], max(self._spans[-1][1], end))
+        else:
+            insort(self._spans, (start, end))
         if len(self._spans) > MAX_SPANS:  # bounded: merge the two oldest
             (a, b), (_, d) = self._spans[0], self._spans[1]
             self._spans[:2] = [(a, max(b, d))]

@@ -350,6 +350,7 @@ def results_message(
     words: list[dict[str, Any]],
     speaker_source: str | None,
     diarizer: ModelInfo | None = None,
+    channel: tuple[int, int] = (0, 1),
 ) -> dict[str, Any]:
     """A Deepgram `Results` message; `speaker_source` is our extension field."""
     metadata: dict[str, Any] = {
@@ -361,7 +362,7 @@ def results_message(
         metadata["diarize_info"] = {"model_uuid": diarizer.uuid, "arch": diarizer.arch}
     return {
         "type": "Results",
-        "channel_index": [0, 1],
+        "channel_index": list(channel),
         "duration": round(max(0.0, end - start), 3),
         "start": round(start, 3),
         "is_final": is_final,
@@ -391,7 +392,8 @@ def word_entry(
 
 
 def metadata_message(
-    *, request_id: str, duration: float, sha256: str, created: datetime, models: list[ModelInfo]
+    *, request_id: str, duration: float, sha256: str, created: datetime, models: list[ModelInfo],
+    channels: int = 1,
 ) -> dict[str, Any]:
     return {
         "type": "Metadata",
@@ -400,7 +402,7 @@ def metadata_message(
         "sha256": sha256,
         "created": created.astimezone(timezone.utc).isoformat().replace("+00:00", "Z"),
         "duration": round(duration, 3),
-        "channels": 1,
+        "channels": channels,
         "models": [m.uuid for m in models],
         "model_info": {m.uuid: {"name": m.name, "version": m.version, "arch": m.arch}
                        for m in models},
@@ -413,18 +415,21 @@ def error_message(variant: str, description: str, **extra: Any) -> dict[str, Any
             "message": description, **extra}
 
 
-def speech_started_message(t: float) -> dict[str, Any]:
-    return {"type": "SpeechStarted", "channel": [0, 1], "timestamp": round(t, 3)}
+def speech_started_message(t: float, channel: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+    return {"type": "SpeechStarted", "channel": list(channel), "timestamp": round(t, 3)}
 
 
-def utterance_end_message(last_word_end: float) -> dict[str, Any]:
-    return {"type": "UtteranceEnd", "channel": [0, 1], "last_word_end": round(last_word_end, 3)}
+def utterance_end_message(last_word_end: float, channel: tuple[int, int] = (0, 1)
+                          ) -> dict[str, Any]:
+    return {"type": "UtteranceEnd", "channel": list(channel),
+            "last_word_end": round(last_word_end, 3)}
 
 
-def speaker_turn_message(speaker: int, start: float, end: float, is_final: bool) -> dict[str, Any]:
-    """Our extension: a speaker turn from the local diarizer."""
+def speaker_turn_message(speaker: int, start: float, end: float, is_final: bool,
+                         channel: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+    """Our extension (only with `speaker_turns=true`): a speaker turn from the local diarizer."""
     return {"type": "SpeakerTurn", "speaker": speaker, "start": round(start, 3),
-            "end": round(end, 3), "is_final": is_final}
+            "end": round(end, 3), "is_final": is_final, "channel_index": list(channel)}
 
 
 __all__ = [
