@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from edge import protocol
 from edge.audio import SessionAudio
 from edge.diarization.merge import FRAME_S, SpeakerTurn
-from edge.endpoint import EndOfSpeech, Final, UtteranceEnd
+from edge.endpoint import EndOfSpeech, Final, UtteranceEnd, VoiceRuns
 from edge.health import Status
 from edge.metrics import Metrics
 from edge.plan import Plan
@@ -107,9 +107,7 @@ class Channel:
         self._finalize_pending = 0
         self._finals_since_finalize = 0
         self._held_turns: deque[SpeakerTurn] = deque(maxlen=MAX_HELD_TURNS)
-        # diarization-only voice activity: next frame to read, the open run of speech
-        self._frame = 0
-        self._run: tuple[float, float] | None = None
+        self.voice = VoiceRuns(FRAME_S, SEGMENT_GAP_S)  # diarization-only voice activity
 
     # --- lifecycle ---
     def start(self) -> None:
@@ -260,7 +258,7 @@ class Channel:
             received = self.ctx.audio.received_at(ev.words[-1].end)
             if received is not None:
                 self.ctx.metrics.final_latency.observe(time.monotonic() - received)
-        self.eos.final(message, ev.words[-1].end if ev.words else None)
+        self.eos.final(message, (ev.words[0].start, ev.words[-1].end) if ev.words else None)
         self._release(self.eos.ready())
 
     # --- the local diarizer: turns, and voice activity in diarization-only mode ---
@@ -276,36 +274,31 @@ class Channel:
                 self._send_turns(final=False)
 
     def _read_voice(self) -> None:
-        """Diarization-only: new diarizer frames -> speech runs -> finals without words."""
+        """Diarization-only: new diarizer frames -> runs of speech -> finals without words."""
         if self.diar is None:
             return
         timeline = self.diar.timeline
-        first, voiced = timeline.voiced(self._frame)
-        for i, on in enumerate(voiced.tolist()):
-            t = (first + i) * FRAME_S
-            if on:
-                if self._run is None:
-                    self._run = (t, t + FRAME_S)
-                    if self.ctx.params.vad_events:
-                        self._send(protocol.speech_started_message(t, self.ref))
-                else:
-                    self._run = (self._run[0], t + FRAME_S)
-                self.eos.speech(t, t + FRAME_S)
-            elif self._run is not None and t + FRAME_S - self._run[1] >= SEGMENT_GAP_S:
-                self._close_run(from_finalize=False)
-        self._frame = first + len(voiced)
+        first, voiced = timeline.voiced(self.voice.next_frame)
+        for kind, start, end in self.voice.feed(first, voiced.tolist(), self.eos):
+            if kind == "started":
+                if self.ctx.params.vad_events:
+                    self._send(protocol.speech_started_message(start, self.ref))
+            else:
+                self._run_final(start, end, from_finalize=False)
         self.eos.heard(timeline.covered_until)
 
     def _close_run(self, *, from_finalize: bool) -> bool:
         """The open run of speech becomes a final without words; False if none was open."""
-        if self._run is None:
+        run = self.voice.close()
+        if run is None:
             return False
-        start, end = self._run
-        self._run = None
-        ev = TranscriptEvent(kind="result", start=start, end=end, is_final=True)
-        self.eos.final(self._results(ev, ([], None), from_finalize=from_finalize), end)
-        self._release(self.eos.ready())
+        self._run_final(*run, from_finalize=from_finalize)
         return True
+
+    def _run_final(self, start: float, end: float, *, from_finalize: bool) -> None:
+        ev = TranscriptEvent(kind="result", start=start, end=end, is_final=True)
+        self.eos.final(self._results(ev, ([], None), from_finalize=from_finalize), (start, end))
+        self._release(self.eos.ready())
 
     def _send_turns(self, *, final: bool) -> None:
         """SpeakerTurns (asked with speaker_turns=true), numbered like the transcript: with a

@@ -28,7 +28,7 @@ from __future__ import annotations
 from bisect import insort
 from collections import deque
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 MAX_SPANS = 1024
@@ -57,7 +57,8 @@ class EndOfSpeech(Generic[T]):
     def __init__(self, endpointing_s: float | None, utterance_end_s: float | None) -> None:
         self.endpointing_s = endpointing_s
         self.utterance_end_s = utterance_end_s
-        self._held: deque[tuple[T, float | None]] = deque()  # (item, last word end)
+        # (item, first word start, last word end) of finals not yet decided
+        self._held: deque[tuple[T, float | None, float | None]] = deque()
         self._spans: list[tuple[float, float]] = []  # speech after the last finalized word
         self._heard = 0.0
         self._last_word_end: float | None = None  # of the finals released so far
@@ -87,17 +88,18 @@ class EndOfSpeech(Generic[T]):
         """The voice detector has reported everything before `t` seconds."""
         self._heard = max(self._heard, t)
 
-    def final(self, item: T, last_word_end: float | None) -> None:
-        """Hold a final for its decision; `last_word_end` None: it has no words (decided by
-        what follows the previous one's words, never speech-final on its own)."""
-        self._held.append((item, last_word_end))
+    def final(self, item: T, words: tuple[float, float] | None) -> None:
+        """Hold a final for its decision; `words` is (first word start, last word end), None
+        when it has no words (then never speech-final, and no word of it ends an utterance)."""
+        start, end = words if words is not None else (None, None)
+        self._held.append((item, start, end))
 
     def ready(self) -> list[Final[T] | UtteranceEnd]:
         """What may go out now, in order."""
         out: list[Final[T] | UtteranceEnd] = []
         while self._held:
-            item, end = self._held[0]
-            self._ue_before(end if end is not None else self._heard, out)
+            item, start, end = self._held[0]
+            self._ue_before(start if start is not None else self._heard, out)
             decided = self._decide(end, final=False)
             if decided is None:
                 break
@@ -111,8 +113,8 @@ class EndOfSpeech(Generic[T]):
         """Decide every held final now (Finalize, end of audio), with what is known."""
         out = self.ready()
         while self._held:
-            item, end = self._held.popleft()
-            self._ue_before(end if end is not None else self._heard, out)
+            item, start, end = self._held.popleft()
+            self._ue_before(start if start is not None else self._heard, out)
             self._release(item, end, bool(self._decide(end, final=True)), out)
         self._ue_before(None, out)
         return out
@@ -139,8 +141,9 @@ class EndOfSpeech(Generic[T]):
 
     def _ue_before(self, limit: float | None, out: list[Final[T] | UtteranceEnd]) -> None:
         """An UtteranceEnd for the last finalized word, if a gap of `utterance_end_s` after it
-        (or after speech that followed it unfinalized) is known, and it starts before
-        `limit` (the next final's words: the UtteranceEnd must precede that final)."""
+        (or after speech that followed it unfinalized) is known and, with a `limit` (the held
+        final's first word), lies wholly before it: the UtteranceEnd then precedes that final;
+        a gap after the held final's words waits for it to go out first."""
         e = self._last_word_end
         if self.utterance_end_s is None or e is None or self._ended_for == e:
             return
@@ -154,10 +157,47 @@ class EndOfSpeech(Generic[T]):
         else:
             if self._heard - point < self.utterance_end_s - 1e-6:
                 return
-        if limit is not None and point > limit:
+        if limit is not None and point + self.utterance_end_s > limit + 1e-6:
             return
         self._ended_for = e
         out.append(UtteranceEnd(e))
 
 
-__all__ = ["MAX_SPANS", "EndOfSpeech", "Final", "UtteranceEnd"]
+class VoiceRuns:
+    """Diarization-only: the local diarizer's voiced frames -> runs of speech.
+
+    A run opens at its first voiced frame and closes once `gap_s` passes without one (shorter
+    pauses stay inside it). `feed(first_frame, voiced)` takes consecutive frames and returns
+    what happened, in order: ("started", t, t) and ("run", start, end) (a closed run); every
+    voiced frame is also speech for `eos`. `close()` ends the open run now (Finalize, end).
+    """
+
+    def __init__(self, frame_s: float, gap_s: float) -> None:
+        self.frame_s, self.gap_s = frame_s, gap_s
+        self.next_frame = 0
+        self._run: tuple[float, float] | None = None
+
+    def feed(self, first_frame: int, voiced: list[bool], eos: EndOfSpeech[Any]
+             ) -> list[tuple[str, float, float]]:
+        out: list[tuple[str, float, float]] = []
+        for i, on in enumerate(voiced):
+            t = (first_frame + i) * self.frame_s
+            if on:
+                if self._run is None:
+                    self._run = (t, t + self.frame_s)
+                    out.append(("started", t, t))
+                else:
+                    self._run = (self._run[0], t + self.frame_s)
+                eos.speech(t, t + self.frame_s)
+            elif self._run is not None and t + self.frame_s - self._run[1] >= self.gap_s - 1e-9:
+                out.append(("run", *self._run))
+                self._run = None
+        self.next_frame = first_frame + len(voiced)
+        return out
+
+    def close(self) -> tuple[float, float] | None:
+        run, self._run = self._run, None
+        return run
+
+
+__all__ = ["MAX_SPANS", "EndOfSpeech", "Final", "UtteranceEnd", "VoiceRuns"]

@@ -9,11 +9,11 @@ def words(eos: EndOfSpeech[str], name: str, start: float, end: float, heard: flo
     """A final whose words span [start, end), the upstream having heard up to `heard`."""
     eos.speech(start, end)
     eos.heard(heard)
-    eos.final(name, end)
+    eos.final(name, (start, end))
 
 
 def names(out: list[Final[str] | UtteranceEnd]) -> list[str]:
-    return [f"{o.item}:{o.speech_final}" if isinstance(o, Final) else f"UE@{o.last_word_end}"
+    return [f"{o.item}:{o.speech_final}" if isinstance(o, Final) else f"UE@{round(o.last_word_end, 3)}"
             for o in out]
 
 
@@ -97,3 +97,54 @@ def test_a_final_without_words_is_never_speech_final() -> None:
     eos.heard(5.0)
     eos.final("empty", None)
     assert names(eos.flush()) == ["empty:False"]
+
+
+def test_no_utterance_end_for_a_word_whose_successor_is_held() -> None:
+    eos: EndOfSpeech[str] = EndOfSpeech(0.5, 1.0)
+    words(eos, "a", 0.0, 1.0, heard=1.6)
+    assert names(eos.ready()) == ["a:True"]
+    words(eos, "b", 1.4, 2.0, heard=2.1)  # a short pause, then b: held (0.1 s heard after)
+    eos.speech(3.6, 3.6)  # the next group begins 1.6 s after b
+    assert names(eos.ready()) == ["b:True", "UE@2.0"]  # b first, then its UtteranceEnd
+
+
+def test_words_without_a_final_do_not_end_an_utterance() -> None:
+    eos: EndOfSpeech[str] = EndOfSpeech(0.01, 1.0)
+    eos.heard(5.0)
+    eos.speech(1.0, 2.0)  # interim words, never finalized: no UtteranceEnd for them
+    assert eos.ready() == []
+    eos.final("empty", None)
+    assert names(eos.flush()) == ["empty:False"]
+
+
+def test_diarization_only_runs_of_speech_from_the_timeline() -> None:
+    """The diarizer as voice detector: Sortformer frames for word groups with short (0.16 s)
+    and long (1.6 s) pauses -> one final per group, each speech-final, one UtteranceEnd per
+    long pause after that group's final and before the next one's."""
+    import numpy as np
+
+    from edge.diarization.merge import FRAME_S, SpeakerTimeline
+    from edge.endpoint import VoiceRuns
+
+    # (speaker or None, frames): group 1 = two words with a short pause; group 2 one word.
+    script = [(None, 5), (0, 10), (None, 2), (0, 8), (None, 20), (1, 12), (None, 20)]
+    frames = []
+    for speaker, n in script:
+        row = np.full(4, 0.05, np.float32)
+        if speaker is not None:
+            row[speaker] = 0.95
+        frames += [row] * n
+    timeline = SpeakerTimeline()
+    runs = VoiceRuns(FRAME_S, 0.32)
+    eos: EndOfSpeech[str] = EndOfSpeech(0.3, 1.0)
+    out: list[Final[str] | UtteranceEnd] = []
+    for i in range(0, len(frames), 7):  # frames arrive in steps, as the worker returns them
+        timeline.add(i, np.stack(frames[i:i + 7]))
+        first, voiced = timeline.voiced(runs.next_frame)
+        for kind, start, end in runs.feed(first, voiced.tolist(), eos):
+            if kind == "run":
+                eos.final(f"{start:.2f}-{end:.2f}", (start, end))
+        eos.heard(timeline.covered_until)
+        out += eos.ready()
+    out += eos.flush()
+    assert names(out) == ["0.40-2.00:True", "UE@2.0", "3.60-4.56:True", "UE@4.56"]

@@ -228,6 +228,25 @@ def test_responses_parse_to_call_time() -> None:
     assert results == [] and event is not None and (event.kind, event.offset) == ("speech_started", 0.25)
 
 
+def test_interim_parts_parse_to_one_whole_hypothesis() -> None:
+    """Google's interim response: the stable start and the unstable rest, two results."""
+    ms = datetime.timedelta(milliseconds=1)
+
+    def part(text: str, start: int, end: int, stability: float) -> Any:
+        return speech_v2.StreamingRecognitionResult(
+            alternatives=[speech_v2.SpeechRecognitionAlternative(transcript=text, words=[
+                speech_v2.WordInfo(start_offset=start * ms, end_offset=end * ms, word=w)
+                for w in text.split()])],
+            is_final=False, stability=stability, result_end_offset=end * ms)
+
+    response = speech_v2.StreamingRecognizeResponse(results=[
+        part("the quick", 0, 600, 0.9), part(" brown", 600, 900, 0.1)])
+    [r], _ = V2("p", "us").parse(speech_v2.StreamingRecognizeResponse.deserialize(
+        speech_v2.StreamingRecognizeResponse.serialize(response)))
+    assert not r.is_final and r.transcript == "the quick brown" and r.end == 0.9
+    assert [w.word for w in r.words] == ["the", "quick", "brown"]
+
+
 def test_errors_are_classified() -> None:
     from google.api_core import exceptions as e
 
