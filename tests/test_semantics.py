@@ -117,7 +117,7 @@ async def test_end_of_speech_word_groups_with_the_google_upstream() -> None:
 
 @pytest.mark.parametrize(("endpointing", "expected"), [(None, True), ("false", False)])
 async def test_default_endpointing_and_off(endpointing: str | None, expected: bool) -> None:
-    audio, script = encode(GROUPS)
+    audio, _ = encode(GROUPS)
     query: dict[str, Any] = {"diarize": False}
     if endpointing is not None:
         query["endpointing"] = endpointing
