@@ -117,7 +117,10 @@ async def test_no_credentials_runs_diarization_only(tmp_path: Path) -> None:
     async with appliance(tmp_path, upstream=None) as app:
         assert app.status.ready
         assert app.status.checks["upstream"].startswith("unconfigured")
-        result = await stream_audio(url(app), samples(audio), SR, key=KEY, speed=8)
+        quiet = await stream_audio(url(app), samples(audio), SR, key=KEY, speed=8)
+        result = await stream_audio(url(app), samples(audio), SR, key=KEY, speed=8,
+                                    query={"speaker_turns": True})
+    assert not [m for m in quiet.messages if m["type"] == "SpeakerTurn"]  # only when asked
     turns = [m for m in result.messages if m["type"] == "SpeakerTurn"]
     assert turns and any(t["is_final"] for t in turns)
     for t in turns:
