@@ -137,6 +137,14 @@ class SessionAudio:
                 return when
         return None
 
+    def received_before(self, when: float) -> float:
+        """Session seconds of audio that had arrived by monotonic time `when` (0.0 if none
+        is remembered)."""
+        for end, at in reversed(self._received):
+            if at <= when:
+                return end / SAMPLE_RATE
+        return 0.0
+
     def _decode(self, data: memoryview) -> np.ndarray:
         raw = np.frombuffer(data, dtype=np.uint8 if self._width == 1 else "<i2")
         if self.encoding == "mulaw":

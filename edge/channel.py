@@ -7,8 +7,8 @@ speaker numbers and end-of-speech decisions) and its messages carry `[index, cou
 What a channel does is its session's `Plan` (edge/plan.py). Its end-of-speech decisions
 (`speech_final`, `UtteranceEnd`, edge/endpoint.py) hear from one voice detector:
 - with an upstream: the words of every result, its voice-activity events and result end
-  offsets; and, for long silences where the upstream says nothing, the audio received minus
-  `VOICE_LAG_S` (the upstream reports speech within that much of receiving it);
+  offsets; and, for long silences where the upstream says nothing, the audio that arrived at
+  least `VOICE_LAG_S` ago (the upstream reports speech within that long of receiving it);
 - diarization-only: the local diarizer's speech activity (`SpeakerTimeline.voiced`). Each
   run of speech (pauses under `SEGMENT_GAP_S` inside it) is one final with no words, and its
   end counts as the last word's end.
@@ -268,7 +268,8 @@ class Channel:
             if self.ctx.plan.voice == "sortformer":
                 self._read_voice()
             elif self._upstream_alive:
-                self.eos.heard(self.ctx.audio.clock - VOICE_LAG_S)
+                # Silence where the upstream says nothing: what it has had VOICE_LAG_S to hear.
+                self.eos.heard(self.ctx.audio.received_before(time.monotonic() - VOICE_LAG_S))
             self._release(self.eos.ready())
             if self.ctx.plan.send_turns and self.diar is not None:
                 self._send_turns(final=False)

@@ -99,3 +99,17 @@ def test_stereo_without_multichannel_is_downmixed() -> None:
     assert len(blocks) == 1
     assert set(np.frombuffer(blocks[0].pcm, dtype="<i2").tolist()) == {2000}
     assert audio.clock == pytest.approx(0.1)
+
+
+def test_received_before_maps_wall_time_to_the_session_clock() -> None:
+    import time
+
+    audio = SessionAudio("linear16", 16000)
+    before = time.monotonic()
+    audio.feed(bytes(3200))  # 0.1 s
+    middle = time.monotonic()
+    time.sleep(0.01)
+    audio.feed(bytes(3200))
+    assert audio.received_before(before - 1) == 0.0
+    assert audio.received_before(middle) == pytest.approx(0.1)
+    assert audio.received_before(time.monotonic()) == pytest.approx(0.2)

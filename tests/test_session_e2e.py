@@ -117,9 +117,9 @@ async def test_no_credentials_runs_diarization_only(tmp_path: Path) -> None:
     async with appliance(tmp_path, upstream=None) as app:
         assert app.status.ready
         assert app.status.checks["upstream"].startswith("unconfigured")
-        quiet = await stream_audio(url(app), samples(audio), SR, key=KEY, speed=8)
         result = await stream_audio(url(app), samples(audio), SR, key=KEY, speed=8,
                                     query={"speaker_turns": True})
+        quiet = await stream_audio(url(app), samples(audio), SR, key=KEY, speed=8)
     assert not [m for m in quiet.messages if m["type"] == "SpeakerTurn"]  # only when asked
     turns = [m for m in result.messages if m["type"] == "SpeakerTurn"]
     assert turns and any(t["is_final"] for t in turns)
@@ -136,7 +136,8 @@ async def test_deepgram_sdk_streams_and_parses(tmp_path: Path) -> None:
     from deepgram.core.api_error import ApiError
     from deepgram.environment import DeepgramClientEnvironment
 
-    audio, script = encode(utterances(3, words=3))
+    # Pauses >= utterance_end_ms, and under the diarizer's 8 s backlog in all (sent unpaced).
+    audio, script = encode(utterances(3, words=2, gap_s=1.05))
     async with fake_speech() as (_fake, endpoint), appliance(tmp_path, upstream=endpoint) as app:
         base = f"127.0.0.1:{app.server.port}"
         env = DeepgramClientEnvironment(base=f"http://{base}", production=f"ws://{base}",
