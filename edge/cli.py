@@ -1,7 +1,7 @@
 """Command-line entry points: parse arguments, call the library, print. Nothing else.
 
 `edge serve | check | status` (and, as their parts land, `stream FILE`, `diarize FILE`,
-`model fetch`). Exit codes: 0 ok, 1 failure, 2 bad usage or an invalid setting.
+`model fetch`, `eval`). Exit codes: 0 ok, 1 failure, 2 bad usage or an invalid setting.
 """
 
 from __future__ import annotations
@@ -13,9 +13,15 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edge import __version__
 from edge.settings import Settings, SettingsError, load_settings, resolve_env_file
+
+if TYPE_CHECKING:
+    from pyannote.core import Annotation
+
+    from edge.diarization.score import Rttm
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -257,6 +263,118 @@ def _diarize(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval", help="score diarization: RTTM against RTTM, or the live engine / a daemon over audio",
+        description="edge eval --ref REF --hyp HYP scores two RTTMs; edge eval AUDIO... --ref REF "
+                    "runs the live engine over the audio once per preset (or streams it to a "
+                    "daemon with --url) and scores that. REF/HYP: an RTTM file or a directory of them.")
+    p.add_argument("audio", nargs="*", type=Path, metavar="AUDIO", help="recordings (uri = file name)")
+    p.add_argument("--ref", type=Path, required=True, metavar="RTTM|DIR", help="reference turns")
+    p.add_argument("--hyp", type=Path, metavar="RTTM|DIR", help="hypothesis turns (instead of AUDIO)")
+    p.add_argument("--collar", type=float, default=0.0, metavar="S",
+                   help="seconds left out around each reference boundary, half before and half after, "
+                        "as pyannote.metrics counts it (md-eval's 0.25 s per side is 0.5; default 0)")
+    p.add_argument("--skip-overlap", action="store_true", help="leave overlapped speech out of the score")
+    p.add_argument("--uem", type=Path, metavar="FILE", help="scored regions (uri channel start end)")
+    p.add_argument("--json", action="store_true", help="end with one JSON object on the last line")
+    p.add_argument("--plot", type=Path, metavar="OUT.png", help="draw reference, hypothesis and errors")
+    p.add_argument("--preset", metavar="P,...", help="engine presets to compare: very-high, high, low, "
+                   "ultra-low, configured (default: configured, i.e. the settings' parameters)")
+    p.add_argument("--runtime", default="nemo", metavar="NAME", help="engine runtime (only nemo today)")
+    p.add_argument("--model", type=Path, metavar="PATH", help="a .nemo instead of the configured model")
+    p.add_argument("--piece-ms", type=int, default=500, help="piece size fed to the engine (default 500)")
+    p.add_argument("--save-hyp", type=Path, metavar="DIR", help="write each run's RTTM to DIR/<preset>/")
+    _client_args(p)
+    p.add_argument("--speed", type=float, default=1.0, help="with --url: pace at N x real time (default 1)")
+    p.set_defaults(run=_eval)
+
+
+def _eval(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        from edge.diarization.score import ScoreError
+        from edge.eval import usage_problem
+
+        if args.plot:
+            import matplotlib  # noqa: F401  (checked now, not after minutes of diarizing)
+    except ImportError as exc:  # pyannote.metrics / matplotlib: the `eval` extra
+        print(f"edge eval needs the eval extra (pip install 'edge[eval]'): {exc}", file=sys.stderr)
+        return 1
+    from edge.diarization.model import ModelUnavailable
+
+    usage = usage_problem(audio=args.audio, hyp=args.hyp, preset=args.preset, url=args.url,
+                          model=args.model, runtime=args.runtime, collar=args.collar, speed=args.speed)
+    if usage:
+        print(f"edge eval: {usage}", file=sys.stderr)
+        return 2
+    try:
+        return _eval_run(settings, args)
+    except (ScoreError, ModelUnavailable, ValueError) as exc:
+        print(f"edge: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # an output (--plot, --save-hyp) that cannot be written
+        print(f"edge: {exc}", file=sys.stderr)
+        return 1
+
+
+def _eval_run(settings: Settings, args: argparse.Namespace) -> int:
+    from edge import eval as ev
+    from edge.diarization.plot import plot_timelines
+    from edge.diarization.score import check_reference, read_rttm, read_uem, render_json, render_table, score
+
+    reference = read_rttm(args.ref)
+    check_reference(reference)
+    uem = read_uem(args.uem, reference) if args.uem else None
+    score_args = {"collar": args.collar, "skip_overlap": args.skip_overlap, "uem": uem}
+
+    def plot(ref: Rttm, hypotheses: list[tuple[str, dict[str, Annotation]]]) -> None:
+        plot_timelines(ref, hypotheses, args.plot, collar=args.collar, skip_overlap=args.skip_overlap,
+                       uem=uem)
+        print(f"plot: {args.plot}", file=sys.stderr)
+
+    if args.hyp:
+        hypothesis = read_rttm(args.hyp, known=reference)
+        report = score(reference, hypothesis.turns, **score_args)
+        print(render_table(report))
+        if args.plot:
+            plot(reference, [("hyp", hypothesis.turns)])
+        if args.json:
+            print(render_json(report))
+        return 0
+    if args.url:
+        url, key = _client_target(settings, args)
+        runs = [asyncio.run(ev.run_daemon(
+            args.audio, reference, url, key=key, speed=args.speed, score_args=score_args,
+            on_file=lambda path: print(f"streaming {path} to {url} at {args.speed:g}x", file=sys.stderr)))]
+    else:
+        presets = ev.parse_presets(args.preset)
+        bars: dict[str, _ProgressBar] = {}
+
+        def progress(label: str, done: float, total: float) -> None:
+            if label not in bars:
+                for bar in bars.values():
+                    bar.close()
+                bars[label] = _ProgressBar(label, unit="s", scale=1.0)
+            bars[label](done, total)
+
+        runs = ev.run_engine(args.audio, reference, presets, settings, score_args=score_args,
+                             piece_ms=args.piece_ms, model_path=args.model, progress=progress)
+        for bar in bars.values():
+            bar.close()
+    for run in runs:
+        print(f"\n{run.name}:")
+        print(render_table(run.report))
+    print()
+    print(ev.render_runs(runs))
+    if args.save_hyp:
+        ev.write_hypotheses(runs, args.save_hyp)
+    if args.plot:
+        plot(ev.reference_for(args.audio, reference), [(r.name, r.hypothesis) for r in runs])
+    if args.json:
+        print(ev.render_runs_json(runs))
+    return 0
+
+
 class _ProgressBar:
     """A one-line progress bar on stderr (a line per 10% when stderr is not a terminal)."""
 
@@ -286,7 +404,7 @@ class _ProgressBar:
             self.open = False
 
 
-COMMANDS = [add_serve, add_status, add_stream, add_check, add_model, add_diarize]
+COMMANDS = [add_serve, add_status, add_stream, add_check, add_model, add_diarize, add_eval]
 
 if __name__ == "__main__":
     sys.exit(main())
