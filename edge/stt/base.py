@@ -93,8 +93,9 @@ EventKind = Literal["result", "speech_started", "speech_ended", "flushed", "erro
 class TranscriptEvent:
     """One thing the upstream says. `start`/`end` are session seconds.
 
-    kind="result": a transcript (interim unless `is_final`); `speech_final` marks the end of
-    an utterance. kind="speech_started"/"speech_ended": voice activity at `start`.
+    kind="result": a transcript (interim unless `is_final`; whether a final ends speech is
+    the session's decision, edge/endpoint.py). kind="speech_started"/"speech_ended": voice
+    activity at `start`.
     kind="flushed": everything before a FLUSH has been delivered. kind="error": `message`
     says what went wrong; `fatal` means the upstream ended for this session; `lost_s` counts
     audio that will never be transcribed (an outage longer than the replay buffer).
@@ -104,7 +105,6 @@ class TranscriptEvent:
     start: float = 0.0
     end: float = 0.0
     is_final: bool = False
-    speech_final: bool = False
     transcript: str = ""
     confidence: float = 0.0
     words: tuple[Word, ...] = field(default_factory=tuple)
