@@ -65,6 +65,10 @@ def samples(audio: bytes) -> np.ndarray:
     return np.frombuffer(audio, dtype="<i2")
 
 
+def words_of(message: dict[str, Any]) -> list[dict[str, Any]]:
+    return message["channel"]["alternatives"][0]["words"]
+
+
 def final_words(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [w for m in messages if m.get("type") == "Results" and m.get("is_final")
             for w in m["channel"]["alternatives"][0]["words"]]
@@ -119,8 +123,27 @@ async def test_no_credentials_runs_diarization_only(tmp_path: Path) -> None:
         assert app.status.checks["upstream"].startswith("unconfigured")
         result = await stream_audio(url(app), samples(audio), SR, key=KEY, speed=8,
                                     query={"speaker_turns": True})
-        quiet = await stream_audio(url(app), samples(audio), SR, key=KEY, speed=8)
+        quiet = await stream_audio(url(app), samples(audio), SR, key=KEY, speed=8,
+                                   query={"utterance_end_ms": 1000, "endpointing": 300})
     assert not [m for m in quiet.messages if m["type"] == "SpeakerTurn"]  # only when asked
+    # End of speech from the diarizer's voice activity (random weights: whatever it hears),
+    # consistent with itself: each run of speech is a final without words; an UtteranceEnd
+    # names the end of the final before it, once; speech_final only when 300 ms of silence
+    # follow (the next run, or the end of the audio).
+    runs = [m for m in quiet.messages if m["type"] == "Results"]
+    assert runs and all(m["is_final"] and not words_of(m) for m in runs)
+    ends = [round(m["start"] + m["duration"], 3) for m in runs]
+    for m, end, nxt in zip(runs, ends, [m["start"] for m in runs[1:]] + [quiet.sent_audio_s],
+                           strict=True):
+        assert m["speech_final"] is (nxt - end >= 0.3 - 0.002), (m, nxt)
+    last_end = None
+    seen = set()
+    for m in quiet.messages:
+        if m["type"] == "Results":
+            last_end = round(m["start"] + m["duration"], 3)
+        elif m["type"] == "UtteranceEnd":
+            assert m["last_word_end"] == last_end and last_end not in seen
+            seen.add(last_end)
     turns = [m for m in result.messages if m["type"] == "SpeakerTurn"]
     assert turns and any(t["is_final"] for t in turns)
     for t in turns:
