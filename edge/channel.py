@@ -99,6 +99,7 @@ class Channel:
             None if p.endpointing is None else p.endpointing / 1000,
             None if p.utterance_end_ms is None else p.utterance_end_ms / 1000)
         self.speakers = SpeakerNumbers()
+        self._turn_speakers = SpeakerNumbers()  # when the words' labels are not the diarizer's
         self.diar: DiarizerSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._upstream_task: asyncio.Task[None] | None = None
@@ -302,17 +303,19 @@ class Channel:
         self._release(self.eos.ready())
 
     def _send_turns(self, *, final: bool) -> None:
-        """SpeakerTurns (asked with speaker_turns=true), numbered like the transcript: with a
-        transcript, a turn of a speaker it has not named yet waits until it does (or the
-        session ends, when the rest are numbered after)."""
+        """SpeakerTurns (asked with speaker_turns=true), numbered like the transcript's
+        words when the local diarizer labels them too: a turn of a speaker the transcript has
+        not named yet waits until it does (or the session ends: the rest are numbered after).
+        Otherwise (diarization-only, Google's labels, no labels) in order of first turn."""
         assert self.diar is not None
         self._held_turns.extend(self.diar.timeline.pop_turns())
-        transcript = self.ctx.plan.upstream is not None
+        shared = self.ctx.plan.upstream is not None and self.ctx.plan.labels == "sortformer"
+        numbers = self.speakers if shared else self._turn_speakers
         waiting: deque[SpeakerTurn] = deque(maxlen=MAX_HELD_TURNS)
         for turn in self._held_turns:
-            number = self.speakers.known(turn.speaker)
-            if number is None and (final or not transcript):
-                number = self.speakers.number(turn.speaker)
+            number = numbers.known(turn.speaker)
+            if number is None and (final or not shared):
+                number = numbers.number(turn.speaker)
             if number is None:
                 waiting.append(turn)
                 continue

@@ -87,8 +87,16 @@ async def test_chirp3_auto_labels_every_final_word_from_sortformer(tmp_path: Pat
         tmp_path, upstream=endpoint, edge_stt_model="chirp_3", edge_stt_language="auto"
     ) as app:
         result = await stream_audio(url(app), samples(audio), SR, key=KEY, speed=8,
-                                    query={"diarize": True})
+                                    query={"diarize": True, "speaker_turns": True})
     assert result.close_code == 1000
+    # SpeakerTurns use the transcript's numbers: a turn names a speaker some earlier word
+    # named, or (a voice no word ever got, at the end) one numbered after all of them.
+    named: set[int] = set()
+    for m in result.messages:
+        if m["type"] == "Results" and m["is_final"]:
+            named |= {w["speaker"] for w in m["channel"]["alternatives"][0]["words"]} - {None}
+        elif m["type"] == "SpeakerTurn":
+            assert m["speaker"] in named or m["speaker"] >= len(named), (m, named)
     assert result.messages[-1]["type"] == "Metadata"
     words = final_words(result.messages)
     assert_words_on_the_session_clock(words, script)
