@@ -222,3 +222,37 @@ async def test_edge_stream_cli_prints_labelled_lines(tmp_path: Path) -> None:
     assert rttm and all(r.startswith("SPEAKER meeting 1 ") for r in rttm)
     jsonl = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert jsonl[-1]["type"] == "Metadata"
+
+
+async def test_multichannel_labels_each_channel_with_its_own_diarizer_session(
+        tmp_path: Path) -> None:
+    from websockets.asyncio.client import connect
+
+    left, left_words = encode(utterances(2, words=3))
+    right, right_words = encode(utterances(2, words=2, word_s=0.7, first_id=20))
+    n = min(len(left), len(right)) // 2
+    stereo = np.stack([samples(left)[:n], samples(right)[:n]], axis=1).reshape(-1).tobytes()
+    messages: list[dict[str, Any]] = []
+    async with fake_speech() as (_fake, endpoint), appliance(
+        tmp_path, upstream=endpoint, edge_stt_model="chirp_3", edge_stt_language="auto"
+    ) as app, connect(f"{url(app)}/v1/listen?channels=2&multichannel=true&diarize=true",
+                      additional_headers={"Authorization": f"Token {KEY}"}) as ws:
+        for i in range(0, len(stereo), 6400):
+            await ws.send(stereo[i:i + 6400])
+            await asyncio.sleep(0.025)  # 4x real time
+        await ws.send(json.dumps({"type": "CloseStream"}))
+        async for raw in ws:
+            messages.append(json.loads(raw))
+        assert app.status.diarizer["sessions"] == 0  # both channel sessions closed
+    assert messages[-1]["type"] == "Metadata" and messages[-1]["channels"] == 2
+    for index, script in ((0, left_words), (1, right_words)):
+        finals = [m for m in messages if m["type"] == "Results" and m["is_final"]
+                  and m["channel_index"] == [index, 2]]
+        words = [w for m in finals for w in m["channel"]["alternatives"][0]["words"]]
+        assert [w["word"] for w in words] == [s.text for s in script if s.end <= n]
+        labelled = [w["speaker"] for w in words if w["speaker"] is not None]
+        assert labelled, index
+        # Numbered on its own: each channel's first labelled word is its speaker 0.
+        assert labelled[0] == 0 and sorted(set(labelled)) == list(range(len(set(labelled))))
+        assert {m["speaker_source"] for m in finals if m["channel"]["alternatives"][0]["words"]
+                } <= {"sortformer", None}
