@@ -256,3 +256,21 @@ async def test_multichannel_labels_each_channel_with_its_own_diarizer_session(
         assert labelled[0] == 0 and sorted(set(labelled)) == list(range(len(set(labelled))))
         assert {m["speaker_source"] for m in finals if m["channel"]["alternatives"][0]["words"]
                 } <= {"sortformer", None}
+
+
+async def test_diarize_false_pays_nothing_for_the_diarizer(tmp_path: Path) -> None:
+    audio, script = encode(utterances(2, words=3))
+    opened: list[int] = []
+    async with fake_speech() as (_fake, endpoint), appliance(tmp_path, upstream=endpoint) as app:
+
+        def watch(_msg: dict[str, Any]) -> None:
+            opened.append(app.status.diarizer["sessions"])
+
+        result = await stream_audio(url(app), samples(audio), SR, key=KEY, speed=8,
+                                    query={"diarize": False}, on_message=watch)
+    assert opened and set(opened) == {0}  # no diarizer session was ever held for it
+    words = final_words(result.messages)
+    assert_words_on_the_session_clock(words, script)
+    assert all(w["speaker"] is None for w in words)
+    assert {m["type"] for m in result.messages} == {"Results", "Metadata"}  # no Error
+    assert all(m["speaker_source"] is None and "speaker_note" not in m for m in result.finals)
