@@ -3,14 +3,16 @@
 The session clock is the number of 16 kHz samples produced since the session's first byte;
 every time in the daemon (upstream offsets, diarizer frames, Results) is seconds on it.
 `SessionAudio.decode()` takes frames of any length and returns `AudioBlock`s placed on that
-clock. Raw encodings (linear16, linear32, mulaw, alaw) are decoded here with numpy, on the
-loop (microseconds per frame: `feed()`). WAV goes through `WavDecoder` (edge/formats.py,
-numpy, on the loop), containers and compressed codecs through one `StreamDecoder`
-(edge/decode.py, PyAV on its own thread); both give (samples, channels) at the source's
-rate, which `_decoded()` downmixes and resamples onto the clock. With no
-`encoding`, the first bytes decide (`sniff()`); nothing recognised means linear16 at
-`sample_rate`, as room devices send it. An odd byte of linear16 (or a split sample) is
-carried to the next frame, never dropped.
+clock, one per output channel. Raw encodings (linear16, linear32, mulaw, alaw) are decoded
+here with numpy, on the loop (microseconds per frame: `feed()`). WAV goes through
+`WavDecoder` (edge/formats.py, numpy, on the loop), containers and compressed codecs through
+one `StreamDecoder` (edge/decode.py, PyAV on its own thread); both give (samples, channels)
+at the source's rate. `_convert()` is the one place that averages the channels (or, with
+`split=True`, Deepgram's `multichannel`, keeps them apart) and resamples onto the clock:
+every output channel has its own resampler and they share one clock. With no `encoding`,
+the first bytes decide (`sniff()`); nothing recognised means linear16 at `sample_rate`, as
+room devices send it. A partial frame (an odd byte of linear16, a sample of some channels
+only) is carried to the next frame, never dropped.
 """
 
 from __future__ import annotations
@@ -57,17 +59,25 @@ def _resampler(rate: int) -> soxr.ResampleStream | None:
 
 
 class SessionAudio:
-    """One session's audio input: decoder, resampler, clock, checksum and receive times.
+    """One session's audio input: decoder, resamplers, clock, checksum and receive times.
 
     `encoding` None means "not given": the stream's first bytes decide (see module doc).
+    `channels` is the declared channel count of raw audio; with `split` every channel is an
+    output of its own (a container must then carry that many), else all are averaged to one.
+    Raises ValueError for an encoding it cannot decode or fewer than one channel.
     """
 
     def __init__(self, encoding: str | None, sample_rate: int, history_s: float = 120.0,
+                 channels: int = 1, split: bool = False,
                  decode_timeout_s: float = FEED_TIMEOUT_S) -> None:
         if encoding is not None and encoding not in BYTES_PER_SAMPLE | FFMPEG_ENCODINGS:
             raise ValueError(f"unsupported encoding {encoding!r}")
+        if channels < 1:
+            raise ValueError(f"channels must be >= 1, got {channels}")
         self.encoding = encoding
         self.sample_rate = sample_rate
+        self.channels = channels
+        self.outputs = channels if split else 1
         # None until the first bytes chose: raw (numpy, `feed`) or a StreamDecoder.
         self.decoder: Decoder | None = None
         self._head = b""  # bytes held while sniffing (at most SNIFF_BYTES + one frame)
@@ -75,10 +85,11 @@ class SessionAudio:
         self._sniffing = encoding is None or encoding in FFMPEG_ENCODINGS
         self._finished = False
         self._source_s = 0.0  # seconds of decoded audio at the source's rate
-        self._rate = sample_rate  # the rate `_resampler` converts from
         self._width = BYTES_PER_SAMPLE.get(encoding or "linear16", 2)
+        self._frame = self._width * channels  # bytes of one interleaved raw sample frame
         self._carry = b""
-        self._resampler = _resampler(sample_rate)
+        self._rate = sample_rate  # the rate the resamplers convert from
+        self._resamplers = [_resampler(sample_rate) for _ in range(self.outputs)]
         self._sha = hashlib.sha256()
         self.received_bytes = 0
         self.next_sample = 0  # the session clock, in 16 kHz samples
@@ -90,7 +101,7 @@ class SessionAudio:
         """Seconds of audio received, at the device's own rate."""
         if self.decoder is not None:
             return self._source_s
-        return self.received_bytes // self._width / self.sample_rate
+        return self.received_bytes // self._frame / self.sample_rate
 
     @property
     def sha256(self) -> str:
@@ -101,14 +112,15 @@ class SessionAudio:
         """The session clock now: seconds of 16 kHz audio produced."""
         return self.next_sample / SAMPLE_RATE
 
-    async def decode(self, data: bytes) -> AudioBlock | None:
-        """Decode one client frame in any supported form; returns the new 16 kHz audio
-        (None if none was produced yet). Raises DecodeError for undecodable audio."""
+    async def decode(self, data: bytes) -> list[AudioBlock]:
+        """Decode one client frame in any supported form; returns the new 16 kHz audio, one
+        block per output channel (empty if none was produced yet). Raises DecodeError for
+        undecodable audio."""
         if not self._sniffing:
             if self.decoder is None:
                 return self.feed(data)
             self._count(data)
-            return self._decoded(await self.decoder.feed(data))
+            return self._place(self._decoded(await self.decoder.feed(data)))
         self._count(data)
         packets = self.encoding is not None and FFMPEG_ENCODINGS[self.encoding][1]
         # Raw Opus/Speex: every frame is one packet, so only the first frame is sniffed.
@@ -116,13 +128,13 @@ class SessionAudio:
         found = sniff(head)
         if found == NEED_MORE and not packets and len(head) < SNIFF_BYTES:
             self._head = head
-            return None
+            return []
         wav = parse_wav_header(head) if found == "wav" else None
         if wav == NEED_MORE:
             if len(head) > MAX_WAV_HEADER:
                 raise DecodeError(f"the WAV header is longer than {MAX_WAV_HEADER} bytes")
             self._head = head
-            return None
+            return []
         self._head = b""
         self._sniffing = False
         if isinstance(wav, WavFormat):  # plain samples: numpy, no thread, no delay
@@ -135,14 +147,14 @@ class SessionAudio:
             self.decoder = StreamDecoder(name, packets=packets, rate=self.sample_rate,
                                          feed_timeout_s=self._decode_timeout_s)
         else:  # no container: raw linear16 at `sample_rate`, as room devices send it
-            return self._raw(head)
-        return self._decoded(await self.decoder.feed(head))
+            return self._place(self._raw(head))
+        return self._place(self._decoded(await self.decoder.feed(head)))
 
-    async def finish(self) -> AudioBlock | None:
-        """End of audio: the decoder's and the resampler's tail. Idempotent. Raises
+    async def finish(self) -> list[AudioBlock]:
+        """End of audio: the decoder's and the resamplers' tails. Idempotent. Raises
         DecodeError (a container that ends before any audio: truncated or empty)."""
         if self._finished:
-            return None
+            return []
         self._finished = True
         if self._sniffing and self._head:  # held while sniffing: raw, unless a container
             self._sniffing = False
@@ -150,27 +162,67 @@ class SessionAudio:
             if found not in (None, NEED_MORE):
                 raise DecodeError(f"the {FORMAT_NAMES[found]} stream ended inside its header "
                                   f"({len(self._head)} bytes): truncated")
-            block = self._raw(self._head)
-            tail = self.flush()
-            return _join(block, tail)
+            return self._place(_cat(self._raw(self._head), self._drain()))
         if self.decoder is None:
             return self.flush()
-        block = self._decoded(await self.decoder.finish())
-        return _join(block, self._place(self._resample_float(np.zeros(0, np.float32), True)))
+        return self._place(_cat(self._decoded(await self.decoder.finish()), self._tails()))
 
     def close(self) -> None:
         """Stop the decoder thread, if any (idempotent, never blocks)."""
         if self.decoder is not None:
             self.decoder.close()
 
+    def feed(self, data: bytes) -> list[AudioBlock]:
+        """Decode one frame of raw audio in the declared encoding (linear16 when none was
+        given); returns the new 16 kHz audio, one block per output channel (empty when none
+        was produced)."""
+        self._count(data)
+        return self._place(self._raw(data))
+
+    def flush(self) -> list[AudioBlock]:
+        """End of audio: the resamplers' tails (a partial trailing frame is dropped here,
+        the only place it can go — it is not a sample of every channel)."""
+        return self._place(self._drain())
+
+    def received_at(self, t: float) -> float | None:
+        """Monotonic time at which the audio at session time `t` arrived (None if unknown)."""
+        sample = int(t * SAMPLE_RATE)
+        for end, when in self._received:
+            if end >= sample:
+                return when
+        return None
+
+    def received_before(self, when: float) -> float:
+        """Session seconds of audio that had arrived by monotonic time `when` (0.0 if none
+        is remembered)."""
+        for end, at in reversed(self._received):
+            if at <= when:
+                return end / SAMPLE_RATE
+        return 0.0
+
+    # --- internals: every path gives per-output int16 arrays at 16 kHz, placed once ---
+
     def _count(self, data: bytes) -> None:
         self._sha.update(data)
         self.received_bytes += len(data)
 
-    def _decoded(self, parts: list[Pcm]) -> AudioBlock | None:
-        """Decoded audio -> mono -> the 16 kHz clock. The one place where multichannel
-        audio is folded (mean of the channels)."""
-        out: list[np.ndarray] = []
+    def _raw(self, data: bytes) -> list[np.ndarray] | None:
+        if self._carry:
+            data = self._carry + data
+        usable = len(data) - len(data) % self._frame
+        self._carry = data[usable:]
+        if not usable:
+            return None
+        samples = self._decode(memoryview(data)[:usable]).reshape(-1, self.channels)
+        return self._convert(samples, self.sample_rate)
+
+    def _drain(self) -> list[np.ndarray]:
+        self._carry = b""
+        return self._tails()
+
+    def _decoded(self, parts: list[Pcm]) -> list[np.ndarray] | None:
+        """Decoded audio (float32 (samples, channels) at its rate) -> per-output 16 kHz."""
+        out: list[np.ndarray] | None = None
         i = 0
         while i < len(parts):
             # One resampler call per run of one rate and layout (a codec frame is ~20 ms:
@@ -184,49 +236,56 @@ class SessionAudio:
                 else parts[i].samples
             i = j
             self._source_s += samples.shape[0] / rate
-            if rate != self._rate:  # a new rate mid-stream (chained Ogg, ...)
-                out.append(self._resample_float(np.zeros(0, np.float32), last=True))
-                self._rate, self._resampler = rate, _resampler(rate)
-            mono = samples.mean(axis=1, dtype=np.float32) if channels > 1 else samples[:, 0]
-            out.append(self._resample_float(mono, last=False))
-        return self._place(np.concatenate(out)) if out else None
+            out = _cat(out, self._convert(samples, rate))
+        return out
 
-    def _resample_float(self, mono: np.ndarray, last: bool) -> np.ndarray:
-        if self._resampler is not None:
-            mono = self._resampler.resample_chunk(mono, last=last)
-        return np.clip(np.rint(mono * 32768.0), -32768, 32767).astype(np.int16)
+    def _convert(self, samples: np.ndarray, rate: int) -> list[np.ndarray]:
+        """(samples, channels), int16 or float32 in [-1, 1], at `rate` -> one int16 16 kHz
+        array per output: the one place where channels are averaged or kept apart."""
+        tails = None
+        if rate != self._rate:  # a new rate mid-stream (chained Ogg, ...)
+            tails = self._tails()
+            self._rate = rate
+            self._resamplers = [_resampler(rate) for _ in range(self.outputs)]
+        channels = samples.shape[1]
+        if self.outputs == 1:
+            if channels == 1:
+                columns = [samples[:, 0]]
+            elif samples.dtype == np.int16:
+                columns = [np.rint(samples.astype(np.float32).mean(axis=1)).astype(np.int16)]
+            else:
+                columns = [samples.mean(axis=1, dtype=np.float32)]
+        elif channels != self.outputs:
+            raise DecodeError(f"the audio has {channels} channel(s), but multichannel was asked "
+                              f"with channels={self.outputs}")
+        else:
+            columns = [samples[:, c] for c in range(channels)]
+        converted = [self._resample(k, column, last=False) for k, column in enumerate(columns)]
+        return _cat(tails, converted)
 
-    def feed(self, data: bytes) -> AudioBlock | None:
-        """Decode one frame of raw audio in the declared encoding (linear16 when none was
-        given); returns the new 16 kHz audio (None if none was produced)."""
-        self._count(data)
-        return self._raw(data)
+    def _tails(self) -> list[np.ndarray]:
+        return [self._resample(k, np.zeros(0, np.float32), last=True) for k in range(self.outputs)]
 
-    def _raw(self, data: bytes) -> AudioBlock | None:
-        if self._carry:
-            data = self._carry + data
-        usable = len(data) - len(data) % self._width
-        self._carry = data[usable:]
-        if not usable:
-            return None
-        samples = self._decode(memoryview(data)[:usable])
-        return self._place(self._resample(samples, last=False))
+    def _resample(self, channel: int, samples: np.ndarray, last: bool) -> np.ndarray:
+        resampler = self._resamplers[channel]
+        if samples.dtype == np.int16:
+            if resampler is None:
+                return samples  # the common case (16 kHz linear16): exact, no float round trip
+            samples = samples.astype(np.float32) / 32768.0
+        out = samples if resampler is None else resampler.resample_chunk(samples, last=last)
+        return np.clip(np.rint(out * 32768.0), -32768, 32767).astype(np.int16)
 
-    def flush(self) -> AudioBlock | None:
-        """End of audio: the resampler's tail (an unpaired trailing byte is dropped here,
-        the only place a partial sample can go — it is not a sample)."""
-        self._carry = b""
-        if self._resampler is None:
-            return None
-        return self._place(self._resample(np.zeros(0, np.int16), last=True))
-
-    def received_at(self, t: float) -> float | None:
-        """Monotonic time at which the audio at session time `t` arrived (None if unknown)."""
-        sample = int(t * SAMPLE_RATE)
-        for end, when in self._received:
-            if end >= sample:
-                return when
-        return None
+    def _place(self, parts: list[np.ndarray] | None) -> list[AudioBlock]:
+        if not parts:
+            return []
+        # Channels resample in step (same rate, same input length): one clock for all.
+        n = min(len(p) for p in parts)
+        if n == 0:
+            return []
+        start = self.next_sample
+        self.next_sample += n
+        self._received.append((self.next_sample, time.monotonic()))
+        return [AudioBlock(start, p[:n].astype("<i2", copy=False).tobytes()) for p in parts]
 
     def _decode(self, data: memoryview) -> np.ndarray:
         if self.encoding == "linear32":  # Deepgram's linear32: little-endian float32
@@ -239,26 +298,12 @@ class SessionAudio:
             return ALAW[raw]
         return raw
 
-    def _resample(self, samples: np.ndarray, last: bool) -> np.ndarray:
-        if self._resampler is None:
-            return samples
-        out = self._resampler.resample_chunk(samples.astype(np.float32) / 32768.0, last=last)
-        return np.clip(np.rint(out * 32768.0), -32768, 32767).astype(np.int16)
 
-    def _place(self, pcm: np.ndarray) -> AudioBlock | None:
-        if pcm.size == 0:
-            return None
-        block = AudioBlock(self.next_sample, pcm.astype("<i2", copy=False).tobytes())
-        self.next_sample = block.end
-        self._received.append((block.end, time.monotonic()))
-        return block
-
-
-def _join(a: AudioBlock | None, b: AudioBlock | None) -> AudioBlock | None:
-    """Two consecutive blocks as one (either may be None)."""
+def _cat(a: list[np.ndarray] | None, b: list[np.ndarray] | None) -> list[np.ndarray] | None:
+    """Per-output concatenation of two consecutive stretches of audio (either may be None)."""
     if a is None or b is None:
         return a or b
-    return AudioBlock(a.start, a.pcm + b.pcm)
+    return [np.concatenate((x, y)) for x, y in zip(a, b, strict=True)]
 
 
 __all__ = ["ALAW", "FFMPEG_ENCODINGS", "MULAW", "DecodeError", "SessionAudio"]

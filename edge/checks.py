@@ -26,6 +26,8 @@ from typing import Literal
 from edge import device
 from edge.diarization import nemo_diarization_available
 from edge.health import REQUIRED_PACKAGES, UPSTREAM_PACKAGES, missing_packages
+from edge.plan import local_diarizer_used, plan_session
+from edge.protocol import ListenParams
 from edge.settings import Settings
 
 Level = Literal["ok", "warn", "FAIL"]
@@ -66,6 +68,7 @@ def run_checks(
         Check("model", *_model(settings, model)),
         Check("nemo", *_nemo(settings, deep)),
         Check("google", *_google(settings, environ, google_default or _google_default)),
+        Check("labels", *_labels(settings)),
         Check("port", *_port(settings, daemon_url)),
         Check("unit", *_unit(systemd_runs, systemctl or _systemctl)),
     ]
@@ -133,9 +136,23 @@ def find_model(settings: Settings) -> Path | None:
 
 
 def _diarization_off(settings: Settings) -> bool:
-    return not settings.stt_enable_nemo_diarization_fallback or settings.edge_stt_diarization in (
-        "off", "google",
-    )
+    # The sessions' own plan decides (edge/plan.py): no session would open a local diarizer.
+    return not local_diarizer_used(settings)
+
+
+def _labels(settings: Settings) -> tuple[Level, str]:
+    """Who labels the speakers of a session that does not ask, as its plan decides
+    (edge/plan.py; with Google configured as in `settings`, credentials aside)."""
+    from edge.stt.google import capabilities
+
+    api = settings.edge_stt_api
+    caps = None if api == "none" else (lambda m, lang: capabilities(api, m, lang))
+    plan = plan_session(ListenParams(), settings, caps)
+    who = {"google": "Google", "sortformer": "the local diarizer", None: "nobody"}[plan.labels]
+    why = f": {plan.label_reason}" if plan.label_reason and plan.labels is None else ""
+    return "ok", (f"a session that does not ask: labels by {who}{why} "
+                  f"(EDGE_STT_DIARIZATION={settings.edge_stt_diarization}, "
+                  f"EDGE_DIARIZE_DEFAULT={str(settings.edge_diarize_default).lower()})")
 
 
 def _model(settings: Settings, model: Path | None) -> tuple[Level, str]:

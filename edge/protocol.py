@@ -36,14 +36,13 @@ REASON_TOO_MANY_FRAMES = "too many frames"
 REASON_DATA_FRAME = "no data frames on this channel"
 
 AUTH_SCHEMES = ("token", "bearer")
-SUBPROTOCOL_TOKEN = "token"
 
 
 def request_token(headers: Headers) -> str | None:
     """The API key a request carries, or None.
 
     Accepted: `Authorization: Token <key>` or `Bearer <key>` (any case), and for browsers,
-    which cannot set headers, the subprotocols `["token", "<key>"]`.
+    which cannot set headers, the subprotocols `["token", "<key>"]` or `["bearer", "<key>"]`.
     """
     auth = headers.get("Authorization")
     if auth:
@@ -54,8 +53,17 @@ def request_token(headers: Headers) -> str | None:
     offered = [
         p.strip() for h in headers.get_all("Sec-WebSocket-Protocol") for p in h.split(",")
     ]
-    if len(offered) >= 2 and offered[0] == SUBPROTOCOL_TOKEN and offered[1]:
+    if len(offered) >= 2 and offered[0].lower() in AUTH_SCHEMES and offered[1]:
         return offered[1]
+    return None
+
+
+def auth_subprotocol(offered: Iterable[str]) -> str | None:
+    """The subprotocol to echo for a browser that authenticated with one (`token` or
+    `bearer`, as offered), or None: a browser fails a handshake that echoes none it offered."""
+    for name in offered:
+        if name.lower() in AUTH_SCHEMES:
+            return name
     return None
 
 
@@ -129,7 +137,17 @@ ENCODING_RATES: dict[str, tuple[int, ...]] = {
     "amr-nb": (8000,), "amr-wb": (16000,), "g729": (8000,),
     "opus": (48000, 24000, 16000, 12000, 8000), "speex": (16000, 8000, 32000),
 }
-_LANGUAGE = re.compile(r"^(auto|[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*)$")
+_LANGUAGE = re.compile(r"^(auto|multi|[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*)$")
+MULTILINGUAL = "multi"  # Deepgram's code-switching language: the upstream's multilingual mode
+MAX_CHANNELS = 32  # an upstream stream and a diarizer session each: bounded per session
+DEFAULT_ENDPOINTING_MS = 10  # Deepgram's default
+MAX_MS = 600_000  # endpointing / utterance_end_ms: Deepgram sets no upper bound; 10 min is ours
+# The query parameters edge honours; any other is accepted and named once in a warning.
+HONOURED = frozenset({
+    "encoding", "sample_rate", "channels", "multichannel", "language", "model", "diarize",
+    "interim_results", "punctuate", "smart_format", "vad_events", "utterance_end_ms",
+    "endpointing", "speaker_turns",
+})
 _MODEL = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 # Deepgram's own model names mean nothing to Google: a Deepgram SDK sends nova-3 by default,
 # so these select the daemon's configured model instead of being forwarded.
@@ -147,26 +165,33 @@ class QueryError(ValueError):
 @dataclass(frozen=True)
 class ListenParams:
     """A validated `/v1/listen` query. `language`/`model` are None when the client left
-    them to the daemon's settings."""
+    them to the daemon's settings; `diarize` is None when the client did not say (the
+    session plan applies `EDGE_DIARIZE_DEFAULT`); `endpointing` is None when turned off;
+    `ignored` names the parameters accepted but not honoured (sorted, for one warning)."""
 
     encoding: str | None = None  # None: not given, the first bytes decide
     sample_rate: int = 16000
     channels: int = 1
+    multichannel: bool = False
     language: str | None = None
     model: str | None = None
-    diarize: bool = True
+    diarize: bool | None = None
     interim_results: bool = False
     punctuate: bool = True
     smart_format: bool = False
     vad_events: bool = False
     utterance_end_ms: int | None = None
-    endpointing: int | None = None
+    endpointing: int | None = DEFAULT_ENDPOINTING_MS
     speaker_turns: bool = False
+    ignored: tuple[str, ...] = ()
 
 
 def parse_listen_query(query: str) -> ListenParams:
-    """Parse and validate a `/v1/listen` query string (unknown keys ignored; the last of a
-    repeated key wins). Raises `QueryError` naming the first bad parameter."""
+    """Parse and validate a `/v1/listen` query string (the last of a repeated key wins).
+
+    Value ranges are Deepgram's own: a value Deepgram refuses raises `QueryError` naming the
+    first bad parameter; a parameter edge does not honour is accepted and named in `ignored`.
+    """
     raw = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
     kw: dict[str, Any] = {}
     if "encoding" in raw:
@@ -184,13 +209,11 @@ def parse_listen_query(query: str) -> ListenParams:
             raise QueryError("sample_rate", raw["sample_rate"], f"encoding={kw['encoding']} "
                              "needs one of " + ", ".join(map(str, rates)))
     if "channels" in raw:
-        channels = _int(raw, "channels", 1, 1 << 16)
-        if channels != 1:
-            raise QueryError("channels", raw["channels"], "only 1 (mono) is supported")
-        kw["channels"] = channels
+        kw["channels"] = _int(raw, "channels", 1, MAX_CHANNELS)
     if raw.get("language"):
         if not _LANGUAGE.match(raw["language"]):
-            raise QueryError("language", raw["language"], "a BCP-47 code (e.g. en-US) or auto")
+            raise QueryError("language", raw["language"],
+                             "a BCP-47 code (e.g. en-US), auto, or multi")
         kw["language"] = raw["language"]
     if raw.get("model"):
         model = raw["model"]
@@ -199,25 +222,28 @@ def parse_listen_query(query: str) -> ListenParams:
         if not model.lower().startswith(DEEPGRAM_MODEL_PREFIXES):
             kw["model"] = model
     for name in ("diarize", "interim_results", "punctuate", "smart_format", "vad_events",
-                 "speaker_turns"):
+                 "speaker_turns", "multichannel"):
         if name in raw:
             kw[name] = _bool(raw, name)
     if raw.get("utterance_end_ms"):
-        kw["utterance_end_ms"] = _int(raw, "utterance_end_ms", 1000, 5000)
+        kw["utterance_end_ms"] = _int(raw, "utterance_end_ms", 0, MAX_MS)
     if raw.get("endpointing"):
-        kw["endpointing"] = (
-            None if raw["endpointing"].lower() == "false" else _int(raw, "endpointing", 10, 60000)
-        )
+        value = raw["endpointing"].lower()
+        if value == "false":
+            kw["endpointing"] = None
+        elif value != "true":  # true: Deepgram's default
+            kw["endpointing"] = _int(raw, "endpointing", 0, MAX_MS, "true, false or ")
+    kw["ignored"] = tuple(sorted(k for k in raw if k not in HONOURED))
     return ListenParams(**kw)
 
 
-def _int(raw: Mapping[str, str], name: str, lo: int, hi: int) -> int:
+def _int(raw: Mapping[str, str], name: str, lo: int, hi: int, also: str = "") -> int:
     try:
         value = int(raw[name])
     except ValueError:
-        raise QueryError(name, raw[name], f"an integer from {lo} to {hi}") from None
+        raise QueryError(name, raw[name], f"{also}an integer from {lo} to {hi}") from None
     if not lo <= value <= hi:
-        raise QueryError(name, raw[name], f"an integer from {lo} to {hi}")
+        raise QueryError(name, raw[name], f"{also}an integer from {lo} to {hi}")
     return value
 
 
@@ -234,8 +260,8 @@ def bad_query(exc: QueryError) -> Response:
 
 # --- client text frames ---
 
-Control = Literal["KeepAlive", "Finalize", "CloseStream"]
-CONTROLS: tuple[Control, ...] = ("KeepAlive", "Finalize", "CloseStream")
+Control = Literal["KeepAlive", "Finalize", "CloseStream", "Configure"]
+CONTROLS: tuple[Control, ...] = ("KeepAlive", "Finalize", "CloseStream", "Configure")
 
 
 MAX_TEXT_BYTES = 4096  # a control message is ~30 bytes; anything longer is refused unparsed
@@ -246,7 +272,7 @@ class ControlError(ValueError):
 
 
 def parse_control(text: str) -> Control:
-    """`{"type": "KeepAlive" | "Finalize" | "CloseStream"}` -> the type.
+    """`{"type": "KeepAlive" | "Finalize" | "CloseStream" | "Configure", ...}` -> the type.
 
     Raises ControlError (never anything else) for a frame over `MAX_TEXT_BYTES`, one that is
     not JSON or nested too deeply to parse, or a JSON value that is not such an object.
@@ -264,8 +290,32 @@ def parse_control(text: str) -> Control:
         raise ControlError("text frame must be a JSON object with a string 'type'")
     if msg["type"] not in CONTROLS:
         raise ControlError(f"unsupported message type {msg['type'][:40]!r}; "
-                           "expected KeepAlive, Finalize or CloseStream")
+                           "expected KeepAlive, Finalize, CloseStream or Configure")
     return msg["type"]  # type: ignore[no-any-return]
+
+
+def configure_reply(text: str, request_id: str) -> dict[str, Any]:
+    """The answer to a `Configure` text frame (already known to be one).
+
+    Deepgram's Configure may replace `keyterms` and switch formatting `features`. Neither can
+    change on a running Google stream, so any of them gets `ConfigureFailure` saying which;
+    a Configure that asks for no change gets `ConfigureSuccess`.
+    """
+    msg = json.loads(text)
+    keyterms, features = msg.get("keyterms"), msg.get("features")
+    if keyterms is not None:
+        return configure_failure(request_id, "CONFIGURE_KEYTERMS_NOT_SUPPORTED",
+                                 "keyterms cannot change mid-stream on this appliance's upstream")
+    if features:
+        names = ", ".join(sorted(map(str, features)))[:200] if isinstance(features, dict) else "?"
+        return configure_failure(request_id, "CONFIGURE_FEATURES_NOT_SUPPORTED",
+                                 f"features cannot change mid-stream: {names}")
+    return {"type": "ConfigureSuccess", "request_id": request_id}
+
+
+def configure_failure(request_id: str, code: str, description: str) -> dict[str, Any]:
+    return {"type": "ConfigureFailure", "request_id": request_id, "code": code,
+            "description": description}
 
 
 # --- daemon -> client messages ---
@@ -295,6 +345,7 @@ def results_message(
     words: list[dict[str, Any]],
     speaker_source: str | None,
     diarizer: ModelInfo | None = None,
+    channel: tuple[int, int] = (0, 1),
 ) -> dict[str, Any]:
     """A Deepgram `Results` message; `speaker_source` is our extension field."""
     metadata: dict[str, Any] = {
@@ -306,7 +357,7 @@ def results_message(
         metadata["diarize_info"] = {"model_uuid": diarizer.uuid, "arch": diarizer.arch}
     return {
         "type": "Results",
-        "channel_index": [0, 1],
+        "channel_index": list(channel),
         "duration": round(max(0.0, end - start), 3),
         "start": round(start, 3),
         "is_final": is_final,
@@ -336,7 +387,8 @@ def word_entry(
 
 
 def metadata_message(
-    *, request_id: str, duration: float, sha256: str, created: datetime, models: list[ModelInfo]
+    *, request_id: str, duration: float, sha256: str, created: datetime, models: list[ModelInfo],
+    channels: int = 1,
 ) -> dict[str, Any]:
     return {
         "type": "Metadata",
@@ -345,7 +397,7 @@ def metadata_message(
         "sha256": sha256,
         "created": created.astimezone(timezone.utc).isoformat().replace("+00:00", "Z"),
         "duration": round(duration, 3),
-        "channels": 1,
+        "channels": channels,
         "models": [m.uuid for m in models],
         "model_info": {m.uuid: {"name": m.name, "version": m.version, "arch": m.arch}
                        for m in models},
@@ -358,18 +410,21 @@ def error_message(variant: str, description: str, **extra: Any) -> dict[str, Any
             "message": description, **extra}
 
 
-def speech_started_message(t: float) -> dict[str, Any]:
-    return {"type": "SpeechStarted", "channel": [0, 1], "timestamp": round(t, 3)}
+def speech_started_message(t: float, channel: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+    return {"type": "SpeechStarted", "channel": list(channel), "timestamp": round(t, 3)}
 
 
-def utterance_end_message(last_word_end: float) -> dict[str, Any]:
-    return {"type": "UtteranceEnd", "channel": [0, 1], "last_word_end": round(last_word_end, 3)}
+def utterance_end_message(last_word_end: float, channel: tuple[int, int] = (0, 1)
+                          ) -> dict[str, Any]:
+    return {"type": "UtteranceEnd", "channel": list(channel),
+            "last_word_end": round(last_word_end, 3)}
 
 
-def speaker_turn_message(speaker: int, start: float, end: float, is_final: bool) -> dict[str, Any]:
-    """Our extension: a speaker turn from the local diarizer."""
+def speaker_turn_message(speaker: int, start: float, end: float, is_final: bool,
+                         channel: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+    """Our extension (only with `speaker_turns=true`): a speaker turn from the local diarizer."""
     return {"type": "SpeakerTurn", "speaker": speaker, "start": round(start, 3),
-            "end": round(end, 3), "is_final": is_final}
+            "end": round(end, 3), "is_final": is_final, "channel_index": list(channel)}
 
 
 __all__ = [

@@ -298,8 +298,8 @@ async def _refuse_data(connection: ServerConnection) -> None:
 
 
 def _select_subprotocol(connection: ServerConnection, offered: Sequence[str]) -> str | None:
-    # Browsers authenticate with subprotocols ["token", key]; echo "token" so they accept.
-    return protocol.SUBPROTOCOL_TOKEN if protocol.SUBPROTOCOL_TOKEN in offered else None
+    # Browsers authenticate with subprotocols ["token"|"bearer", key]; echo the scheme.
+    return protocol.auth_subprotocol(offered)
 
 
 def _ssl_context(settings: Settings) -> ssl.SSLContext | None:

@@ -84,6 +84,8 @@ class Settings(BaseSettings):
     edge_decode_timeout_s: float = Field(2.0, ge=0.001, le=60)
     edge_handshake_timeout_s: float = Field(10.0, gt=0, le=600)
     edge_label_wait_ms: int = Field(3000, ge=0, le=60000)
+    # A session that does not set `diarize` gets labels: room devices want them unasked.
+    edge_diarize_default: bool = True
     edge_auth_max_failures: int = Field(10, ge=1, le=100000)
     edge_auth_window_s: float = Field(60.0, gt=0, le=86400)
     # Audio frames one session may send per second (bursts of 1 s worth); beyond it the

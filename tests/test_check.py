@@ -56,7 +56,7 @@ def _levels(found: dict[str, Check]) -> dict[str, str]:
 def test_every_check_has_a_line(tmp_path: Path) -> None:
     found = _run(tmp_path)
     assert list(found) == ["platform", "config", "packages", "cache", "model", "nemo", "google",
-                           "port", "unit"]
+                           "labels", "port", "unit"]
     text = checks.render(list(found.values()))
     assert text.splitlines()[0].startswith("ok    platform  ")
     assert not checks.failed(list(found.values()))
@@ -89,6 +89,22 @@ def test_model_present_verified_mismatched_missing(tmp_path: Path) -> None:
     assert wrong.level == "FAIL" and digest in wrong.detail
     off = _run(tmp_path, stt_enable_nemo_diarization_fallback=False)
     assert (off["model"].level, off["nemo"].detail) == ("ok", "local diarization is off")
+
+
+@pytest.mark.parametrize(("overrides", "who", "local"), [
+    ({}, "by the local diarizer", True),  # chirp_3 + auto: Google cannot
+    ({"edge_stt_api": "v1", "edge_stt_language": "en-US", "edge_stt_model": "latest_long"},
+     "by Google", True),  # the local diarizer still serves speaker_turns=true
+    ({"edge_stt_diarization": "off"}, "by nobody: EDGE_STT_DIARIZATION=off", False),
+    ({"edge_stt_diarization": "google"}, "by Google", False),
+    ({"edge_diarize_default": False}, "by nobody", True),
+    ({"edge_stt_api": "none"}, "by the local diarizer", True),
+])
+def test_labels_check_asks_the_session_plan(tmp_path: Path, overrides: dict[str, Any],
+                                            who: str, local: bool) -> None:
+    found = _run(tmp_path, **overrides)
+    assert found["labels"].level == "ok" and f"labels {who}" in found["labels"].detail
+    assert (found["nemo"].detail != "local diarization is off") is local
 
 
 def test_configured_model_path_is_the_model(tmp_path: Path) -> None:

@@ -114,8 +114,11 @@ def assert_words(messages: list[dict[str, Any]], script: list[ScriptWord], tol: 
 
 @pytest.fixture
 async def daemon() -> AsyncIterator[App]:
+    # The clients here send files in random pieces as fast as they can: far above the
+    # frame-rate bound (EDGE_MAX_FRAMES_PER_S) that stops floods of tiny frames.
     async with fake_speech(word_code="tone") as (_fake, endpoint), running_app(
         edge_stt_endpoint=endpoint, edge_stt_insecure=True, edge_stt_language="en-US",
+        edge_max_frames_per_s=100_000,
     ) as app:
         yield app
 

@@ -338,12 +338,17 @@ async def test_a_corrupt_model_makes_the_diarizer_unavailable_not_the_daemon(
     assert engine.restarts == 0  # a model that cannot load is not retried in a loop
 
 
-async def test_disabled_fallback_spawns_nothing(tmp_path: Path) -> None:
-    engine = DiarizationEngine(settings(tmp_path, stt_enable_nemo_diarization_fallback=False),
-                               Status(max_sessions=4), Metrics())
+@pytest.mark.parametrize(("overrides", "why"), [
+    ({"stt_enable_nemo_diarization_fallback": False}, "STT_ENABLE_NEMO_DIARIZATION_FALLBACK"),
+    ({"edge_stt_diarization": "off"}, "EDGE_STT_DIARIZATION=off"),  # nobody labels speakers
+    ({"edge_stt_diarization": "google"}, "EDGE_STT_DIARIZATION=google"),
+])
+async def test_disabled_fallback_spawns_nothing(tmp_path: Path, overrides: dict[str, Any],
+                                                why: str) -> None:
+    engine = DiarizationEngine(settings(tmp_path, **overrides), Status(max_sessions=4), Metrics())
     await engine.start()
     s = engine.open_session("x")
-    assert s.state == "unavailable" and "STT_ENABLE_NEMO_DIARIZATION_FALLBACK" in (s.reason or "")
+    assert s.state == "unavailable" and why in (s.reason or "")
     assert engine.worker_pid is None and engine.healthy()
     assert engine.status.checks["nemo"] == "disabled"
     await s.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 from typing import Any
 
 import httpx
@@ -81,11 +82,15 @@ BAD_QUERIES = [
     ("encoding=mp3", "encoding"),
     ("encoding=amr-nb&sample_rate=16000", "sample_rate"),
     ("encoding=opus&sample_rate=44100", "sample_rate"),
-    ("channels=2", "channels"),
+    ("channels=0", "channels"),
+    ("channels=two", "channels"),
+    ("multichannel=yes", "multichannel"),
+    ("endpointing=soon", "endpointing"),
+    ("endpointing=-1", "endpointing"),
     ("diarize=yes", "diarize"),
     ("interim_results=1", "interim_results"),
     ("language=en_US!", "language"),
-    ("utterance_end_ms=10", "utterance_end_ms"),
+    ("utterance_end_ms=-10", "utterance_end_ms"),
     ("model=" + "x" * 80, "model"),
 ]
 
@@ -101,12 +106,67 @@ async def test_bad_query_is_400_naming_the_parameter(app: App, query: str, param
     assert body["err_msg"].startswith(param + "=")
 
 
-async def test_unknown_parameters_are_ignored(app: App) -> None:
-    query = "foo=bar&keywords=a&keywords=b&smart_format=true&model=nova-3&tag=x"
+# The handshakes Deepgram's clients make that edge once refused.
+STANDARD_HANDSHAKES = [
+    "channels=2&multichannel=true",  # Twilio's stereo
+    "channels=2",  # downmixed
+    "language=multi",
+    "endpointing=5",
+    "endpointing=0",
+    "endpointing=false",
+    "endpointing=true",
+    "utterance_end_ms=500",
+    "utterance_end_ms=1000&interim_results=true&vad_events=true",
+]
+
+
+@pytest.mark.parametrize("query", STANDARD_HANDSHAKES)
+async def test_standard_handshakes_are_accepted(app: App, query: str) -> None:
     async with connect(listen_url(app, query), additional_headers=AUTH) as ws:
         await ws.send(b"")
         messages = await read_until_closed(ws)
+    assert ws.close_code == 1000 and messages[-1]["type"] == "Metadata"
+
+
+@pytest.mark.parametrize("scheme", ["token", "bearer"])
+async def test_browser_subprotocols_authenticate(app: App, scheme: str) -> None:
+    async with connect(listen_url(app), subprotocols=[scheme, KEY]) as ws:  # type: ignore[list-item]
+        assert ws.subprotocol == scheme
+        await ws.send(b"")
+        messages = await read_until_closed(ws)
     assert messages[-1]["type"] == "Metadata"
+    with pytest.raises(InvalidStatus) as err:
+        async with connect(listen_url(app), subprotocols=[scheme, "wrong"]):  # type: ignore[list-item]
+            pass
+    assert err.value.response.status_code == 401
+
+
+async def test_configure_is_answered(app: App) -> None:
+    async with connect(listen_url(app), additional_headers=AUTH) as ws:
+        await ws.send(json.dumps({"type": "Configure"}))
+        ok = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        assert ok["type"] == "ConfigureSuccess" and ok["request_id"]
+        await ws.send(json.dumps({"type": "Configure", "keyterms": ["edge"]}))
+        no = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        assert no["type"] == "ConfigureFailure"
+        assert no["code"] == "CONFIGURE_KEYTERMS_NOT_SUPPORTED" and "keyterms" in no["description"]
+        await ws.send(json.dumps({"type": "Configure", "features": {"numerals": True}}))
+        no = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        assert no["type"] == "ConfigureFailure" and "numerals" in no["description"]
+        await ws.send(b"")
+        messages = await read_until_closed(ws)
+    assert messages[-1]["type"] == "Metadata"
+
+
+async def test_unknown_parameters_are_ignored(app: App, caplog: pytest.LogCaptureFixture) -> None:
+    query = "foo=bar&keywords=a&keywords=b&smart_format=true&model=nova-3&tag=x"
+    with caplog.at_level(logging.WARNING, "edge.session"):
+        async with connect(listen_url(app, query), additional_headers=AUTH) as ws:
+            await ws.send(b"")
+            messages = await read_until_closed(ws)
+    assert messages[-1]["type"] == "Metadata"
+    warnings = [r.getMessage() for r in caplog.records if "not honoured" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].endswith("foo, keywords, tag")
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Token nope"}])

@@ -65,6 +65,10 @@ def samples(audio: bytes) -> np.ndarray:
     return np.frombuffer(audio, dtype="<i2")
 
 
+def words_of(message: dict[str, Any]) -> list[dict[str, Any]]:
+    return message["channel"]["alternatives"][0]["words"]
+
+
 def final_words(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [w for m in messages if m.get("type") == "Results" and m.get("is_final")
             for w in m["channel"]["alternatives"][0]["words"]]
@@ -83,8 +87,16 @@ async def test_chirp3_auto_labels_every_final_word_from_sortformer(tmp_path: Pat
         tmp_path, upstream=endpoint, edge_stt_model="chirp_3", edge_stt_language="auto"
     ) as app:
         result = await stream_audio(url(app), samples(audio), SR, key=KEY, speed=8,
-                                    query={"diarize": True})
+                                    query={"diarize": True, "speaker_turns": True})
     assert result.close_code == 1000
+    # SpeakerTurns use the transcript's numbers: a turn names a speaker some earlier word
+    # named, or (a voice no word ever got, at the end) one numbered after all of them.
+    named: set[int] = set()
+    for m in result.messages:
+        if m["type"] == "Results" and m["is_final"]:
+            named |= {w["speaker"] for w in m["channel"]["alternatives"][0]["words"]} - {None}
+        elif m["type"] == "SpeakerTurn":
+            assert m["speaker"] in named or m["speaker"] >= len(named), (m, named)
     assert result.messages[-1]["type"] == "Metadata"
     words = final_words(result.messages)
     assert_words_on_the_session_clock(words, script)
@@ -117,7 +129,29 @@ async def test_no_credentials_runs_diarization_only(tmp_path: Path) -> None:
     async with appliance(tmp_path, upstream=None) as app:
         assert app.status.ready
         assert app.status.checks["upstream"].startswith("unconfigured")
-        result = await stream_audio(url(app), samples(audio), SR, key=KEY, speed=8)
+        result = await stream_audio(url(app), samples(audio), SR, key=KEY, speed=8,
+                                    query={"speaker_turns": True})
+        quiet = await stream_audio(url(app), samples(audio), SR, key=KEY, speed=8,
+                                   query={"utterance_end_ms": 1000, "endpointing": 300})
+    assert not [m for m in quiet.messages if m["type"] == "SpeakerTurn"]  # only when asked
+    # End of speech from the diarizer's voice activity (random weights: whatever it hears),
+    # consistent with itself: each run of speech is a final without words; an UtteranceEnd
+    # names the end of the final before it, once; speech_final only when 300 ms of silence
+    # follow (the next run, or the end of the audio).
+    runs = [m for m in quiet.messages if m["type"] == "Results"]
+    assert runs and all(m["is_final"] and not words_of(m) for m in runs)
+    ends = [round(m["start"] + m["duration"], 3) for m in runs]
+    for m, end, nxt in zip(runs, ends, [m["start"] for m in runs[1:]] + [quiet.sent_audio_s],
+                           strict=True):
+        assert m["speech_final"] is (nxt - end >= 0.3 - 0.002), (m, nxt)
+    last_end = None
+    seen = set()
+    for m in quiet.messages:
+        if m["type"] == "Results":
+            last_end = round(m["start"] + m["duration"], 3)
+        elif m["type"] == "UtteranceEnd":
+            assert m["last_word_end"] == last_end and last_end not in seen
+            seen.add(last_end)
     turns = [m for m in result.messages if m["type"] == "SpeakerTurn"]
     assert turns and any(t["is_final"] for t in turns)
     for t in turns:
@@ -133,7 +167,8 @@ async def test_deepgram_sdk_streams_and_parses(tmp_path: Path) -> None:
     from deepgram.core.api_error import ApiError
     from deepgram.environment import DeepgramClientEnvironment
 
-    audio, script = encode(utterances(3, words=3))
+    # Pauses >= utterance_end_ms, and under the diarizer's 8 s backlog in all (sent unpaced).
+    audio, script = encode(utterances(3, words=2, gap_s=1.05))
     async with fake_speech() as (_fake, endpoint), appliance(tmp_path, upstream=endpoint) as app:
         base = f"127.0.0.1:{app.server.port}"
         env = DeepgramClientEnvironment(base=f"http://{base}", production=f"ws://{base}",
@@ -187,3 +222,55 @@ async def test_edge_stream_cli_prints_labelled_lines(tmp_path: Path) -> None:
     assert rttm and all(r.startswith("SPEAKER meeting 1 ") for r in rttm)
     jsonl = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert jsonl[-1]["type"] == "Metadata"
+
+
+async def test_multichannel_labels_each_channel_with_its_own_diarizer_session(
+        tmp_path: Path) -> None:
+    from websockets.asyncio.client import connect
+
+    left, left_words = encode(utterances(2, words=3))
+    right, right_words = encode(utterances(2, words=2, word_s=0.7, first_id=20))
+    n = min(len(left), len(right)) // 2
+    stereo = np.stack([samples(left)[:n], samples(right)[:n]], axis=1).reshape(-1).tobytes()
+    messages: list[dict[str, Any]] = []
+    async with fake_speech() as (_fake, endpoint), appliance(
+        tmp_path, upstream=endpoint, edge_stt_model="chirp_3", edge_stt_language="auto"
+    ) as app, connect(f"{url(app)}/v1/listen?channels=2&multichannel=true&diarize=true",
+                      additional_headers={"Authorization": f"Token {KEY}"}) as ws:
+        for i in range(0, len(stereo), 6400):
+            await ws.send(stereo[i:i + 6400])
+            await asyncio.sleep(0.025)  # 4x real time
+        await ws.send(json.dumps({"type": "CloseStream"}))
+        async for raw in ws:
+            messages.append(json.loads(raw))
+        assert app.status.diarizer["sessions"] == 0  # both channel sessions closed
+    assert messages[-1]["type"] == "Metadata" and messages[-1]["channels"] == 2
+    for index, script in ((0, left_words), (1, right_words)):
+        finals = [m for m in messages if m["type"] == "Results" and m["is_final"]
+                  and m["channel_index"] == [index, 2]]
+        words = [w for m in finals for w in m["channel"]["alternatives"][0]["words"]]
+        assert [w["word"] for w in words] == [s.text for s in script if s.end <= n]
+        labelled = [w["speaker"] for w in words if w["speaker"] is not None]
+        assert labelled, index
+        # Numbered on its own: each channel's first labelled word is its speaker 0.
+        assert labelled[0] == 0 and sorted(set(labelled)) == list(range(len(set(labelled))))
+        assert {m["speaker_source"] for m in finals if m["channel"]["alternatives"][0]["words"]
+                } <= {"sortformer", None}
+
+
+async def test_diarize_false_pays_nothing_for_the_diarizer(tmp_path: Path) -> None:
+    audio, script = encode(utterances(2, words=3))
+    opened: list[int] = []
+    async with fake_speech() as (_fake, endpoint), appliance(tmp_path, upstream=endpoint) as app:
+
+        def watch(_msg: dict[str, Any]) -> None:
+            opened.append(app.status.diarizer["sessions"])
+
+        result = await stream_audio(url(app), samples(audio), SR, key=KEY, speed=8,
+                                    query={"diarize": False}, on_message=watch)
+    assert opened and set(opened) == {0}  # no diarizer session was ever held for it
+    words = final_words(result.messages)
+    assert_words_on_the_session_clock(words, script)
+    assert all(w["speaker"] is None for w in words)
+    assert {m["type"] for m in result.messages} == {"Results", "Metadata"}  # no Error
+    assert all(m["speaker_source"] is None and "speaker_note" not in m for m in result.finals)

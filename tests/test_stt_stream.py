@@ -21,6 +21,8 @@ import pytest
 
 from edge.health import Status
 from edge.metrics import Metrics
+from edge.plan import plan_session
+from edge.protocol import ListenParams
 from edge.settings import load_settings
 from edge.stt.base import FLUSH, SAMPLE_RATE, AudioBlock, AudioItem, StreamConfig, TranscriptEvent
 from edge.stt.google import GoogleUpstream, create_upstream
@@ -171,8 +173,8 @@ async def test_v1_with_diarization_deduplicates_repeated_words_and_labels_speake
     pcm, script = encode(utterances(60, words=3, word_s=0.4, gap_s=0.5))  # ~2.5 min
     async with google(edge_stt_api="v1", edge_stt_language="en-US", edge_stt_rotate_s=30) as g:
         g.fake.faults.fail_at_requests = {700: grpc.StatusCode.UNAVAILABLE}
-        config = StreamConfig(language="en-US", model="latest_long")
-        assert g.upstream.capabilities(config).diarization
+        config = StreamConfig(language="en-US", model="latest_long", diarize=True)
+        assert g.upstream.capabilities(config.model, config.language).diarization
         s = Session()
         await asyncio.wait_for(s.run(g.upstream, feed(pcm, s), config), 60)
     assert_exact(s.words, script)
@@ -188,8 +190,12 @@ async def test_v1_with_diarization_deduplicates_repeated_words_and_labels_speake
 async def test_v2_diarizes_only_when_forced(mode: str) -> None:
     pcm, script = encode(utterances(8))
     async with google(edge_stt_diarization=mode) as g:
+        # The session plan decides whether Google is asked (edge/plan.py).
+        plan = plan_session(ListenParams(diarize=True), load_settings(edge_stt_diarization=mode),
+                            g.upstream.capabilities)
+        assert plan.upstream is not None
         s = Session()
-        await asyncio.wait_for(s.run(g.upstream, feed(pcm, s)), 30)
+        await asyncio.wait_for(s.run(g.upstream, feed(pcm, s), plan.upstream), 30)
     assert_exact(s.words, script)
     features = g.fake.calls[0].config.config.features
     if mode == "google":

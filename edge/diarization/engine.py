@@ -58,6 +58,7 @@ from edge.diarization.supervisor import WorkerSupervisor
 from edge.diarization.wire import Kind
 from edge.health import Status
 from edge.metrics import Metrics
+from edge.plan import local_diarizer_used
 from edge.settings import Settings
 
 log = logging.getLogger("edge.diarization")
@@ -102,6 +103,10 @@ class DiarizationEngine:
             return
         if not self.settings.stt_enable_nemo_diarization_fallback:
             self._finalize("disabled", "local diarization is off (STT_ENABLE_NEMO_DIARIZATION_FALLBACK)")
+            return
+        if not local_diarizer_used(self.settings):  # the session plan never opens one
+            self._finalize("disabled", "local diarization is off "
+                           f"(EDGE_STT_DIARIZATION={self.settings.edge_stt_diarization})")
             return
         ok, err = nemo_diarization_available()
         if not ok:

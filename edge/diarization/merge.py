@@ -190,6 +190,14 @@ class SpeakerTimeline:
             return None, best_score
         return self._speaker(best[1], best[0]), best_score
 
+    def voiced(self, since: int) -> tuple[int, np.ndarray]:
+        """Voice activity, the diarizer as voice detector: for frames `since...frames_end`
+        (older than the horizon: gone), whether any speaker is at or above `threshold`.
+        Unlabelled frames count as unvoiced. Returns (first frame, bool per frame)."""
+        lo = max(since, self._end - self._cap, 0)
+        rows = self._buf[np.arange(lo, max(lo, self._end)) % self._cap]
+        return lo, np.nan_to_num(rows, nan=0.0).max(axis=1, initial=0.0) >= self.threshold
+
     def pop_turns(self, include_open: bool = True) -> list[SpeakerTurn]:
         """Turns to report since the last call, in the order they ended.
 

@@ -3,7 +3,7 @@
 An upstream turns a session's audio into transcript events:
 
     stream(audio, config) -> async iterator of TranscriptEvent
-    capabilities(config)  -> Capabilities(diarization: bool, reason)
+    capabilities(model, language) -> Capabilities(diarization: bool, reason)
 
 `audio` yields `AudioBlock`s (16 kHz mono linear16 on the session clock) and `FLUSH` markers.
 A `FLUSH` asks the upstream to finalize everything received so far (Deepgram's `Finalize`):
@@ -63,7 +63,7 @@ class StreamConfig:
     model: str
     interim_results: bool = False
     punctuate: bool = True
-    diarize: bool = True  # the client wants speaker numbers
+    diarize: bool = False  # ask the upstream for speaker labels (the session plan decides)
     vad_events: bool = False
     max_speakers: int = 4
 
@@ -93,8 +93,9 @@ EventKind = Literal["result", "speech_started", "speech_ended", "flushed", "erro
 class TranscriptEvent:
     """One thing the upstream says. `start`/`end` are session seconds.
 
-    kind="result": a transcript (interim unless `is_final`); `speech_final` marks the end of
-    an utterance. kind="speech_started"/"speech_ended": voice activity at `start`.
+    kind="result": a transcript (interim unless `is_final`; whether a final ends speech is
+    the session's decision, edge/endpoint.py). kind="speech_started"/"speech_ended": voice
+    activity at `start`.
     kind="flushed": everything before a FLUSH has been delivered. kind="error": `message`
     says what went wrong; `fatal` means the upstream ended for this session; `lost_s` counts
     audio that will never be transcribed (an outage longer than the replay buffer).
@@ -104,7 +105,6 @@ class TranscriptEvent:
     start: float = 0.0
     end: float = 0.0
     is_final: bool = False
-    speech_final: bool = False
     transcript: str = ""
     confidence: float = 0.0
     words: tuple[Word, ...] = field(default_factory=tuple)
@@ -117,7 +117,7 @@ class TranscriptEvent:
 class Upstream(Protocol):
     """A speech-to-text service. One instance per daemon; one `stream()` per session."""
 
-    def capabilities(self, config: StreamConfig) -> Capabilities: ...
+    def capabilities(self, model: str, language: str) -> Capabilities: ...
 
     def stream(
         self, audio: AsyncIterator[AudioItem], config: StreamConfig

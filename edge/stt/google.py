@@ -36,17 +36,11 @@ SCOPES = ("https://www.googleapis.com/auth/cloud-platform",)
 T = TypeVar("T")
 
 
-def capabilities(api: str, model: str, language: str, mode: str) -> Capabilities:
-    """Whether Google labels speakers for `model`/`language` on `api` ("v1" | "v2").
-
-    `mode` is EDGE_STT_DIARIZATION: "google" forces yes, "local"/"off" force no, "auto" follows
-    what is verified (notes/google-speech.md): streaming diarization is unavailable for
-    chirp_3 and for language `auto`, available for v1 models with enable_speaker_diarization.
-    """
-    if mode == "google":
-        return Capabilities(True, None)
-    if mode in ("local", "off"):
-        return Capabilities(False, f"EDGE_STT_DIARIZATION={mode}")
+def capabilities(api: str, model: str, language: str) -> Capabilities:
+    """Whether Google labels speakers for `model`/`language` on `api` ("v1" | "v2"), as
+    verified (notes/google-speech.md): streaming diarization is unavailable for chirp_3 and
+    for language `auto`, available for v1 models with enable_speaker_diarization. Whether it
+    is used is the session plan's choice (edge/plan.py, EDGE_STT_DIARIZATION)."""
     if language == "auto":
         return Capabilities(False, "language 'auto': Google streaming has no diarization")
     if api == "v2":
@@ -65,10 +59,9 @@ class GoogleUpstream(Hooks):
     """
 
     def __init__(self, api: Api, *, endpoint: str, insecure: bool = False, credentials: Any = None,
-                 diarization: str = "auto", params: RunParams | None = None,
+                 params: RunParams | None = None,
                  status: Status | None = None, metrics: Metrics | None = None) -> None:
         self.api, self.endpoint, self.insecure, self.credentials = api, endpoint, insecure, credentials
-        self.diarization = diarization
         self.params = params or RunParams()
         self.status, self.metrics = status, metrics
         self._client: Any = None
@@ -76,8 +69,8 @@ class GoogleUpstream(Hooks):
         self._failing: dict[int, str] = {}  # run -> last error, while it reconnects
 
     # --- the Upstream contract ---
-    def capabilities(self, config: StreamConfig) -> Capabilities:
-        return capabilities(self.api.name, config.model, config.language, self.diarization)
+    def capabilities(self, model: str, language: str) -> Capabilities:
+        return capabilities(self.api.name, model, language)
 
     def stream(self, audio: AsyncIterator[AudioItem], config: StreamConfig
                ) -> AsyncIterator[TranscriptEvent]:
@@ -87,8 +80,7 @@ class GoogleUpstream(Hooks):
             # Created here, inside the running loop its grpc.aio channel will belong to.
             self._client = self.api.client(endpoint=self.endpoint, insecure=self.insecure,
                                            credentials=self.credentials)
-        diarize = config.diarize and self.capabilities(config).diarization
-        run = StreamRun(self.api, self._client, config, diarize=diarize, params=self.params,
+        run = StreamRun(self.api, self._client, config, diarize=config.diarize, params=self.params,
                         hooks=self, run_id=next(self._ids))
         return run.run(audio)
 
@@ -233,7 +225,7 @@ async def create_upstream(settings: Settings, status: Status | None = None,
                        backoff=backoff or Backoff())
     return GoogleUpstream(api, endpoint=endpoint, insecure=settings.edge_stt_insecure,
                           credentials=resolved.credentials,
-                          diarization=settings.edge_stt_diarization, params=params,
+                          params=params,
                           status=status, metrics=metrics)
 
 

@@ -196,7 +196,27 @@ def _parse(response: Any, module: Any, fields: _Fields,
                         for w in alt.words),
             end=_seconds(getattr(r, result_end)), language=r.language_code or None,
         ))
-    return results, event
+    return whole_hypothesis(results), event
+
+
+def whole_hypothesis(results: list[RawResult]) -> list[RawResult]:
+    """Finals as they are, then the response's interim parts (Google sends the stable start
+    and the unstable rest as separate results) joined into one: Deepgram's interim Results
+    carry the whole current hypothesis of the segment."""
+    finals = [r for r in results if r.is_final]
+    interim = [r for r in results if not r.is_final]
+    if len(interim) <= 1:
+        return finals + interim
+    ends = [r.end for r in interim if r.end is not None]
+    joined = RawResult(
+        is_final=False,
+        transcript=" ".join(t for r in interim if (t := r.transcript.strip())),
+        confidence=min(r.confidence for r in interim),
+        words=tuple(w for r in interim for w in r.words),
+        end=max(ends) if ends else None,
+        language=next((r.language for r in interim if r.language), None),
+    )
+    return [*finals, joined]
 
 
 def _status_code(number: int) -> grpc.StatusCode:

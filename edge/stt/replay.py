@@ -328,7 +328,7 @@ class Transcript:
             return None
         return TranscriptEvent(
             kind="result", start=t_final / SAMPLE_RATE, end=result_end / SAMPLE_RATE,
-            is_final=raw.is_final, speech_final=raw.is_final, transcript=transcript,
+            is_final=raw.is_final, transcript=transcript,
             confidence=raw.confidence, words=tuple(mapped), language=raw.language or None,
         )
 

@@ -358,15 +358,19 @@ class _V2:
             )
             for n, (i, s, e) in enumerate(out.words)
         ]
-        result = m.StreamingRecognitionResult(
+        # Google's interim responses carry the hypothesis in parts: the stable start
+        # (stability ~0.9) and the unstable rest (~0.1), each its own result.
+        parts = [words] if out.is_final or len(words) < 2 else [words[:-1], words[-1:]]
+        results = [m.StreamingRecognitionResult(
             alternatives=[m.SpeechRecognitionAlternative(
-                transcript=" ".join(w.word for w in words), confidence=0.9 if out.is_final else 0.0,
-                words=words if c["offsets"] else [])],
-            is_final=out.is_final, stability=0.0 if out.is_final else 0.8,
+                transcript=" ".join(w.word for w in part), confidence=0.9 if out.is_final else 0.0,
+                words=part if c["offsets"] else [])],
+            is_final=out.is_final,
+            stability=0.0 if out.is_final else (0.9 if n == 0 and len(parts) > 1 else 0.1),
             result_end_offset=_td(out.end),
             language_code="en-us" if c["language"] == "auto" else c["language"].lower(),
-        )
-        return m.StreamingRecognizeResponse(results=[result])
+        ) for n, part in enumerate(parts)]
+        return m.StreamingRecognizeResponse(results=results)
 
 
 class _V1:
