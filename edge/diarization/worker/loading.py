@@ -14,6 +14,21 @@ from edge.diarization.model import ModelUnavailable, extract_model, first_line, 
 from edge.settings import Settings
 
 
+def nemo_importable() -> tuple[bool, str | None]:
+    """Import NeMo's Sortformer model class for real (seconds, ~700 MB): `(True, None)` or
+    `(False, reason)`. For `scripts/check_nemo.py`; the daemon only looks for module specs."""
+    from edge.diarization import nemo_diarization_available
+
+    ok, err = nemo_diarization_available()
+    if not ok:
+        return ok, err
+    try:
+        from nemo.collections.asr.models import SortformerEncLabelModel  # noqa: F401
+    except Exception as exc:  # NeMo raises many kinds on broken installs
+        return False, f"{type(exc).__name__}: {exc}"
+    return True, None
+
+
 def select_device(settings: Settings) -> str:
     """`cuda` when `EDGE_DIARIZATION_DEVICE` allows it and CUDA works, else `cpu`.
 

@@ -1,9 +1,11 @@
 """The diarizer worker process: owns the Sortformer model and every session's stream state.
 
 Run by the engine as `python -m edge.diarization.worker PARENT_PID` (`__main__.py`), a fresh interpreter (a
-spawn, never a fork of the daemon). This is the only place that imports NeMo and torch. It
-reads `wire` frames on stdin and writes them on its original stdout; fd 1 is then pointed at
-stderr, so whatever NeMo prints goes to the log and can never corrupt the protocol.
+spawn, never a fork of the daemon). Only this package imports NeMo, torch or onnxruntime, and
+only the runtime it loads: on the onnx runtime (`edge.diarization.runtime`) neither torch nor
+NeMo is imported. It reads `wire` frames on stdin and writes them on its original stdout; fd 1
+is then pointed at stderr, so whatever NeMo prints goes to the log and can never corrupt the
+protocol.
 
 One thread, one message at a time, in arrival order: the steps of a session run in order, and
 a hung step hangs only this process (the engine kills it). The worker dies with the daemon:
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
     from edge.diarization.worker.faults import Faults
 
 log = logging.getLogger("edge.diarization.worker")
+HEAVY_MODULES = ("torch", "nemo", "onnxruntime")
 
 
 def _peak_rss_bytes() -> int | None:
@@ -144,6 +147,9 @@ class Worker:
             "step_median_s": statistics.median(times), "step_max_s": max(times),
             "rtf": sum(times) / audio_s if audio_s else None, "recent_steps": len(self.step_times),
             "state_bytes": sum(int(s.state_bytes()) for s in self.streams.values()),
+            # Which heavy libraries this process has imported (the onnx runtime must show none
+            # of torch / nemo); tests also read /proc/<pid>/maps for a mapped libtorch.
+            "imported": sorted(name for name in HEAVY_MODULES if name in sys.modules),
         }
 
     # --- loading ---
@@ -160,24 +166,29 @@ class Worker:
             self.send(Kind.FATAL, {"reason": f"worker cannot use the settings: {_one_line(exc)}"})
             return False
         self.send(Kind.PROGRESS, {"phase": "import", "done": 0, "total": 0})
-        try:
-            from edge.diarization.model import ModelUnavailable, resolve_model
-            from edge.diarization.worker.loading import load_model, select_device
-            from edge.diarization.worker.streaming import StreamingDiarizer
-        except Exception as exc:
-            self.send(Kind.FATAL, {"reason": f"NeMo not available: {_one_line(exc)}"})
-            return False
-        try:
-            device = select_device(settings)
+        from edge.diarization.model import ModelUnavailable, resolve_model
+        from edge.diarization.runtime import fallback_plan, plan_runtime
 
+        try:
             def progress(done: int, total: int) -> None:
                 self.send(Kind.PROGRESS, {"phase": "download", "done": done, "total": total})
 
             path = Path(resolve_model(settings, progress=progress))
+            plan = plan_runtime(settings, path)
+            if plan.note:
+                log.info("diarizer runtime: %s", plan.describe())
             self.send(Kind.PROGRESS, {"phase": "load", "done": 0, "total": 0})
-            model = load_model(path, settings, device)
             params = settings.diarization_streaming_params()
-            self.diarizer = StreamingDiarizer(model, params, settings.stt_nemo_diarization_max_speakers)
+            if plan.runtime == "onnx":
+                try:
+                    self.diarizer, device = _load_onnx(settings, plan, params)
+                except Exception as exc:
+                    if settings.edge_diarization_runtime == "onnx":
+                        raise ModelUnavailable(f"EDGE_DIARIZATION_RUNTIME=onnx but {_one_line(exc)}") from exc
+                    plan = fallback_plan(settings, _one_line(exc))
+                    log.warning("diarizer runtime: %s", plan.describe())
+            if plan.runtime == "nemo":
+                self.diarizer, device = _load_nemo(settings, path, params)
             self.send(Kind.PROGRESS, {"phase": "warmup", "done": 0, "total": 0})
             figures = self._warm_up(params)
         except ModelUnavailable as exc:
@@ -187,7 +198,8 @@ class Worker:
             log.exception("model load failed")
             self.send(Kind.FATAL, {"reason": f"model failed to load: {_one_line(exc)}"})
             return False
-        figures.update(device=device, model=path.name, pid=os.getpid())
+        figures.update(device=device, model=path.name, pid=os.getpid(), runtime=plan.runtime,
+                       precision=plan.precision)
         self.send(Kind.READY, figures)
         return True
 
@@ -236,6 +248,32 @@ class Worker:
             "rtf": step_s / chunk_s if chunk_s else 0.0,
             "peak_exact": exact_peak,
         }
+
+
+def _load_onnx(settings: Any, plan: Any, params: dict[str, int]) -> tuple[Any, str]:
+    """The ONNX runtime for `plan.export` (imports onnxruntime, never torch); returns it and
+    its device. Raises `ModelUnavailable` or `ValueError` when the export cannot be used."""
+    from edge.diarization.worker.onnx_streaming import OnnxDiarizer
+
+    diarizer = OnnxDiarizer(plan.export, params, settings.stt_nemo_diarization_max_speakers,
+                            threads=settings.edge_diarization_threads,
+                            device=settings.edge_diarization_device, cache_dir=settings.nemo_cache_dir)
+    return diarizer, diarizer.device
+
+
+def _load_nemo(settings: Any, path: Path, params: dict[str, int]) -> tuple[Any, str]:
+    """The NeMo runtime (imports torch and NeMo); returns it and its device.
+    Raises `ModelUnavailable` when NeMo or the checkpoint is not usable."""
+    from edge.diarization.model import ModelUnavailable
+
+    try:
+        from edge.diarization.worker.loading import load_model, select_device
+        from edge.diarization.worker.streaming import StreamingDiarizer
+    except Exception as exc:
+        raise ModelUnavailable(f"NeMo not available: {_one_line(exc)}") from exc
+    device = select_device(settings)
+    model = load_model(path, settings, device)
+    return StreamingDiarizer(model, params, settings.stt_nemo_diarization_max_speakers), device
 
 
 def _one_line(exc: BaseException) -> str:
