@@ -66,7 +66,7 @@ def add_stream(sub: argparse._SubParsersAction) -> None:
 
 def add_check(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "check", help="check this device: platform, cache, model, NeMo, Google, port, unit"
+        "check", help="check this device: platform, cache, model, export, NeMo, Google, port, unit"
     )
     p.add_argument("--json", action="store_true", help="one JSON object instead of lines")
     p.add_argument("--deep", action="store_true", help="import NeMo for real (seconds)")

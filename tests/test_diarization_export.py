@@ -14,7 +14,6 @@ from edge.diarization.exports import (
     INPUTS,
     MARKER,
     ONNX_FILES,
-    OPSET,
     OUTPUTS,
     export_dir,
     export_status,
@@ -23,7 +22,7 @@ from edge.diarization.exports import (
     write_marker,
 )
 from edge.diarization.model import ModelUnavailable, file_sha256
-from tests.diarization_helpers import settings
+from tests.diarization_helpers import hand_made_export, settings
 
 
 def one_line(exc: pytest.ExceptionInfo[ModelUnavailable]) -> str:
@@ -33,25 +32,6 @@ def one_line(exc: pytest.ExceptionInfo[ModelUnavailable]) -> str:
 
 
 # --- the finder, on hand-made export folders (no torch) ---
-
-def hand_made_export(folder: Path, source: Path, precisions: tuple[str, ...] = ("fp32",),
-                     **marker_overrides: Any) -> dict[str, Any]:
-    """A folder laid out as the builder lays it out, with placeholder file contents."""
-    folder.mkdir(parents=True)
-    names = [ONNX_FILES[p] for p in precisions] + [FEATURES_FILE]
-    for i, name in enumerate(names):
-        (folder / name).write_bytes(bytes([i + 1]) * (1000 + i))
-    marker = {
-        "source_sha256": file_sha256(source), "source_name": source.name,
-        "versions": {"nemo": "x", "torch": "x", "onnx": "x", "onnxruntime": "x"},
-        "opset": OPSET, "inputs": list(INPUTS), "outputs": list(OUTPUTS),
-        "features": {"n_mels": 128}, "streaming": {"fc_d_model": 512},
-        "files": {n: file_entry(folder / n) for n in names}, "created": "2026-11-30T00:00:00+00:00",
-    }
-    marker.update(marker_overrides)
-    write_marker(folder, marker)
-    return marker
-
 
 @pytest.fixture
 def source(tmp_path: Path) -> Path:
