@@ -10,7 +10,6 @@ as on `/ready`. Everything the checks read from the machine is a parameter, for 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import socket
@@ -25,6 +24,8 @@ from typing import Literal
 
 from edge import device
 from edge.diarization import nemo_diarization_available
+from edge.diarization.exports import export_status
+from edge.diarization.model import file_sha256
 from edge.health import REQUIRED_PACKAGES, UPSTREAM_PACKAGES, missing_packages
 from edge.settings import Settings
 
@@ -64,6 +65,7 @@ def run_checks(
         Check("packages", *_packages(settings, systemd_runs)),
         Check("cache", *_cache(settings, root, free, model is not None)),
         Check("model", *_model(settings, model)),
+        Check("export", *_export(settings, model)),
         Check("nemo", *_nemo(settings, deep)),
         Check("google", *_google(settings, environ, google_default or _google_default)),
         Check("port", *_port(settings, daemon_url)),
@@ -148,18 +150,26 @@ def _model(settings: Settings, model: Path | None) -> tuple[Level, str]:
     pinned = settings.edge_model_sha256
     if pinned is None:
         return "ok", f"{model} ({size}; set EDGE_MODEL_SHA256 to verify it)"
-    digest = _sha256(model)
+    digest = file_sha256(model)
     if digest != pinned.lower():
         return "FAIL", f"{model}: sha256 {digest} is not EDGE_MODEL_SHA256 {pinned.lower()}"
     return "ok", f"{model} ({size}, sha256 verified)"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+def _export(settings: Settings, model: Path | None) -> tuple[Level, str]:
+    """Whether a verified ONNX export of the model exists (and with which precisions). Its
+    absence only costs speed and memory (the worker runs NeMo), so it is a warning."""
+    if _diarization_off(settings):
+        return "ok", "local diarization is off"
+    if model is None or not model.is_file():
+        return "warn", "no model to export yet"
+    found, reason = export_status(settings, model, "fp32")
+    if found is None:
+        return "warn", reason
+    int8, _ = export_status(settings, model, "int8")
+    precisions = "fp32, int8" if int8 is not None else "fp32 (int8: `edge model export --quantize int8`)"
+    sha = found.marker["source_sha256"]
+    return "ok", f"{found.folder}: matches the model's sha256 {sha[:12]}; {precisions}"
 
 
 def _nemo(settings: Settings, deep: bool) -> tuple[Level, str]:

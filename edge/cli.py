@@ -1,7 +1,7 @@
 """Command-line entry points: parse arguments, call the library, print. Nothing else.
 
 `edge serve | check | status` (and, as their parts land, `stream FILE`, `diarize FILE`,
-`model fetch`). Exit codes: 0 ok, 1 failure, 2 bad usage or an invalid setting.
+`model fetch`, `model export`). Exit codes: 0 ok, 1 failure, 2 bad usage or an invalid setting.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def add_stream(sub: argparse._SubParsersAction) -> None:
 
 def add_check(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "check", help="check this device: platform, cache, model, NeMo, Google, port, unit"
+        "check", help="check this device: platform, cache, model, export, NeMo, Google, port, unit"
     )
     p.add_argument("--json", action="store_true", help="one JSON object instead of lines")
     p.add_argument("--deep", action="store_true", help="import NeMo for real (seconds)")
@@ -186,6 +186,12 @@ def add_model(sub: argparse._SubParsersAction) -> None:
     f = msub.add_parser("fetch", help="resolve/download the model, unpack it once into the cache, load it")
     f.add_argument("--no-load", action="store_true", help="stop after download and unpacking (no NeMo)")
     f.set_defaults(run=_model_fetch)
+    e = msub.add_parser("export", help="export the model's streaming step to ONNX (loads it with NeMo once)")
+    e.add_argument("--model", type=Path, metavar="PATH", help="a .nemo instead of the configured model")
+    e.add_argument("--quantize", choices=["int8"], help="also write model.int8.onnx")
+    e.add_argument("--out", type=Path, metavar="DIR",
+                   help="export folder (default NEMO_CACHE_DIR/exported/<name>-<sha256[:12]>/)")
+    e.set_defaults(run=_model_export)
 
 
 def _model_fetch(settings: Settings, args: argparse.Namespace) -> int:
@@ -213,6 +219,35 @@ def _model_fetch(settings: Settings, args: argparse.Namespace) -> int:
         print(f"edge: model unavailable: {exc}", file=sys.stderr)
         return 1
     print(f"model: ready on {device} in {took:.1f} s, RSS {rss_bytes() / 2**30:.2f} GiB", file=sys.stderr)
+    return 0
+
+
+def _model_export(settings: Settings, args: argparse.Namespace) -> int:
+    from edge.diarization.model import ModelUnavailable, resolve_model
+
+    if args.model is not None and not args.model.is_file():
+        print(f"edge: --model {args.model}: file does not exist", file=sys.stderr)
+        return 2
+    try:
+        from edge.diarization.worker.export import ExportError, export_model
+    except ImportError as exc:
+        print(f"edge: export needs torch, NeMo and onnx (pip install 'edge[diarization]'): {exc}",
+              file=sys.stderr)
+        return 1
+    bar = _ProgressBar("download", unit="MB", scale=1e6)
+    try:
+        path = args.model or resolve_model(settings, progress=bar)
+        bar.close()
+        result = export_model(settings, path, out_dir=args.out, quantize=args.quantize)
+    except ModelUnavailable as exc:
+        bar.close()
+        print(f"edge: model unavailable: {exc}", file=sys.stderr)
+        return 1
+    except ExportError as exc:
+        print(f"edge: export failed: {exc}", file=sys.stderr)
+        return 1
+    sizes = ", ".join(f"{name} {size / 1e6:.1f} MB" for name, size in sorted(result.files.items()))
+    print(f"{result.status}: {result.folder} ({sizes})")
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import shutil
 import socket
 import tempfile
 from collections.abc import Sequence
@@ -55,8 +56,8 @@ def _levels(found: dict[str, Check]) -> dict[str, str]:
 
 def test_every_check_has_a_line(tmp_path: Path) -> None:
     found = _run(tmp_path)
-    assert list(found) == ["platform", "config", "packages", "cache", "model", "nemo", "google",
-                           "port", "unit"]
+    assert list(found) == ["platform", "config", "packages", "cache", "model", "export", "nemo",
+                           "google", "port", "unit"]
     text = checks.render(list(found.values()))
     assert text.splitlines()[0].startswith("ok    platform  ")
     assert not checks.failed(list(found.values()))
@@ -89,6 +90,39 @@ def test_model_present_verified_mismatched_missing(tmp_path: Path) -> None:
     assert wrong.level == "FAIL" and digest in wrong.detail
     off = _run(tmp_path, stt_enable_nemo_diarization_fallback=False)
     assert (off["model"].level, off["nemo"].detail) == ("ok", "local diarization is off")
+
+
+def test_export_matches_the_model(tmp_path: Path) -> None:
+    from edge.diarization.exports import export_dir
+    from tests.diarization_helpers import hand_made_export
+
+    cache = tmp_path / "cache"
+    none = _run(tmp_path, nemo_cache_dir=cache)["export"]
+    assert (none.level, none.detail) == ("warn", "no model to export yet")
+    model = tmp_path / "mine.nemo"
+    model.write_bytes(b"weights")
+    s = load_settings(nemo_cache_dir=cache, nemo_diar_model_path=model)
+    folder = export_dir(s, model)
+    missing = _run(tmp_path, nemo_cache_dir=cache, nemo_diar_model_path=model)["export"]
+    assert (missing.level, missing.detail) == ("warn", f"no export in {folder}: run `edge model export`")
+    hand_made_export(folder, model)
+    fp32 = _run(tmp_path, nemo_cache_dir=cache, nemo_diar_model_path=model)["export"]
+    sha = hashlib.sha256(b"weights").hexdigest()
+    assert (fp32.level, fp32.detail) == (
+        "ok", f"{folder}: matches the model's sha256 {sha[:12]}; "
+        "fp32 (int8: `edge model export --quantize int8`)")
+    other = tmp_path / "other.nemo"
+    other.write_bytes(b"other weights")
+    shutil.rmtree(folder)
+    hand_made_export(folder, other, ("fp32", "int8"))
+    foreign = _run(tmp_path, nemo_cache_dir=cache, nemo_diar_model_path=model)["export"]
+    assert foreign.level == "warn" and "was made from SHA-256 " in foreign.detail
+    shutil.rmtree(folder)
+    hand_made_export(folder, model, ("fp32", "int8"))
+    both = _run(tmp_path, nemo_cache_dir=cache, nemo_diar_model_path=model)["export"]
+    assert both.detail.endswith("; fp32, int8")
+    off = _run(tmp_path, nemo_cache_dir=cache, nemo_diar_model_path=model, edge_stt_diarization="off")
+    assert off["export"].detail == "local diarization is off"
 
 
 def test_configured_model_path_is_the_model(tmp_path: Path) -> None:

@@ -107,12 +107,7 @@ def extract_model(path: Path, settings: Settings) -> Path:
             "source": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
             "sha256": sha, "files": files, "extracted_at": time.time(),
         })
-        old = root / f".old-{folder.name}-{os.getpid()}"
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        _fsync_dir(root)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_folder(tmp, folder)
     except OSError as exc:
         raise ModelUnavailable(f"cannot unpack {path} into {root}: {exc.strerror or exc}") from exc
     finally:
@@ -131,6 +126,18 @@ def file_sha256(path: Path) -> str:
                 h.update(block)
         _digests[key] = h.hexdigest()
     return _digests[key]
+
+
+def replace_folder(tmp: Path, folder: Path) -> None:
+    """Put the complete folder `tmp` in the place of `folder` (which may exist), by renames in
+    the same parent, so a reader sees the old folder or the new one, never a mix. The old one
+    is deleted afterwards. Raises `OSError`."""
+    old = folder.with_name(f".old-{folder.name}-{os.getpid()}")
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    _fsync_dir(folder.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def trim_memory() -> None:
@@ -342,6 +349,7 @@ __all__ = [
     "cached_model_path",
     "extract_model",
     "file_sha256",
+    "replace_folder",
     "resolve_model",
     "rss_bytes",
     "trim_memory",
