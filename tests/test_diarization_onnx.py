@@ -18,6 +18,7 @@ import pytest
 
 from edge.diarization.model import ModelUnavailable
 from tests.diarization_helpers import SR, settings, speechlike
+from tests.onnx_helpers import exported
 
 pytestmark = [pytest.mark.nemo, pytest.mark.timeout(900)]
 
@@ -28,18 +29,6 @@ MAX_DIFF = 1e-3  # issue 11: onnx fp32 vs NeMo forward()
 INT8_AGREEMENT = 0.95
 
 
-def export_of(model_path: Path, out: Path) -> Any:
-    """Export `model_path` with `edge model export`'s library call (fp32 + int8) into `out`;
-    returns the verified fp32 `Export`."""
-    from edge.diarization.worker.export import export_model
-
-    from edge.diarization.exports import find_export
-
-    s = settings(out.parent / "cache")
-    export_model(s, model_path, out_dir=out, quantize="int8", progress=lambda _line: None)
-    return find_export(s, model_path, "fp32", folder=out)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, Path]:
     """(NeMo model, fp32 Export, .nemo path) for the tiny model."""
@@ -47,10 +36,9 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, Path]:
     from edge.diarization.worker.loading import load_model
     from tests.fakes.sortformer import tiny_model_path
 
-    root = tmp_path_factory.mktemp("onnx")
-    s = settings(root / "cache", nemo_diar_model_path=tiny_model_path())
-    model = load_model(resolve_model(s), s)
-    return model, export_of(tiny_model_path(), root / "export"), tiny_model_path()
+    export = exported(tiny_model_path())
+    s = settings(tmp_path_factory.mktemp("cache"), nemo_diar_model_path=tiny_model_path())
+    return load_model(resolve_model(s), s), export, tiny_model_path()
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +144,7 @@ def test_int8_decisions_agree_with_fp32(tiny: Any, audio: np.ndarray) -> None:
     from edge.diarization.exports import find_export
 
     _, export, model_path = tiny
-    int8 = find_export(settings(export.folder.parent / "cache"), model_path, "int8", folder=export.folder)
+    int8 = find_export(settings(Path("/nonexistent")), model_path, "int8", folder=export.folder)
     assert int8.onnx.name == "model.int8.onnx"
     params = default_params()
     fp32_probs, _ = run(onnx_diarizer(export, params), audio, sizes(0.5))
@@ -189,11 +177,15 @@ def test_sessions_are_independent_and_warm_up_helpers_work(tiny: Any, audio: np.
 
 
 def test_optimized_graph_is_cached_beside_the_export(tiny: Any, tmp_path: Path) -> None:
+    from edge.diarization.exports import find_export
     from edge.diarization.worker.onnx_streaming import optimized_path
 
-    _, export, _ = tiny
-    onnx_diarizer(export, SMALL)
+    _, shared, model_path = tiny
+    shutil.copytree(shared.folder, tmp_path / "export", ignore=shutil.ignore_patterns("*.opt-*"))
+    export = find_export(settings(tmp_path), model_path, "fp32", folder=tmp_path / "export")
     cached = optimized_path(export.onnx, "cpu")
+    assert not cached.exists()
+    onnx_diarizer(export, SMALL)
     assert cached.is_file() and cached.stat().st_size > 0
     mtime = cached.stat().st_mtime_ns
     onnx_diarizer(export, SMALL)  # a later start loads it instead of writing it again
@@ -213,7 +205,7 @@ def test_runtime_choice_and_fallbacks(tiny: Any, tmp_path: Path) -> None:
     assert plan.runtime == "nemo" and "edge model export" in plan.note  # auto, nothing exported
     with pytest.raises(ModelUnavailable, match="EDGE_DIARIZATION_RUNTIME=onnx but no export"):
         plan_runtime(s.model_copy(update={"edge_diarization_runtime": "onnx"}), model_path)
-    shutil.copytree(export.folder, folder)
+    shutil.copytree(export.folder, folder, ignore=shutil.ignore_patterns("*.opt-*"))
     plan = plan_runtime(s, model_path)
     assert (plan.runtime, plan.precision, plan.export.onnx) == ("onnx", "fp32", folder / "model.onnx")
     int8 = plan_runtime(s.model_copy(update={"edge_diarization_precision": "int8"}), model_path)
@@ -238,7 +230,7 @@ def test_an_int8_graph_that_does_not_load_is_unavailable_not_a_crash(tiny: Any, 
 
     _, export, model_path = tiny
     folder = tmp_path / "export"
-    shutil.copytree(export.folder, folder)
+    shutil.copytree(export.folder, folder, ignore=shutil.ignore_patterns("*.opt-*"))
     (folder / "model.int8.onnx").write_bytes(b"\x08\x07not a protobuf graph" * 100)
     marker = json.loads((folder / MARKER).read_text())
     marker["files"]["model.int8.onnx"] = file_entry(folder / "model.int8.onnx")
@@ -258,7 +250,7 @@ def test_full_model_fp32_equals_nemo_forward(tmp_path: Path) -> None:
     path = full_model_path()
     s = settings(tmp_path / "cache", nemo_diar_model_path=path)
     model = load_model(resolve_model(s), s)
-    export = export_of(path, tmp_path / "export")
+    export = exported(path)
     clip = speechlike(40.0)
     params = default_params()
     got, _ = run(onnx_diarizer(export, params), clip, sizes(0.5))
