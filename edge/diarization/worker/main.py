@@ -167,28 +167,16 @@ class Worker:
             return False
         self.send(Kind.PROGRESS, {"phase": "import", "done": 0, "total": 0})
         from edge.diarization.model import ModelUnavailable, resolve_model
-        from edge.diarization.runtime import fallback_plan, plan_runtime
+        from edge.diarization.worker.loading import load_diarizer
 
         try:
             def progress(done: int, total: int) -> None:
                 self.send(Kind.PROGRESS, {"phase": "download", "done": done, "total": total})
 
             path = Path(resolve_model(settings, progress=progress))
-            plan = plan_runtime(settings, path)
-            if plan.note:
-                log.info("diarizer runtime: %s", plan.describe())
             self.send(Kind.PROGRESS, {"phase": "load", "done": 0, "total": 0})
             params = settings.diarization_streaming_params()
-            if plan.runtime == "onnx":
-                try:
-                    self.diarizer, device = _load_onnx(settings, plan, params)
-                except Exception as exc:
-                    if settings.edge_diarization_runtime == "onnx":
-                        raise ModelUnavailable(f"EDGE_DIARIZATION_RUNTIME=onnx but {_one_line(exc)}") from exc
-                    plan = fallback_plan(settings, _one_line(exc))
-                    log.warning("diarizer runtime: %s", plan.describe())
-            if plan.runtime == "nemo":
-                self.diarizer, device = _load_nemo(settings, path, params)
+            self.diarizer, device, plan = load_diarizer(settings, path, params)
             self.send(Kind.PROGRESS, {"phase": "warmup", "done": 0, "total": 0})
             figures = self._warm_up(params)
         except ModelUnavailable as exc:
@@ -248,32 +236,6 @@ class Worker:
             "rtf": step_s / chunk_s if chunk_s else 0.0,
             "peak_exact": exact_peak,
         }
-
-
-def _load_onnx(settings: Any, plan: Any, params: dict[str, int]) -> tuple[Any, str]:
-    """The ONNX runtime for `plan.export` (imports onnxruntime, never torch); returns it and
-    its device. Raises `ModelUnavailable` or `ValueError` when the export cannot be used."""
-    from edge.diarization.worker.onnx_streaming import OnnxDiarizer
-
-    diarizer = OnnxDiarizer(plan.export, params, settings.stt_nemo_diarization_max_speakers,
-                            threads=settings.edge_diarization_threads,
-                            device=settings.edge_diarization_device, cache_dir=settings.nemo_cache_dir)
-    return diarizer, diarizer.device
-
-
-def _load_nemo(settings: Any, path: Path, params: dict[str, int]) -> tuple[Any, str]:
-    """The NeMo runtime (imports torch and NeMo); returns it and its device.
-    Raises `ModelUnavailable` when NeMo or the checkpoint is not usable."""
-    from edge.diarization.model import ModelUnavailable
-
-    try:
-        from edge.diarization.worker.loading import load_model, select_device
-        from edge.diarization.worker.streaming import StreamingDiarizer
-    except Exception as exc:
-        raise ModelUnavailable(f"NeMo not available: {_one_line(exc)}") from exc
-    device = select_device(settings)
-    model = load_model(path, settings, device)
-    return StreamingDiarizer(model, params, settings.stt_nemo_diarization_max_speakers), device
 
 
 def _one_line(exc: BaseException) -> str:
