@@ -171,9 +171,10 @@ def test_sessions_are_independent_and_warm_up_helpers_work(tiny: Any, audio: np.
     fresh, filled = d.new_session(), d.new_session()
     fresh.feed(audio[: 2 * SR])
     filled.fill_caches()
-    assert fresh.state_bytes() < filled.state_bytes()
     out = filled.feed(audio[: 2 * SR])
     assert len(out) and filled.state.spkcache.shape[1] == SMALL["spkcache_len"]  # compressed
+    filled.fill_caches()  # the warm-up's per-session figure: never less than a young session's
+    assert fresh.state_bytes() < filled.state_bytes()
 
 
 def test_optimized_graph_is_cached_beside_the_export(tiny: Any, tmp_path: Path) -> None:
