@@ -139,6 +139,7 @@ async def test_daemon_on_onnx_labels_a_session_end_to_end(tiny: Path, tmp_path: 
         edge_diarization_runtime="onnx",
     ) as app:
         assert (app.engine.figures["runtime"], app.engine.figures["precision"]) == ("onnx", "fp32")
+        assert (app.status.diarizer["runtime"], app.status.diarizer["precision"]) == ("onnx", "fp32")
         result = await stream_audio(url(app), samples(audio), SR, key=KEY, speed=8, query={"diarize": True})
     assert result.close_code == 1000
     words = final_words(result.messages)

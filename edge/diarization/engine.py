@@ -448,6 +448,7 @@ class DiarizationEngine:
             reason = f"loading ({self.worker.progress})"
         self.status.update_diarizer(
             state=state, reason=reason, device=self.figures.get("device"),
+            runtime=self.figures.get("runtime"), precision=self.figures.get("precision"),
             model=self.figures.get("model"), progress=self.worker.progress,
             memory_budget_mb=self.budget // MB, sessions=sum(s.admitted for s in self._sessions),
             capacity=self.capacity, restarts=self.restarts, **self._volatile,
