@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Literal
 
 from edge import device
-from edge.diarization import nemo_diarization_available
+from edge.diarization import nemo_diarization_available, worker_runtime_available
 from edge.diarization.exports import export_status
-from edge.diarization.model import file_sha256
+from edge.diarization.model import ModelUnavailable, file_sha256
+from edge.diarization.runtime import plan_runtime
 from edge.health import REQUIRED_PACKAGES, UPSTREAM_PACKAGES, missing_packages
 from edge.settings import Settings
 
@@ -66,6 +67,7 @@ def run_checks(
         Check("cache", *_cache(settings, root, free, model is not None)),
         Check("model", *_model(settings, model)),
         Check("export", *_export(settings, model)),
+        Check("runtime", *_runtime(settings, model)),
         Check("nemo", *_nemo(settings, deep)),
         Check("google", *_google(settings, environ, google_default or _google_default)),
         Check("port", *_port(settings, daemon_url)),
@@ -172,10 +174,31 @@ def _export(settings: Settings, model: Path | None) -> tuple[Level, str]:
     return "ok", f"{found.folder}: matches the model's sha256 {sha[:12]}; {precisions}"
 
 
+def _runtime(settings: Settings, model: Path | None) -> tuple[Level, str]:
+    """Which runtime and precision the daemon's worker will use (`runtime.plan_runtime`, the
+    worker's own decision), and whether that runtime is installed. Warnings only: without a
+    runtime the daemon still serves transcripts."""
+    if _diarization_off(settings):
+        return "ok", "local diarization is off"
+    try:
+        plan = plan_runtime(settings, model if model is not None and model.is_file() else None)
+    except ModelUnavailable as exc:
+        return "warn", f"{exc}: the diarizer will be unavailable"
+    ok, err = worker_runtime_available(plan.runtime)
+    if not ok:
+        return "warn", f"{plan.describe()}, but {err}"
+    return "ok", plan.describe()
+
+
 def _nemo(settings: Settings, deep: bool) -> tuple[Level, str]:
     if _diarization_off(settings):
         return "ok", "local diarization is off"
-    ok, err = nemo_diarization_available(deep=deep)
+    if deep:  # imports NeMo for real: the worker package owns that import
+        from edge.diarization.worker.loading import nemo_importable
+
+        ok, err = nemo_importable()
+    else:
+        ok, err = nemo_diarization_available()
     if ok:
         return "ok", "NeMo imports" if deep else "NeMo installed (--deep imports it)"
     return "warn", f"NeMo not available: {err}"

@@ -259,6 +259,10 @@ def add_diarize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--probs", type=Path, metavar="OUT.npy",
                    help="write frame probabilities (frames x 4) and OUT.json with the streaming parameters")
     p.add_argument("--model", type=Path, metavar="PATH", help="a .nemo instead of the configured model")
+    p.add_argument("--runtime", choices=("onnx", "nemo"),
+                   help="the ONNX export or NeMo (default: EDGE_DIARIZATION_RUNTIME, auto)")
+    p.add_argument("--precision", choices=("fp32", "int8"),
+                   help="the ONNX export's precision (default: EDGE_DIARIZATION_PRECISION, fp32)")
     p.set_defaults(run=_diarize)
 
 
@@ -272,13 +276,15 @@ def _diarize(settings: Settings, args: argparse.Namespace) -> int:
     bar = _ProgressBar("diarize", unit="s", scale=1.0)
     try:
         audio = read_audio(args.file)
-        result = diarize_file(audio, settings, args.piece_ms, args.model, progress=bar)
+        result = diarize_file(audio, settings, args.piece_ms, args.model, progress=bar,
+                              runtime=args.runtime, precision=args.precision)
     except (ModelUnavailable, ValueError) as exc:
         bar.close()
         print(f"edge: {exc}", file=sys.stderr)
         return 1
     bar.close()
-    print(f"diarized {result.audio_s:.1f} s in {result.compute_s:.1f} s on {result.device} "
+    runtime = result.runtime + (f" {result.precision}" if result.precision else "")
+    print(f"diarized {result.audio_s:.1f} s in {result.compute_s:.1f} s with {runtime} on {result.device} "
           f"(RTF {result.compute_s / max(result.audio_s, 1e-9):.3f}), {len(result.probs)} frames",
           file=sys.stderr)
     if args.rttm:

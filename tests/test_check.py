@@ -56,8 +56,8 @@ def _levels(found: dict[str, Check]) -> dict[str, str]:
 
 def test_every_check_has_a_line(tmp_path: Path) -> None:
     found = _run(tmp_path)
-    assert list(found) == ["platform", "config", "packages", "cache", "model", "export", "nemo",
-                           "google", "port", "unit"]
+    assert list(found) == ["platform", "config", "packages", "cache", "model", "export", "runtime",
+                           "nemo", "google", "port", "unit"]
     text = checks.render(list(found.values()))
     assert text.splitlines()[0].startswith("ok    platform  ")
     assert not checks.failed(list(found.values()))
@@ -123,6 +123,33 @@ def test_export_matches_the_model(tmp_path: Path) -> None:
     assert both.detail.endswith("; fp32, int8")
     off = _run(tmp_path, nemo_cache_dir=cache, nemo_diar_model_path=model, edge_stt_diarization="off")
     assert off["export"].detail == "local diarization is off"
+
+
+def test_runtime_line_says_what_the_worker_will_use(tmp_path: Path) -> None:
+    from edge.diarization.exports import export_dir
+    from tests.diarization_helpers import hand_made_export
+
+    cache = tmp_path / "cache"
+    model = tmp_path / "mine.nemo"
+    model.write_bytes(b"weights")
+    s = load_settings(nemo_cache_dir=cache, nemo_diar_model_path=model)
+    auto = _run(tmp_path, nemo_cache_dir=cache, nemo_diar_model_path=model)["runtime"]
+    assert auto.level == "ok" and auto.detail.startswith("nemo (no usable fp32 ONNX export: no export in ")
+    assert "edge model export" in auto.detail
+    onnx = _run(tmp_path, nemo_cache_dir=cache, nemo_diar_model_path=model,
+                edge_diarization_runtime="onnx")["runtime"]
+    assert onnx.level == "warn" and onnx.detail.startswith("EDGE_DIARIZATION_RUNTIME=onnx but no export in ")
+    assert onnx.detail.endswith(": the diarizer will be unavailable")
+    folder = export_dir(s, model)
+    hand_made_export(folder, model, ("fp32", "int8"))
+    fp32 = _run(tmp_path, nemo_cache_dir=cache, nemo_diar_model_path=model)["runtime"]
+    assert (fp32.level, fp32.detail) == ("ok", f"onnx fp32 ({folder / 'model.onnx'})")
+    int8 = _run(tmp_path, nemo_cache_dir=cache, nemo_diar_model_path=model,
+                edge_diarization_precision="int8")["runtime"]
+    assert int8.detail == f"onnx int8 ({folder / 'model.int8.onnx'})"
+    nemo = _run(tmp_path, nemo_cache_dir=cache, nemo_diar_model_path=model,
+                edge_diarization_runtime="nemo")["runtime"]
+    assert nemo.detail == "nemo (EDGE_DIARIZATION_RUNTIME=nemo)"
 
 
 def test_configured_model_path_is_the_model(tmp_path: Path) -> None:

@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from edge.diarization import nemo_diarization_available, wire
+from edge.diarization import wire, worker_runtime_available
 from edge.diarization.feed import FRAME_SAMPLES, SAMPLE_RATE, SessionFeed
 from edge.diarization.session import DiarizerSession
 from edge.diarization.supervisor import WorkerSupervisor
@@ -103,9 +103,9 @@ class DiarizationEngine:
         if not self.settings.stt_enable_nemo_diarization_fallback:
             self._finalize("disabled", "local diarization is off (STT_ENABLE_NEMO_DIARIZATION_FALLBACK)")
             return
-        ok, err = nemo_diarization_available()
+        ok, err = worker_runtime_available(self.settings.edge_diarization_runtime)
         if not ok:
-            self._finalize("unavailable", f"NeMo not available: {err}")
+            self._finalize("unavailable", str(err))
             return
         self._set_state("loading", "starting the worker")
         self.status.set_check("nemo", "loading")
@@ -180,8 +180,10 @@ class DiarizationEngine:
             return
         self._set_state("ready", None)
         self.status.set_check("nemo", "ok")
-        log.info("diarizer ready on %s: model %d MB, step peak %d MB, step %.3f s (RTF %.3f): "
-                 "%d session(s) fit %d MB, %d keep up in real time", fig["device"], fig["model_rss"] // MB,
+        runtime = " ".join(str(fig[k]) for k in ("runtime", "precision") if fig.get(k))
+        log.info("diarizer ready (%s) on %s: model %d MB, step peak %d MB, step %.3f s (RTF %.3f): "
+                 "%d session(s) fit %d MB, %d keep up in real time", runtime or "nemo", fig["device"],
+                 fig["model_rss"] // MB,
                  fig["step_peak"] // MB, fig["step_s"], fig["rtf"], memory, self.budget // MB,
                  self.figures["compute_capacity"])
         # Sessions that held a slot get a new stream first; then the waiting ones, in order.
