@@ -4,6 +4,7 @@ the builder (`edge/diarization/worker/export.py`, `edge model export`)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -268,20 +269,18 @@ def test_export_writes_the_files_and_the_marker(exported: tuple[Any, Any, list[s
         assert find_export(s, tiny, precision).onnx == result.folder / ONNX_FILES[precision]  # type: ignore[arg-type]
 
 
-@pytest.mark.nemo
-def test_graph_equals_nemo_streaming_steps(exported: tuple[Any, Any, list[str]], model: Any) -> None:
-    """Every step of NeMo's own streaming forward on speech-like audio, with caches filling:
-    the exported graph gives NeMo's preds over cache+FIFO+chunk, its chunk embeddings and the
-    transformer output (what the speaker head reads), and so does the torch wrapper."""
-    import numpy as np
+def nemo_steps(model: Any, params: dict[str, int], seconds: float, seed: int = 3) -> list[dict[str, Any]]:
+    """Run NeMo's own streaming forward (`model.forward`, synchronous update) on speech-like
+    audio and record each step: its chunk features and lengths, the speaker cache and FIFO it
+    started from, and what NeMo computed from them (chunk embeddings, preds over
+    cache+FIFO+chunk, the transformer output). Recorded through module hooks and a pass-through
+    of NeMo's `streaming_update`; nothing of NeMo's computation is replaced."""
     import torch
 
-    from edge.diarization.worker.export import StepGraph
     from edge.diarization.worker.streaming import apply_streaming_params
     from tests.diarization_helpers import speechlike
 
-    session = ort_session(exported[1].folder / "model.onnx")
-    apply_streaming_params(model, STEP_PARAMS)
+    apply_streaming_params(model, params)
     steps: list[dict[str, Any]] = []
     mods = model.sortformer_modules
     original = mods.streaming_update
@@ -301,31 +300,75 @@ def test_graph_equals_nemo_streaming_steps(exported: tuple[Any, Any, list[str]],
              model.transformer_encoder.register_forward_hook(hidden_output)]
     mods.streaming_update = spy
     try:
-        audio = torch.from_numpy(speechlike(12.0, seed=3))[None]
+        audio = torch.from_numpy(speechlike(seconds, seed=seed))[None]
         with torch.inference_mode():
             model.forward(audio_signal=audio, audio_signal_length=torch.tensor([audio.shape[1]]))
     finally:
         del mods.streaming_update
         for h in hooks:
             h.remove()
-    assert len(steps) >= 10
-    assert sum(st["spkcache"].shape[1] > 0 and st["fifo"].shape[1] > 0 for st in steps) >= 5
+    return steps
+
+
+def assert_graph_matches(onnx_path: Path, model: Any, steps: list[dict[str, Any]]) -> float:
+    """The graph (onnxruntime) gives NeMo's preds, chunk embeddings and transformer output for
+    every recorded step within 1e-4, and the torch wrapper gives them exactly; returns the
+    largest difference seen."""
+    import numpy as np
+    import torch
+
+    from edge.diarization.worker.export import StepGraph
+
+    session = ort_session(onnx_path)
     graph = StepGraph(model)
+    worst = 0.0
     try:
         for st in steps:
             s_len, f_len = st["spkcache"].shape[1], st["fifo"].shape[1]
             inputs = (st["chunk"], st["lengths"], st["spkcache"], torch.tensor([s_len]), st["fifo"],
                       torch.tensor([f_len]))
             preds, embs, embs_lengths, hidden = run_graph(session, *inputs)
-            assert np.abs(preds - st["preds"].numpy()).max() <= 1e-4
-            assert np.abs(embs - st["embs"].numpy()).max() <= 1e-4
-            assert np.abs(hidden - st["hidden"].numpy()).max() <= 1e-4
+            diffs = [np.abs(preds - st["preds"].numpy()).max(), np.abs(embs - st["embs"].numpy()).max(),
+                     np.abs(hidden - st["hidden"].numpy()).max()]
+            assert max(diffs) <= 1e-4, diffs
+            worst = max(worst, *diffs)
             assert embs_lengths.tolist() == [embs.shape[1]]
             with torch.inference_mode():
                 wrapped = graph(*inputs)
             assert torch.equal(wrapped[0], st["preds"]) and torch.equal(wrapped[1], st["embs"])
     finally:
         graph.close()
+    return float(worst)
+
+
+@pytest.mark.nemo
+def test_graph_equals_nemo_streaming_steps(exported: tuple[Any, Any, list[str]], model: Any) -> None:
+    """Every step of NeMo's own streaming forward, with the speaker cache and FIFO filling and
+    the cache compressing: the exported graph computes what NeMo's step computes."""
+    steps = nemo_steps(model, STEP_PARAMS, 12.0)
+    assert len(steps) >= 10
+    assert sum(st["spkcache"].shape[1] > 0 and st["fifo"].shape[1] > 0 for st in steps) >= 5
+    assert_graph_matches(exported[1].folder / "model.onnx", model, steps)
+
+
+@pytest.mark.nemo
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("EDGE_TEST_FULL_MODEL") != "1",
+                    reason="full 117.7M model: minutes to export; set EDGE_TEST_FULL_MODEL=1")
+def test_full_model_export_equals_nemo_steps(tmp_path: Path) -> None:
+    """The same on the full-size random-weight model, at the default streaming parameters."""
+    from edge.diarization.worker.export import export_model
+    from edge.diarization.worker.loading import load_model
+    from tests.fakes.sortformer import full_model_path
+
+    path = full_model_path()
+    s = settings(tmp_path / "cache", nemo_diar_model_path=path)
+    result = export_model(s, path, progress=lambda line: None)
+    assert result.max_abs_diff is not None and result.max_abs_diff <= 1e-4
+    model = load_model(path, s)
+    steps = nemo_steps(model, s.diarization_streaming_params(), 40.0)
+    assert sum(st["spkcache"].shape[1] > 0 for st in steps) >= 3
+    assert_graph_matches(result.folder / "model.onnx", model, steps)
 
 
 @pytest.mark.nemo
