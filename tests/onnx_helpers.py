@@ -14,14 +14,14 @@ from tests.diarization_helpers import settings
 from tests.fakes.sortformer import CACHE
 
 
-def exported(model_path: Path) -> Any:
-    """The verified fp32 `Export` of `model_path` (exported first if needed, with int8).
+def exported(model_path: Path, quantize: str | None = "int8") -> Any:
+    """The verified fp32 `Export` of `model_path` (exported first if needed, with `quantize`).
     Skips the test when the exporter is not installed (branch without worker/export.py)."""
     export_mod = pytest.importorskip("edge.diarization.worker.export")
     from edge.diarization.exports import find_export
 
     s = settings(CACHE)
-    export_mod.export_model(s, model_path, quantize="int8", progress=lambda _line: None)
+    export_mod.export_model(s, model_path, quantize=quantize, progress=lambda _line: None)
     return find_export(s, model_path, "fp32")
 
 

@@ -8,6 +8,7 @@ Random weights prove equivalence, never accuracy.
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -243,6 +244,9 @@ def test_an_int8_graph_that_does_not_load_is_unavailable_not_a_crash(tiny: Any, 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
+@pytest.mark.skipif(os.environ.get("EDGE_TEST_FULL_MODEL") != "1",
+                    reason="full 117.7M model: minutes to export and run; set EDGE_TEST_FULL_MODEL=1")
 def test_full_model_fp32_equals_nemo_forward(tmp_path: Path) -> None:
     """The full 117.7M random-weight model (471 MB; minutes on 2 cores): default parameters."""
     from edge.diarization.model import resolve_model
@@ -252,7 +256,7 @@ def test_full_model_fp32_equals_nemo_forward(tmp_path: Path) -> None:
     path = full_model_path()
     s = settings(tmp_path / "cache", nemo_diar_model_path=path)
     model = load_model(resolve_model(s), s)
-    export = exported(path)
+    export = exported(path, quantize=None)
     clip = speechlike(40.0)
     params = default_params()
     got, _ = run(onnx_diarizer(export, params), clip, sizes(0.5))
