@@ -63,7 +63,8 @@ def plan_runtime(settings: Settings, model_path: Path | None, check_hashes: bool
         return RuntimePlan("onnx", precision, export)
     if want == "onnx":
         raise ModelUnavailable(f"EDGE_DIARIZATION_RUNTIME=onnx but {reason}")
-    return RuntimePlan("nemo", None, None, f"no usable {precision} ONNX export: {reason}; {EXPORT_HINT}")
+    hint = "" if "edge model export" in reason else f"; {EXPORT_HINT}"
+    return RuntimePlan("nemo", None, None, f"no usable {precision} ONNX export: {reason}{hint}")
 
 
 def fallback_plan(settings: Settings, reason: str) -> RuntimePlan:
