@@ -56,6 +56,7 @@ def test_diarize_file(tmp_path: Path) -> None:
 
 @pytest.mark.nemo
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_diarize_on_onnx_writes_what_nemo_writes(tmp_path: Path) -> None:
     from tests.fakes.sortformer import tiny_model_path
     from tests.onnx_helpers import install_export
