@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from edge.diarization import nemo_diarization_available
+from edge.diarization import nemo_diarization_available, worker_runtime_available
 from edge.diarization.engine import DiarizationEngine
 from edge.health import REQUIRED_PACKAGES, UPSTREAM_PACKAGES, LoopMonitor, Status, missing_packages
 from edge.listen import ListenService
@@ -106,6 +106,11 @@ class App:
         ok, err = nemo_diarization_available()
         if ok:
             log.info(NEMO_OK)
+            self.status.set_check("nemo", "loading")
+        elif (self.settings.edge_diarization_runtime != "nemo"
+              and worker_runtime_available("onnx")[0]):
+            # A device without NeMo (install.sh --no-nemo) runs the ONNX export instead.
+            log.info("NeMo not installed (%s): the diarizer uses the ONNX runtime", err)
             self.status.set_check("nemo", "loading")
         else:
             log.warning("NeMo diarization fallback disabled: %s", err)

@@ -10,7 +10,6 @@ as on `/ready`. Everything the checks read from the machine is a parameter, for 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import socket
@@ -24,7 +23,10 @@ from pathlib import Path
 from typing import Literal
 
 from edge import device
-from edge.diarization import nemo_diarization_available
+from edge.diarization import nemo_diarization_available, worker_runtime_available
+from edge.diarization.exports import export_status
+from edge.diarization.model import ModelUnavailable, file_sha256
+from edge.diarization.runtime import plan_runtime
 from edge.health import REQUIRED_PACKAGES, UPSTREAM_PACKAGES, missing_packages
 from edge.plan import local_diarizer_used, plan_session
 from edge.protocol import ListenParams
@@ -66,6 +68,8 @@ def run_checks(
         Check("packages", *_packages(settings, systemd_runs)),
         Check("cache", *_cache(settings, root, free, model is not None)),
         Check("model", *_model(settings, model)),
+        Check("export", *_export(settings, model)),
+        Check("runtime", *_runtime(settings, model)),
         Check("nemo", *_nemo(settings, deep)),
         Check("google", *_google(settings, environ, google_default or _google_default)),
         Check("labels", *_labels(settings)),
@@ -165,24 +169,53 @@ def _model(settings: Settings, model: Path | None) -> tuple[Level, str]:
     pinned = settings.edge_model_sha256
     if pinned is None:
         return "ok", f"{model} ({size}; set EDGE_MODEL_SHA256 to verify it)"
-    digest = _sha256(model)
+    digest = file_sha256(model)
     if digest != pinned.lower():
         return "FAIL", f"{model}: sha256 {digest} is not EDGE_MODEL_SHA256 {pinned.lower()}"
     return "ok", f"{model} ({size}, sha256 verified)"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+def _export(settings: Settings, model: Path | None) -> tuple[Level, str]:
+    """Whether a verified ONNX export of the model exists (and with which precisions). Its
+    absence only costs speed and memory (the worker runs NeMo), so it is a warning."""
+    if _diarization_off(settings):
+        return "ok", "local diarization is off"
+    if model is None or not model.is_file():
+        return "warn", "no model to export yet"
+    found, reason = export_status(settings, model, "fp32")
+    if found is None:
+        return "warn", reason
+    int8, _ = export_status(settings, model, "int8")
+    precisions = "fp32, int8" if int8 is not None else "fp32 (int8: `edge model export --quantize int8`)"
+    sha = found.marker["source_sha256"]
+    return "ok", f"{found.folder}: matches the model's sha256 {sha[:12]}; {precisions}"
+
+
+def _runtime(settings: Settings, model: Path | None) -> tuple[Level, str]:
+    """Which runtime and precision the daemon's worker will use (`runtime.plan_runtime`, the
+    worker's own decision), and whether that runtime is installed. Warnings only: without a
+    runtime the daemon still serves transcripts."""
+    if _diarization_off(settings):
+        return "ok", "local diarization is off"
+    try:
+        plan = plan_runtime(settings, model if model is not None and model.is_file() else None)
+    except ModelUnavailable as exc:
+        return "warn", f"{exc}: the diarizer will be unavailable"
+    ok, err = worker_runtime_available(plan.runtime)
+    if not ok:
+        return "warn", f"{plan.describe()}, but {err}"
+    return "ok", plan.describe()
 
 
 def _nemo(settings: Settings, deep: bool) -> tuple[Level, str]:
     if _diarization_off(settings):
         return "ok", "local diarization is off"
-    ok, err = nemo_diarization_available(deep=deep)
+    if deep:  # imports NeMo for real: the worker package owns that import
+        from edge.diarization.worker.loading import nemo_importable
+
+        ok, err = nemo_importable()
+    else:
+        ok, err = nemo_diarization_available()
     if ok:
         return "ok", "NeMo imports" if deep else "NeMo installed (--deep imports it)"
     return "warn", f"NeMo not available: {err}"

@@ -1,7 +1,7 @@
 """Command-line entry points: parse arguments, call the library, print. Nothing else.
 
 `edge serve | check | status` (and, as their parts land, `stream FILE`, `diarize FILE`,
-`model fetch`, `eval`). Exit codes: 0 ok, 1 failure, 2 bad usage or an invalid setting.
+`model fetch`, `model export`, `eval`). Exit codes: 0 ok, 1 failure, 2 bad usage or an invalid setting.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def add_stream(sub: argparse._SubParsersAction) -> None:
 
 def add_check(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "check", help="check this device: platform, cache, model, NeMo, Google, port, unit"
+        "check", help="check this device: platform, cache, model, export, NeMo, Google, port, unit"
     )
     p.add_argument("--json", action="store_true", help="one JSON object instead of lines")
     p.add_argument("--deep", action="store_true", help="import NeMo for real (seconds)")
@@ -234,6 +234,12 @@ def add_model(sub: argparse._SubParsersAction) -> None:
     f = msub.add_parser("fetch", help="resolve/download the model, unpack it once into the cache, load it")
     f.add_argument("--no-load", action="store_true", help="stop after download and unpacking (no NeMo)")
     f.set_defaults(run=_model_fetch)
+    e = msub.add_parser("export", help="export the model's streaming step to ONNX (loads it with NeMo once)")
+    e.add_argument("--model", type=Path, metavar="PATH", help="a .nemo instead of the configured model")
+    e.add_argument("--quantize", choices=["int8"], help="also write model.int8.onnx")
+    e.add_argument("--out", type=Path, metavar="DIR",
+                   help="export folder (default NEMO_CACHE_DIR/exported/<name>-<sha256[:12]>/)")
+    e.set_defaults(run=_model_export)
 
 
 def _model_fetch(settings: Settings, args: argparse.Namespace) -> int:
@@ -264,6 +270,35 @@ def _model_fetch(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_export(settings: Settings, args: argparse.Namespace) -> int:
+    from edge.diarization.model import ModelUnavailable, resolve_model
+
+    if args.model is not None and not args.model.is_file():
+        print(f"edge: --model {args.model}: file does not exist", file=sys.stderr)
+        return 2
+    try:
+        from edge.diarization.worker.export import ExportError, export_model
+    except ImportError as exc:
+        print(f"edge: export needs torch, NeMo and onnx (pip install 'edge[diarization]'): {exc}",
+              file=sys.stderr)
+        return 1
+    bar = _ProgressBar("download", unit="MB", scale=1e6)
+    try:
+        path = args.model or resolve_model(settings, progress=bar)
+        bar.close()
+        result = export_model(settings, path, out_dir=args.out, quantize=args.quantize)
+    except ModelUnavailable as exc:
+        bar.close()
+        print(f"edge: model unavailable: {exc}", file=sys.stderr)
+        return 1
+    except ExportError as exc:
+        print(f"edge: export failed: {exc}", file=sys.stderr)
+        return 1
+    sizes = ", ".join(f"{name} {size / 1e6:.1f} MB" for name, size in sorted(result.files.items()))
+    print(f"{result.status}: {result.folder} ({sizes})")
+    return 0
+
+
 def add_diarize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("diarize", help="run the live diarizer over an audio file, fed in pieces")
     p.add_argument("file", type=Path, help="audio file (any rate/channels soundfile reads)")
@@ -272,6 +307,10 @@ def add_diarize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--probs", type=Path, metavar="OUT.npy",
                    help="write frame probabilities (frames x 4) and OUT.json with the streaming parameters")
     p.add_argument("--model", type=Path, metavar="PATH", help="a .nemo instead of the configured model")
+    p.add_argument("--runtime", choices=("onnx", "nemo"),
+                   help="the ONNX export or NeMo (default: EDGE_DIARIZATION_RUNTIME, auto)")
+    p.add_argument("--precision", choices=("fp32", "int8"),
+                   help="the ONNX export's precision (default: EDGE_DIARIZATION_PRECISION, fp32)")
     p.set_defaults(run=_diarize)
 
 
@@ -285,13 +324,15 @@ def _diarize(settings: Settings, args: argparse.Namespace) -> int:
     bar = _ProgressBar("diarize", unit="s", scale=1.0)
     try:
         audio = read_audio(args.file)
-        result = diarize_file(audio, settings, args.piece_ms, args.model, progress=bar)
+        result = diarize_file(audio, settings, args.piece_ms, args.model, progress=bar,
+                              runtime=args.runtime, precision=args.precision)
     except (ModelUnavailable, ValueError) as exc:
         bar.close()
         print(f"edge: {exc}", file=sys.stderr)
         return 1
     bar.close()
-    print(f"diarized {result.audio_s:.1f} s in {result.compute_s:.1f} s on {result.device} "
+    runtime = result.runtime + (f" {result.precision}" if result.precision else "")
+    print(f"diarized {result.audio_s:.1f} s in {result.compute_s:.1f} s with {runtime} on {result.device} "
           f"(RTF {result.compute_s / max(result.audio_s, 1e-9):.3f}), {len(result.probs)} frames",
           file=sys.stderr)
     if args.rttm:

@@ -116,6 +116,11 @@ class Settings(BaseSettings):
     edge_diarization_memory_mb: int = Field(2048, ge=256, le=1024 * 1024)
     edge_diarization_device: Literal["auto", "cpu", "cuda"] = "auto"
     edge_diarization_threads: int = Field(0, ge=0, le=256)
+    # Which worker runtime steps the model: the ONNX export (no torch/NeMo at run time) or NeMo;
+    # auto = onnx when a valid export of the resolved model exists, else nemo.
+    edge_diarization_runtime: Literal["auto", "onnx", "nemo"] = "auto"
+    # The ONNX export's precision (int8 = ONNX Runtime dynamic quantization, `--quantize int8`).
+    edge_diarization_precision: Literal["fp32", "int8"] = "fp32"
     # Admission reserves at least this much per session (the measured state is ~1 MB; the
     # floor covers feature buffers and allocator slack, and makes capacity predictable).
     edge_diarization_session_mb: int = Field(16, ge=1, le=65536)

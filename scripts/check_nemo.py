@@ -10,9 +10,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edge.diarization import nemo_diarization_available
+from edge.diarization.worker.loading import nemo_importable
 
 if __name__ == "__main__":
-    ok, err = nemo_diarization_available(deep=True)
+    ok, err = nemo_importable()
     print("nemo: OK  NeMo diarization available" if ok else f"nemo: FAIL  {err}")
     sys.exit(0 if ok else 1)

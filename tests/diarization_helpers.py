@@ -7,6 +7,16 @@ from typing import Any
 
 import numpy as np
 
+from edge.diarization.exports import (
+    FEATURES_FILE,
+    INPUTS,
+    ONNX_FILES,
+    OPSET,
+    OUTPUTS,
+    file_entry,
+    write_marker,
+)
+from edge.diarization.model import file_sha256
 from edge.settings import Settings
 
 SR = 16000
@@ -40,3 +50,22 @@ def speechlike(seconds: float, seed: int = 0) -> np.ndarray:
         start += length + int(rng.uniform(0.0, 0.6) * SR)
         turn += 1
     return np.clip(out, -1, 1).astype(np.float32)
+
+
+def hand_made_export(folder: Path, source: Path, precisions: tuple[str, ...] = ("fp32",),
+                     **marker_overrides: Any) -> dict[str, Any]:
+    """A folder laid out as the builder lays it out, with placeholder file contents."""
+    folder.mkdir(parents=True)
+    names = [ONNX_FILES[p] for p in precisions] + [FEATURES_FILE]
+    for i, name in enumerate(names):
+        (folder / name).write_bytes(bytes([i + 1]) * (1000 + i))
+    marker = {
+        "source_sha256": file_sha256(source), "source_name": source.name,
+        "versions": {"nemo": "x", "torch": "x", "onnx": "x", "onnxruntime": "x"},
+        "opset": OPSET, "inputs": list(INPUTS), "outputs": list(OUTPUTS),
+        "features": {"n_mels": 128}, "streaming": {"fc_d_model": 512},
+        "files": {n: file_entry(folder / n) for n in names}, "created": "2026-11-30T00:00:00+00:00",
+    }
+    marker.update(marker_overrides)
+    write_marker(folder, marker)
+    return marker

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import shutil
 import socket
 import tempfile
 from collections.abc import Sequence
@@ -55,8 +56,8 @@ def _levels(found: dict[str, Check]) -> dict[str, str]:
 
 def test_every_check_has_a_line(tmp_path: Path) -> None:
     found = _run(tmp_path)
-    assert list(found) == ["platform", "config", "packages", "cache", "model", "nemo", "google",
-                           "labels", "port", "unit"]
+    assert list(found) == ["platform", "config", "packages", "cache", "model", "export", "runtime",
+                           "nemo", "google", "labels", "port", "unit"]
     text = checks.render(list(found.values()))
     assert text.splitlines()[0].startswith("ok    platform  ")
     assert not checks.failed(list(found.values()))
@@ -105,6 +106,66 @@ def test_labels_check_asks_the_session_plan(tmp_path: Path, overrides: dict[str,
     found = _run(tmp_path, **overrides)
     assert found["labels"].level == "ok" and f"labels {who}" in found["labels"].detail
     assert (found["nemo"].detail != "local diarization is off") is local
+
+
+def test_export_matches_the_model(tmp_path: Path) -> None:
+    from edge.diarization.exports import export_dir
+    from tests.diarization_helpers import hand_made_export
+
+    cache = tmp_path / "cache"
+    none = _run(tmp_path, nemo_cache_dir=cache)["export"]
+    assert (none.level, none.detail) == ("warn", "no model to export yet")
+    model = tmp_path / "mine.nemo"
+    model.write_bytes(b"weights")
+    s = load_settings(nemo_cache_dir=cache, nemo_diar_model_path=model)
+    folder = export_dir(s, model)
+    missing = _run(tmp_path, nemo_cache_dir=cache, nemo_diar_model_path=model)["export"]
+    assert (missing.level, missing.detail) == ("warn", f"no export in {folder}: run `edge model export`")
+    hand_made_export(folder, model)
+    fp32 = _run(tmp_path, nemo_cache_dir=cache, nemo_diar_model_path=model)["export"]
+    sha = hashlib.sha256(b"weights").hexdigest()
+    assert (fp32.level, fp32.detail) == (
+        "ok", f"{folder}: matches the model's sha256 {sha[:12]}; "
+        "fp32 (int8: `edge model export --quantize int8`)")
+    other = tmp_path / "other.nemo"
+    other.write_bytes(b"other weights")
+    shutil.rmtree(folder)
+    hand_made_export(folder, other, ("fp32", "int8"))
+    foreign = _run(tmp_path, nemo_cache_dir=cache, nemo_diar_model_path=model)["export"]
+    assert foreign.level == "warn" and "was made from SHA-256 " in foreign.detail
+    shutil.rmtree(folder)
+    hand_made_export(folder, model, ("fp32", "int8"))
+    both = _run(tmp_path, nemo_cache_dir=cache, nemo_diar_model_path=model)["export"]
+    assert both.detail.endswith("; fp32, int8")
+    off = _run(tmp_path, nemo_cache_dir=cache, nemo_diar_model_path=model, edge_stt_diarization="off")
+    assert off["export"].detail == "local diarization is off"
+
+
+def test_runtime_line_says_what_the_worker_will_use(tmp_path: Path) -> None:
+    from edge.diarization.exports import export_dir
+    from tests.diarization_helpers import hand_made_export
+
+    cache = tmp_path / "cache"
+    model = tmp_path / "mine.nemo"
+    model.write_bytes(b"weights")
+    s = load_settings(nemo_cache_dir=cache, nemo_diar_model_path=model)
+    auto = _run(tmp_path, nemo_cache_dir=cache, nemo_diar_model_path=model)["runtime"]
+    assert auto.level == "ok" and auto.detail.startswith("nemo (no usable fp32 ONNX export: no export in ")
+    assert "edge model export" in auto.detail
+    onnx = _run(tmp_path, nemo_cache_dir=cache, nemo_diar_model_path=model,
+                edge_diarization_runtime="onnx")["runtime"]
+    assert onnx.level == "warn" and onnx.detail.startswith("EDGE_DIARIZATION_RUNTIME=onnx but no export in ")
+    assert onnx.detail.endswith(": the diarizer will be unavailable")
+    folder = export_dir(s, model)
+    hand_made_export(folder, model, ("fp32", "int8"))
+    fp32 = _run(tmp_path, nemo_cache_dir=cache, nemo_diar_model_path=model)["runtime"]
+    assert (fp32.level, fp32.detail) == ("ok", f"onnx fp32 ({folder / 'model.onnx'})")
+    int8 = _run(tmp_path, nemo_cache_dir=cache, nemo_diar_model_path=model,
+                edge_diarization_precision="int8")["runtime"]
+    assert int8.detail == f"onnx int8 ({folder / 'model.int8.onnx'})"
+    nemo = _run(tmp_path, nemo_cache_dir=cache, nemo_diar_model_path=model,
+                edge_diarization_runtime="nemo")["runtime"]
+    assert nemo.detail == "nemo (EDGE_DIARIZATION_RUNTIME=nemo)"
 
 
 def test_configured_model_path_is_the_model(tmp_path: Path) -> None:

@@ -54,6 +54,41 @@ def test_diarize_file(tmp_path: Path) -> None:
     assert total == pytest.approx(float((p > 0.5).sum()) * 0.08, abs=0.05)
 
 
+@pytest.mark.nemo
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_diarize_on_onnx_writes_what_nemo_writes(tmp_path: Path) -> None:
+    from tests.fakes.sortformer import tiny_model_path
+    from tests.onnx_helpers import install_export
+
+    wav = tmp_path / "meeting.wav"
+    soundfile.write(wav, speechlike(12.0), 16000)
+    cache = tmp_path / "cache"
+    model = str(tiny_model_path())
+    refused = run_edge("diarize", str(wav), "--model", model, "--runtime", "onnx", cache=cache)
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines()[-1].startswith(
+        "edge: EDGE_DIARIZATION_RUNTIME=onnx but no export in ")
+    install_export(tiny_model_path(), cache)
+    out: dict[str, tuple[np.ndarray, str, dict[str, object]]] = {}
+    for runtime, precision in (("nemo", "fp32"), ("onnx", "fp32"), ("onnx", "int8")):
+        probs, rttm = tmp_path / f"{runtime}-{precision}.npy", tmp_path / f"{runtime}-{precision}.rttm"
+        run = run_edge("diarize", str(wav), "--rttm", str(rttm), "--probs", str(probs), "--model", model,
+                       "--runtime", runtime, "--precision", precision, cache=cache)
+        assert run.returncode == 0, run.stderr
+        label = "nemo" if runtime == "nemo" else f"onnx {precision}"
+        assert f" with {label} on cpu " in run.stderr
+        meta = json.loads(probs.with_suffix(".json").read_text())
+        assert (meta["runtime"], meta["precision"]) == (runtime, None if runtime == "nemo" else precision)
+        out[f"{runtime}-{precision}"] = (np.load(probs), rttm.read_text(), meta)
+    nemo, onnx, int8 = out["nemo-fp32"], out["onnx-fp32"], out["onnx-int8"]
+    assert nemo[0].shape == onnx[0].shape == int8[0].shape == (150, 4)
+    assert np.abs(nemo[0] - onnx[0]).max() <= 1e-3
+    assert nemo[1] == onnx[1]  # the same speaker turns
+    assert nemo[2]["sortformer_modules"] == onnx[2]["sortformer_modules"]
+    assert np.mean(((int8[0] > 0.5) == (onnx[0] > 0.5)).all(axis=1)) >= 0.95
+
+
 def test_diarize_reports_a_missing_model(tmp_path: Path) -> None:
     wav = tmp_path / "a.wav"
     soundfile.write(wav, speechlike(1.0), 16000)

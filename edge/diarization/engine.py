@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from edge.diarization import nemo_diarization_available, wire
+from edge.diarization import wire, worker_runtime_available
 from edge.diarization.feed import FRAME_SAMPLES, SAMPLE_RATE, SessionFeed
 from edge.diarization.session import DiarizerSession
 from edge.diarization.supervisor import WorkerSupervisor
@@ -108,9 +108,9 @@ class DiarizationEngine:
             self._finalize("disabled", "local diarization is off "
                            f"(EDGE_STT_DIARIZATION={self.settings.edge_stt_diarization})")
             return
-        ok, err = nemo_diarization_available()
+        ok, err = worker_runtime_available(self.settings.edge_diarization_runtime)
         if not ok:
-            self._finalize("unavailable", f"NeMo not available: {err}")
+            self._finalize("unavailable", str(err))
             return
         self._set_state("loading", "starting the worker")
         self.status.set_check("nemo", "loading")
@@ -185,8 +185,10 @@ class DiarizationEngine:
             return
         self._set_state("ready", None)
         self.status.set_check("nemo", "ok")
-        log.info("diarizer ready on %s: model %d MB, step peak %d MB, step %.3f s (RTF %.3f): "
-                 "%d session(s) fit %d MB, %d keep up in real time", fig["device"], fig["model_rss"] // MB,
+        runtime = " ".join(str(fig[k]) for k in ("runtime", "precision") if fig.get(k))
+        log.info("diarizer ready (%s) on %s: model %d MB, step peak %d MB, step %.3f s (RTF %.3f): "
+                 "%d session(s) fit %d MB, %d keep up in real time", runtime or "nemo", fig["device"],
+                 fig["model_rss"] // MB,
                  fig["step_peak"] // MB, fig["step_s"], fig["rtf"], memory, self.budget // MB,
                  self.figures["compute_capacity"])
         # Sessions that held a slot get a new stream first; then the waiting ones, in order.
@@ -451,6 +453,7 @@ class DiarizationEngine:
             reason = f"loading ({self.worker.progress})"
         self.status.update_diarizer(
             state=state, reason=reason, device=self.figures.get("device"),
+            runtime=self.figures.get("runtime"), precision=self.figures.get("precision"),
             model=self.figures.get("model"), progress=self.worker.progress,
             memory_budget_mb=self.budget // MB, sessions=sum(s.admitted for s in self._sessions),
             capacity=self.capacity, restarts=self.restarts, **self._volatile,

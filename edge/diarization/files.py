@@ -22,7 +22,8 @@ THRESHOLD = 0.5  # a speaker is talking in a frame when its probability exceeds 
 
 @dataclass
 class FileResult:
-    """Frame probabilities (frames x 4, 80 ms frames) and how they were made."""
+    """Frame probabilities (frames x 4, 80 ms frames) and how they were made (`runtime` onnx |
+    nemo, `precision` fp32 | int8 on onnx, None on nemo)."""
 
     probs: np.ndarray
     params: dict[str, int]
@@ -30,6 +31,8 @@ class FileResult:
     model: Path
     audio_s: float
     compute_s: float
+    runtime: str = "nemo"
+    precision: str | None = None
 
 
 def read_audio(path: Path) -> np.ndarray:
@@ -57,27 +60,30 @@ def diarize_file(
     piece_ms: int = 500,
     model_path: Path | None = None,
     progress: Callable[[float, float], None] | None = None,
+    runtime: str | None = None,
+    precision: str | None = None,
 ) -> FileResult:
     """Resolve and load the model, then run the live engine over `audio` in `piece_ms` pieces.
 
-    `progress(done_s, total_s)` is called after each piece. Returns a `FileResult`. Raises
-    `ModelUnavailable` when the model cannot be had, `ValueError` for a bad piece size.
+    `runtime` (onnx | nemo | auto) and `precision` (fp32 | int8) override
+    `EDGE_DIARIZATION_RUNTIME` / `EDGE_DIARIZATION_PRECISION`; the runtime is chosen and loaded
+    as the worker does (`worker.loading.load_diarizer`). `progress(done_s, total_s)` is called
+    after each piece. Returns a `FileResult`. Raises `ModelUnavailable` when the model (or the
+    asked runtime) cannot be had, `ValueError` for a bad piece size.
     """
     import time
 
     from edge.diarization.model import resolve_model
-    from edge.diarization.worker.loading import load_model, select_device
-    from edge.diarization.worker.streaming import StreamingDiarizer
+    from edge.diarization.worker.loading import load_diarizer
 
     if piece_ms <= 0:
         raise ValueError(f"--piece-ms must be > 0, got {piece_ms}")
-    if model_path is not None:
-        settings = settings.model_copy(update={"nemo_diar_model_path": model_path})
+    update: dict[str, Any] = {"nemo_diar_model_path": model_path, "edge_diarization_runtime": runtime,
+                              "edge_diarization_precision": precision}
+    settings = settings.model_copy(update={k: v for k, v in update.items() if v is not None})
     path = resolve_model(settings)
-    device = select_device(settings)
-    model = load_model(path, settings, device)
     params = settings.diarization_streaming_params()
-    diarizer = StreamingDiarizer(model, params, settings.stt_nemo_diarization_max_speakers)
+    diarizer, device, plan = load_diarizer(settings, path, params)
     session = diarizer.new_session()
     piece = max(1, SAMPLE_RATE * piece_ms // 1000)
     total_s = audio.size / SAMPLE_RATE
@@ -89,8 +95,9 @@ def diarize_file(
             progress(min(audio.size, i + piece) / SAMPLE_RATE, total_s)
     out.append(session.finish())
     compute_s = time.perf_counter() - start
+    diarizer.close()
     probs = np.concatenate(out) if out else np.zeros((0, 4), dtype=np.float32)
-    return FileResult(probs, params, device, path, total_s, compute_s)
+    return FileResult(probs, params, device, path, total_s, compute_s, plan.runtime, plan.precision)
 
 
 def rttm_lines(probs: np.ndarray, file_id: str, threshold: float = THRESHOLD) -> list[str]:
@@ -124,6 +131,8 @@ def write_probs(result: FileResult, path: Path) -> Path:
         "frames": int(result.probs.shape[0]),
         "model": str(result.model),
         "device": result.device,
+        "runtime": result.runtime,
+        "precision": result.precision,
     }
     json_path = path.with_suffix(".json")
     json_path.write_text(json.dumps(meta, indent=2) + "\n")

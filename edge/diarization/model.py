@@ -129,12 +129,7 @@ def _extract_locked(path: Path, st: os.stat_result, root: Path, settings: Settin
             "source": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
             "sha256": sha, "files": files, "extracted_at": time.time(),
         })
-        old = root / f".old-{folder.name}-{os.getpid()}"
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        _fsync_dir(root)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_folder(tmp, folder)
     except OSError as exc:
         raise ModelUnavailable(f"cannot unpack {path} into {root}: {exc.strerror or exc}") from exc
     finally:
@@ -189,6 +184,18 @@ def _sha256_of(path: Path) -> str:
         while block := f.read(4 * 1024 * 1024):
             h.update(block)
     return h.hexdigest()
+
+
+def replace_folder(tmp: Path, folder: Path) -> None:
+    """Put the complete folder `tmp` in the place of `folder` (which may exist), by renames in
+    the same parent, so a reader sees the old folder or the new one, never a mix. The old one
+    is deleted afterwards. Raises `OSError`."""
+    old = folder.with_name(f".old-{folder.name}-{os.getpid()}")
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    _fsync_dir(folder.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def trim_memory() -> None:
@@ -441,6 +448,7 @@ __all__ = [
     "extract_model",
     "file_sha256",
     "remove_dead_temporaries",
+    "replace_folder",
     "resolve_model",
     "rss_bytes",
     "trim_memory",

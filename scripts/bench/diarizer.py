@@ -14,6 +14,16 @@ the unpacked cache copy and with NeMo's stock `restore_from` (which unpacks to a
 Every child uses the same torch thread count. JSON out, with the command line that made it.
 
     python scripts/bench/diarizer.py --out bench.json            # full 117M random-weight model
+
+Runtimes side by side (`--parts export,runtimes,worker`): the model's ONNX export is made (and
+timed) with `edge model export`, then for every runtime (`--runtime onnx,nemo`), precision
+(`--precision fp32,int8`, ONNX only) and thread count (`--threads 1,2`) one child loads the
+diarizer through the worker's own `load_diarizer` and streams the audio through one session at
+the default streaming parameters, in rounds that alternate the order; `worker` runs
+`diarizer_worker.py` per runtime for the worker's RSS after load and SIGKILL-to-ready time.
+
+    python scripts/bench/diarizer.py --parts export,runtimes,worker --runtime onnx,nemo \
+        --precision fp32,int8 --threads 1,2 --out bench-runtimes.json
 """
 
 from __future__ import annotations
@@ -217,6 +227,128 @@ def run_child(job: dict[str, Any]) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def runtime_child(job: dict[str, Any]) -> dict[str, Any]:
+    """One runtime at one thread count: load through the worker's `load_diarizer` (the ONNX one
+    never imports torch), then stream the audio through a session in pieces, `repeats` times."""
+    import soundfile
+
+    from edge.diarization.model import rss_bytes, trim_memory
+    from edge.diarization.worker.loading import load_diarizer
+    from edge.settings import Settings
+
+    settings = Settings(_env_file=None, nemo_cache_dir=Path(job["cache"]),  # type: ignore[call-arg]
+                        nemo_diar_model_path=Path(job["model"]), edge_model_download=False,
+                        edge_diarization_runtime=job["runtime"], edge_diarization_precision=job["precision"],
+                        edge_diarization_threads=job["threads"], edge_diarization_device="cpu")
+    params = settings.diarization_streaming_params()
+    _reset_peak()
+    start = time.perf_counter()
+    diarizer, _device, plan = load_diarizer(settings, Path(job["model"]), params)
+    load_s = time.perf_counter() - start
+    if plan.runtime != job["runtime"]:
+        raise SystemExit(f"asked for {job['runtime']}, got {plan.describe()}")
+    trim_memory()
+    result: dict[str, Any] = {"load_s": load_s, "rss_after_load": rss_bytes(), "params": params,
+                              "plan": plan.describe(), "torch_imported": "torch" in sys.modules}
+    audio = soundfile.read(job["audio"], dtype="float32")[0]
+    piece = SR * job["piece_ms"] // 1000
+    runs = []
+    for _ in range(job["repeats"]):
+        session = diarizer.new_session()
+        t, cpu = time.perf_counter(), time.process_time()
+        for i in range(0, audio.size, piece):
+            session.feed(audio[i : i + piece])
+        session.finish()
+        took = time.perf_counter() - t
+        runs.append({"seconds": took, "cpu_s": time.process_time() - cpu,
+                     "s_per_audio_s": took / (audio.size / SR)})
+    result.update(runs=runs, peak_rss=_peak_rss(), audio_s=audio.size / SR)
+    return result
+
+
+def run_export(model: Path, cache: Path, fresh: bool) -> dict[str, Any]:
+    """`edge model export` then `edge model export --quantize int8` (as install.sh runs them),
+    each timed; sizes on disk of the folder's files."""
+    env = {**os.environ, "NEMO_CACHE_DIR": str(cache), "EDGE_ENV_FILE": os.devnull,
+           "PYTHONWARNINGS": "ignore", "EDGE_MODEL_DOWNLOAD": "false"}
+    if fresh:
+        for old in (cache / "exported").glob(f"{model.stem}-*"):
+            subprocess.run(["rm", "-rf", str(old)], check=True)
+    out: dict[str, Any] = {}
+    for label, extra in (("fp32", []), ("int8", ["--quantize", "int8"])):
+        cmd = [sys.executable, "-m", "edge", "model", "export", "--model", str(model), *extra]
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"export failed:\n{proc.stderr[-3000:]}")
+        out[f"{label}_s"] = time.perf_counter() - t
+        out[f"{label}_status"] = proc.stdout.strip().splitlines()[-1].split(":")[0]  # NeMo logs to stdout
+        out[f"{label}_stderr"] = [line for line in proc.stderr.splitlines()
+                                  if line.split(" ")[0] in ("fp32", "exported", "unchanged:")]
+    folder = next((cache / "exported").glob(f"{model.stem}-*"))
+    out["folder"] = str(folder)
+    out["files_mb"] = {p.name: p.stat().st_size / 1e6 for p in sorted(folder.iterdir()) if p.is_file()}
+    return out
+
+
+def run_worker_bench(model: Path, cache: Path, runtime: str, precision: str, threads: int,
+                     seconds: float, restarts: int) -> dict[str, Any]:
+    """`diarizer_worker.py` (the real engine and worker) for one runtime: RSS, restart times."""
+    cmd = [sys.executable, "scripts/bench/diarizer_worker.py", "--model", str(model), "--runtime", runtime,
+           "--precision", precision, "--threads", str(threads), "--cache", str(cache),
+           "--seconds", str(seconds), "--restarts", str(restarts)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if proc.returncode != 0:
+        raise SystemExit(f"worker bench failed ({runtime} {precision}):\n{proc.stderr[-3000:]}")
+    text = proc.stdout
+    return json.loads(text[text.index("{"):])
+
+
+def combos(runtimes: list[str], precisions: list[str]) -> list[tuple[str, str]]:
+    """(runtime, precision) pairs to measure: NeMo once (it has no precision), ONNX per precision."""
+    return [(r, p) for r in runtimes for p in (precisions if r == "onnx" else ["fp32"])]
+
+
+def combo_label(runtime: str, precision: str) -> str:
+    return f"onnx {precision}" if runtime == "onnx" else "nemo"
+
+
+def compare_runtimes(args: argparse.Namespace, common: dict[str, Any]) -> dict[str, Any]:
+    """Every (runtime, precision) at every thread count, in `--rounds` rounds of one child
+    each, the order reversed every other round; ratios are paired within a round."""
+    pairs = combos(args.runtime.split(","), args.precision.split(","))
+    threads = [int(t) for t in str(args.threads).split(",")]
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for rnd in range(args.rounds):
+        jobs = [(r, p, t) for t in threads for r, p in pairs]
+        for r, p, t in (jobs if rnd % 2 == 0 else jobs[::-1]):
+            job = {**common, "kind": "runtime", "runtime": r, "precision": p, "threads": t, "repeats": 1}
+            res = run_child(job)
+            res["round"] = rnd
+            rows.setdefault(f"{combo_label(r, p)} {t}t", []).append(res)
+            print(f"round {rnd} {combo_label(r, p)} threads {t}: "
+                  f"{res['runs'][0]['s_per_audio_s']:.4f} s per audio s, "
+                  f"load {res['load_s']:.1f} s, RSS {res['rss_after_load'] / 2**20:.0f} MiB", file=sys.stderr)
+    med = statistics.median
+    summary = {}
+    for key, rs in rows.items():
+        t = key.rsplit(" ", 1)[1]
+        nemo = {x["round"]: x for x in rows.get(f"nemo {t}", [])}
+        per = [x["runs"][0]["s_per_audio_s"] for x in rs]
+        summary[key] = {
+            "s_per_audio_s": med(per), "s_per_audio_s_all": per,
+            "ratio_to_nemo": (med(x["runs"][0]["seconds"] / nemo[x["round"]]["runs"][0]["seconds"]
+                                  for x in rs) if nemo else None),
+            "load_s": med(x["load_s"] for x in rs),
+            "rss_after_load_mib": max(x["rss_after_load"] for x in rs) / 2**20,
+            "peak_rss_mib": max(x["peak_rss"] for x in rs) / 2**20,
+            "torch_imported": any(x["torch_imported"] for x in rs), "plan": rs[0]["plan"],
+        }
+    return {"params": rows[next(iter(rows))][0]["params"], "rounds": args.rounds, "summary": summary,
+            "runs": rows}
+
+
 # --- parent ---
 
 def summarize(name: str, params: dict[str, int], r: dict[str, Any]) -> dict[str, Any]:
@@ -261,7 +393,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, help=".nemo to use (default: the full random-weight model)")
     parser.add_argument("--audio", type=Path, help="16 kHz mono audio (default: synthesized speech)")
     parser.add_argument("--seconds", type=float, default=60.0, help="length of the synthesized audio")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads in every measurement")
+    parser.add_argument("--threads", default="2",
+                        help="threads in every measurement; with the runtimes part a list, e.g. 1,2")
+    parser.add_argument("--runtime", default="onnx,nemo", help="runtimes part: onnx,nemo")
+    parser.add_argument("--precision", default="fp32,int8", help="runtimes part: ONNX precisions")
+    parser.add_argument("--rounds", type=int, default=2, help="runtimes part: alternating rounds")
+    parser.add_argument("--fresh-export", action="store_true",
+                        help="export part: delete the bench cache's export first, so it is timed")
+    parser.add_argument("--restarts", type=int, default=3, help="worker part: SIGKILL restarts")
     parser.add_argument("--repeats", type=int, default=3, help="alternating live/NeMo pairs per config")
     parser.add_argument("--max-group-s", type=float, default=240.0,
                         help="stop repeating a config after this long (slow presets)")
@@ -271,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench-diarizer.json"))
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(json.loads(args.child))))
+        job = json.loads(args.child)
+        print(json.dumps(runtime_child(job) if job["kind"] == "runtime" else child(job)))
         return 0
 
     from edge.diarization.model import extract_model
@@ -284,13 +424,14 @@ def main(argv: list[str] | None = None) -> int:
         args.model = full_model_path()
     audio = args.audio or speech_audio(args.seconds, cache)
     extract_model(args.model, Settings(_env_file=None, nemo_cache_dir=cache))  # the unpacked copy
-    common = {"model": str(args.model), "cache": str(cache), "threads": args.threads,
+    first_threads = int(str(args.threads).split(",")[0])
+    common = {"model": str(args.model), "cache": str(cache), "threads": first_threads,
               "audio": str(audio), "piece_ms": args.piece_ms, "repeats": args.repeats,
               "max_group_s": args.max_group_s, "seed_window": 12.0, "seed_hop": 2.0}
     report: dict[str, Any] = {
         "command": shlex.join([sys.executable, *sys.argv]),
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                    "threads": args.threads},
+                    "threads": args.threads, "loadavg_before": os.getloadavg()},
         "model": str(args.model), "audio": str(audio), "piece_ms": args.piece_ms,
     }
     print(f"model {args.model}, audio {audio}", file=sys.stderr)
@@ -327,6 +468,17 @@ def main(argv: list[str] | None = None) -> int:
             "peak_rss_mib": r["runs"]["seed"][0]["peak_rss"] / 2**20,
         }
         print(json.dumps(report["seed_design"]), file=sys.stderr)
+    if "export" in parts:
+        report["export"] = run_export(args.model, cache, args.fresh_export)
+        print(f"export: {report['export']}", file=sys.stderr)
+    if "runtimes" in parts:
+        report["runtimes"] = compare_runtimes(args, common)
+    if "worker" in parts:
+        report["worker"] = {
+            combo_label(r, p): run_worker_bench(args.model, cache, r, p, first_threads, args.seconds,
+                                                args.restarts)
+            for r, p in combos(args.runtime.split(","), args.precision.split(","))}
+    report["machine"]["loadavg_after"] = os.getloadavg()
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(table(report))
     return 0
@@ -347,6 +499,22 @@ def table(report: dict[str, Any]) -> str:
         s = report["seed_design"]
         lines.append(f"| seed: 12 s window every 2 s | {s['rtf']:.3f} | — | — | — | — | — | "
                      f"{s['peak_rss_mib']:.0f} | — |")
+    if "runtimes" in report:
+        lines += ["", "| runtime | threads | s per audio s | vs NeMo (paired) | load s | "
+                  "RSS after load MiB |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for key, v in report["runtimes"]["summary"].items():
+            name, t = key.rsplit(" ", 1)
+            ratio = f"{v['ratio_to_nemo']:.2f}x" if v["ratio_to_nemo"] is not None else "—"
+            lines.append(f"| {name} | {t[:-1]} | {v['s_per_audio_s']:.4f} | {ratio} | {v['load_s']:.1f} | "
+                         f"{v['rss_after_load_mib']:.0f} |")
+    for name, w in report.get("worker", {}).items():
+        lines.append(f"\nworker {name}: RSS {w['rss_mb']['worker']} MB, cold start {w['cold_start_s']} s, "
+                     f"SIGKILL to ready {w.get('restart_s', {}).get('kill_to_ready_median')} s")
+    if "export" in report:
+        e = report["export"]
+        lines.append(f"\nexport: fp32 {e['fp32_s']:.0f} s ({e['fp32_status']}), int8 {e['int8_s']:.0f} s "
+                     f"({e['int8_status']}); files MB {e['files_mb']}")
     for label, v in report.get("load", {}).items():
         lines.append(f"\nload ({label}): {v['load_s']:.1f} s, RSS after load "
                      f"{v['rss_after_load_mib']:.0f} MiB, peak {v['peak_rss_mib']:.0f} MiB, "

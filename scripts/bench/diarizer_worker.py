@@ -4,6 +4,8 @@ per-session state, admission figures, step cost.
     python scripts/bench/diarizer_worker.py --model tiny --out bench-tiny.json
     python scripts/bench/diarizer_worker.py --model full --restarts 3 --out bench-full.json
     python scripts/bench/diarizer_worker.py --model /path/to/model.nemo
+    python scripts/bench/diarizer_worker.py --model full --runtime onnx --precision int8 \
+        --threads 2 --cache DIR        # DIR holds the export (`edge model export`); kept
 
 This process plays the daemon: it runs the real `DiarizationEngine` (which spawns the real
 worker) and never imports torch or NeMo itself; the random-weight test models are built in a
@@ -72,12 +74,16 @@ async def until(cond: Any, timeout: float) -> float:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     path = model_path(args.model)
-    cache = Path(tempfile.mkdtemp(prefix="edge-bench-"))
+    cache = args.cache or Path(tempfile.mkdtemp(prefix="edge-bench-"))
     settings = Settings(_env_file=None, nemo_diar_model_path=path, nemo_cache_dir=cache,  # type: ignore[call-arg]
-                        edge_model_download=False, edge_diarization_memory_mb=args.budget_mb)
+                        edge_model_download=False, edge_diarization_memory_mb=args.budget_mb,
+                        edge_diarization_runtime=args.runtime, edge_diarization_precision=args.precision,
+                        edge_diarization_threads=args.threads)
     engine = DiarizationEngine(settings, Status(max_sessions=16), Metrics())
     out: dict[str, Any] = {"model": str(path), "model_file_mb": round(path.stat().st_size / MB, 1),
                            "budget_mb": args.budget_mb, "cpus": os.cpu_count(),
+                           "runtime_asked": args.runtime, "precision_asked": args.precision,
+                           "threads": args.threads,
                            "loadavg_before": [round(x, 2) for x in os.getloadavg()]}
     try:
         t0 = time.monotonic()
@@ -86,6 +92,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await until(lambda: engine.state != "loading", 600)
         assert engine.state == "ready", (engine.state, engine.reason)
         out["cold_start_s"] = round(time.monotonic() - t0, 2)
+        out["runtime"] = {k: engine.figures.get(k) for k in ("runtime", "precision", "device")}
         out["start_returns_s"] = round(start_return_s, 4)
         f = engine.figures
         out["admission"] = {
@@ -147,7 +154,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         out["compute_capacity_live"] = engine.figures.get("compute_capacity")
     finally:
         await engine.close()
-        shutil.rmtree(cache, ignore_errors=True)  # the extracted model copy (~470 MB for full)
+        if args.cache is None:
+            shutil.rmtree(cache, ignore_errors=True)  # the extracted model copy (~470 MB for full)
     out["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     return out
 
@@ -158,6 +166,13 @@ def main() -> int:
     ap.add_argument("--budget-mb", type=int, default=2048)
     ap.add_argument("--seconds", type=float, default=60.0, help="audio streamed through one session")
     ap.add_argument("--restarts", type=int, default=3)
+    ap.add_argument("--runtime", choices=["auto", "onnx", "nemo"], default="auto",
+                    help="EDGE_DIARIZATION_RUNTIME for the worker (default auto)")
+    ap.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
+                    help="EDGE_DIARIZATION_PRECISION (default fp32)")
+    ap.add_argument("--threads", type=int, default=0, help="EDGE_DIARIZATION_THREADS (default 0)")
+    ap.add_argument("--cache", type=Path,
+                    help="NEMO_CACHE_DIR to use and keep (default: a temp dir, deleted after)")
     ap.add_argument("--out", type=Path, help="write the JSON here too")
     args = ap.parse_args()
     result = asyncio.run(run(args))

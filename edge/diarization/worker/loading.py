@@ -1,4 +1,6 @@
-"""Load the Sortformer checkpoint with NeMo's own classes (worker side: imports torch and NeMo).
+"""Load the diarizer: the runtime `edge.diarization.runtime.plan_runtime` chooses, with its
+fallback (`load_diarizer`); the Sortformer checkpoint with NeMo's own classes (`load_model`,
+imports torch and NeMo) or its ONNX export (imports onnxruntime only).
 
 `load_model` loads from the extracted-once copy that `edge.diarization.model.extract_model`
 keeps in the cache, with torch's weights-only unpickler stated explicitly.
@@ -6,12 +8,67 @@ keeps in the cache, with torch's weights-only unpickler stated explicitly.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from edge.diarization.model import ModelUnavailable, extract_model, first_line, trim_memory
+from edge.diarization.runtime import RuntimePlan, fallback_plan, plan_runtime
 from edge.settings import Settings
+
+log = logging.getLogger("edge.diarization.worker")
+
+
+def load_diarizer(settings: Settings, path: Path, params: dict[str, int]) -> tuple[Any, str, RuntimePlan]:
+    """The diarizer for the checkpoint at `path` on the planned runtime: `(diarizer, device,
+    plan)`, the diarizer offering `new_session()` / `close()` (`OnnxDiarizer` or
+    `StreamingDiarizer`).
+
+    With `EDGE_DIARIZATION_RUNTIME=auto`, an export that fails to load (e.g. an int8 graph
+    onnxruntime refuses) logs one line and NeMo is used. Raises `ModelUnavailable` (one line)
+    when the planned runtime cannot be had (`onnx` without a usable export, NeMo missing).
+    """
+    plan = plan_runtime(settings, path)
+    if plan.note:
+        log.info("diarizer runtime: %s", plan.describe())
+    if plan.runtime == "onnx":
+        try:
+            from edge.diarization.worker.onnx_streaming import OnnxDiarizer
+
+            assert plan.export is not None
+            onnx = OnnxDiarizer(plan.export, params, settings.stt_nemo_diarization_max_speakers,
+                                threads=settings.edge_diarization_threads,
+                                device=settings.edge_diarization_device, cache_dir=settings.nemo_cache_dir)
+            return onnx, onnx.device, plan
+        except Exception as exc:
+            reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+            if settings.edge_diarization_runtime == "onnx":
+                raise ModelUnavailable(f"EDGE_DIARIZATION_RUNTIME=onnx but {reason}") from exc
+            plan = fallback_plan(settings, reason)
+            log.warning("diarizer runtime: %s", plan.describe())
+    try:
+        from edge.diarization.worker.streaming import StreamingDiarizer
+    except Exception as exc:
+        raise ModelUnavailable(f"NeMo not available: {type(exc).__name__}: {first_line(exc)}") from exc
+    device = select_device(settings)
+    model = load_model(path, settings, device)
+    return StreamingDiarizer(model, params, settings.stt_nemo_diarization_max_speakers), device, plan
+
+
+def nemo_importable() -> tuple[bool, str | None]:
+    """Import NeMo's Sortformer model class for real (seconds, ~700 MB): `(True, None)` or
+    `(False, reason)`. For `scripts/check_nemo.py`; the daemon only looks for module specs."""
+    from edge.diarization import nemo_diarization_available
+
+    ok, err = nemo_diarization_available()
+    if not ok:
+        return ok, err
+    try:
+        from nemo.collections.asr.models import SortformerEncLabelModel  # noqa: F401
+    except Exception as exc:  # NeMo raises many kinds on broken installs
+        return False, f"{type(exc).__name__}: {exc}"
+    return True, None
 
 
 def select_device(settings: Settings) -> str:

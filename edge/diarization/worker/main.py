@@ -2,9 +2,10 @@
 
 Run by the engine as `python -I -c BOOT ROOT PARENT_PID` (`edge.diarization.process`), a fresh
 interpreter (a spawn, never a fork of the daemon); `python -m edge.diarization.worker PARENT_PID`
-runs the same by hand. This is the only place that imports NeMo and torch. It
-reads `wire` frames on stdin and writes them on its original stdout; fd 1 is then pointed at
-stderr, so whatever NeMo prints goes to the log and can never corrupt the protocol.
+runs the same by hand. Only this package imports NeMo, torch or onnxruntime, and only the
+runtime it loads: on the onnx runtime (`edge.diarization.runtime`) neither torch nor NeMo is
+imported. It reads `wire` frames on stdin and writes them on its original stdout; fd 1 is then
+pointed at stderr, so whatever NeMo prints goes to the log and can never corrupt the protocol.
 
 One thread, one message at a time, in arrival order: the steps of a session run in order, and
 a hung step hangs only this process (the engine kills it). The worker dies with the daemon:
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from edge.diarization.worker.faults import Faults
 
 log = logging.getLogger("edge.diarization.worker")
+HEAVY_MODULES = ("torch", "nemo", "onnxruntime")
 
 
 def _peak_rss_bytes() -> int | None:
@@ -145,6 +147,9 @@ class Worker:
             "step_median_s": statistics.median(times), "step_max_s": max(times),
             "rtf": sum(times) / audio_s if audio_s else None, "recent_steps": len(self.step_times),
             "state_bytes": sum(int(s.state_bytes()) for s in self.streams.values()),
+            # Which heavy libraries this process has imported (the onnx runtime must show none
+            # of torch / nemo); tests also read /proc/<pid>/maps for a mapped libtorch.
+            "imported": sorted(name for name in HEAVY_MODULES if name in sys.modules),
         }
 
     # --- loading ---
@@ -161,24 +166,17 @@ class Worker:
             self.send(Kind.FATAL, {"reason": f"worker cannot use the settings: {_one_line(exc)}"})
             return False
         self.send(Kind.PROGRESS, {"phase": "import", "done": 0, "total": 0})
-        try:
-            from edge.diarization.model import ModelUnavailable, resolve_model
-            from edge.diarization.worker.loading import load_model, select_device
-            from edge.diarization.worker.streaming import StreamingDiarizer
-        except Exception as exc:
-            self.send(Kind.FATAL, {"reason": f"NeMo not available: {_one_line(exc)}"})
-            return False
-        try:
-            device = select_device(settings)
+        from edge.diarization.model import ModelUnavailable, resolve_model
+        from edge.diarization.worker.loading import load_diarizer
 
+        try:
             def progress(done: int, total: int) -> None:
                 self.send(Kind.PROGRESS, {"phase": "download", "done": done, "total": total})
 
             path = Path(resolve_model(settings, progress=progress))
             self.send(Kind.PROGRESS, {"phase": "load", "done": 0, "total": 0})
-            model = load_model(path, settings, device)
             params = settings.diarization_streaming_params()
-            self.diarizer = StreamingDiarizer(model, params, settings.stt_nemo_diarization_max_speakers)
+            self.diarizer, device, plan = load_diarizer(settings, path, params)
             self.send(Kind.PROGRESS, {"phase": "warmup", "done": 0, "total": 0})
             figures = self._warm_up(params)
         except ModelUnavailable as exc:
@@ -188,7 +186,8 @@ class Worker:
             log.exception("model load failed")
             self.send(Kind.FATAL, {"reason": f"model failed to load: {_one_line(exc)}"})
             return False
-        figures.update(device=device, model=path.name, pid=os.getpid())
+        figures.update(device=device, model=path.name, pid=os.getpid(), runtime=plan.runtime,
+                       precision=plan.precision)
         self.send(Kind.READY, figures)
         return True
 
