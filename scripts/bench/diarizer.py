@@ -401,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh-export", action="store_true",
                         help="export part: delete the bench cache's export first, so it is timed")
     parser.add_argument("--restarts", type=int, default=3, help="worker part: SIGKILL restarts")
-    parser.add_argument("--worker-seconds", type=float, help="worker part: audio streamed (default --seconds)")
+    parser.add_argument("--worker-seconds", type=float,
+                        help="worker part: audio streamed (default --seconds)")
     parser.add_argument("--repeats", type=int, default=3, help="alternating live/NeMo pairs per config")
     parser.add_argument("--max-group-s", type=float, default=240.0,
                         help="stop repeating a config after this long (slow presets)")
