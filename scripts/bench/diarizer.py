@@ -401,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh-export", action="store_true",
                         help="export part: delete the bench cache's export first, so it is timed")
     parser.add_argument("--restarts", type=int, default=3, help="worker part: SIGKILL restarts")
+    parser.add_argument("--worker-seconds", type=float,
+                        help="worker part: audio streamed (default --seconds)")
     parser.add_argument("--repeats", type=int, default=3, help="alternating live/NeMo pairs per config")
     parser.add_argument("--max-group-s", type=float, default=240.0,
                         help="stop repeating a config after this long (slow presets)")
@@ -468,16 +470,22 @@ def main(argv: list[str] | None = None) -> int:
             "peak_rss_mib": r["runs"]["seed"][0]["peak_rss"] / 2**20,
         }
         print(json.dumps(report["seed_design"]), file=sys.stderr)
+    def save() -> None:  # after each part: a run cut short still leaves what it measured
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+
     if "export" in parts:
         report["export"] = run_export(args.model, cache, args.fresh_export)
         print(f"export: {report['export']}", file=sys.stderr)
+        save()
     if "runtimes" in parts:
         report["runtimes"] = compare_runtimes(args, common)
+        save()
     if "worker" in parts:
-        report["worker"] = {
-            combo_label(r, p): run_worker_bench(args.model, cache, r, p, first_threads, args.seconds,
-                                                args.restarts)
-            for r, p in combos(args.runtime.split(","), args.precision.split(","))}
+        report["worker"] = {}
+        for r, p in combos(args.runtime.split(","), args.precision.split(",")):
+            report["worker"][combo_label(r, p)] = run_worker_bench(
+                args.model, cache, r, p, first_threads, args.worker_seconds or args.seconds, args.restarts)
+            save()
     report["machine"]["loadavg_after"] = os.getloadavg()
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(table(report))

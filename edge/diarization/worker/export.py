@@ -52,7 +52,7 @@ from edge.diarization.model import (
 )
 from edge.diarization.worker.features import IncrementalFeatures
 from edge.diarization.worker.loading import load_model
-from edge.diarization.worker.streaming import STREAMING_PARAM_NAMES
+from edge.diarization.worker.stream_core import STREAMING_PARAM_NAMES
 from edge.settings import Settings
 
 Progress = Callable[[str], None]
