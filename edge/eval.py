@@ -131,8 +131,9 @@ def run_engine(
     """Diarize every file with the live engine once per preset and score each preset.
 
     `score_args` go to `score` (collar, skip_overlap, uem); `progress(label, done_s, total_s)`
-    follows each file; `runtime` / `precision` override the settings' (as `edge diarize`). Returns a `Run` per preset. Raises `ScoreError`, `ValueError` (unreadable
-    audio) and `ModelUnavailable`.
+    follows each file; `runtime` / `precision` override the settings' (as `edge diarize`).
+    Returns a `Run` per preset. Raises `ScoreError`, `ValueError` (unreadable audio) and
+    `ModelUnavailable`.
     """
     from edge.diarization.files import diarize_file, read_audio, rttm_lines
 
