@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from edge.diarization.model import MAX_DIGESTS, RACY_NS, DigestCache, extract_model
+from edge.diarization.digests import MAX_DIGESTS, RACY_NS, DigestCache
+from edge.diarization.model import extract_model
 from tests.diarization_helpers import settings
 from tests.test_diarization_worker import ROOT, _no_orphans, ready, until  # noqa: F401 (autouse fixture)
 
@@ -92,16 +93,16 @@ def test_extraction_records_the_copy_and_a_changed_copy_is_rehashed(tmp_path: Pa
     from tests.fakes.sortformer import tiny_model_path
 
     s = settings(tmp_path / "cache", nemo_diar_model_path=tiny_model_path())
-    import edge.diarization.model as model
+    import edge.diarization.digests as digests
 
     folder = extract_model(tiny_model_path(), s)
     weights = folder / "model_weights.ckpt"
-    before = list(model._digests.hashed)
+    before = list(digests._digests.hashed)
     assert extract_model(tiny_model_path(), s) == folder
-    assert list(model._digests.hashed) == before  # the marker check used the cache
+    assert list(digests._digests.hashed) == before  # the marker check used the cache
     rewrite_in_place(weights)
     assert extract_model(tiny_model_path(), s) == folder
-    assert list(model._digests.hashed)[-1] == str(weights.resolve())
+    assert list(digests._digests.hashed)[-1] == str(weights.resolve())
 
 
 async def test_a_restarted_worker_reuses_verified_digests_and_rehashes_a_changed_file(

@@ -18,6 +18,9 @@ The cache directory itself must be this user's or root's: the seed's default
 (`$TMPDIR/nemo_cache`, `/tmp/nemo_cache`) is in a directory every local user can write, so it is
 created 0700, and one that another user made first is refused (`check_cache_dir`).
 
+Every hash goes through `digests.file_sha256` (one cache per process, handed from a worker to
+its successor while the files are unchanged: see `edge.diarization.digests`).
+
 Every failure is a `ModelUnavailable` whose `str()` is one line for the operator. Nothing here
 imports torch or NeMo: loading is the worker's (`worker/loading.py`).
 """
@@ -28,19 +31,18 @@ import contextlib
 import ctypes
 import fcntl
 import gc
-import hashlib
 import json
 import os
 import re
 import shutil
 import tarfile
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from edge.diarization.digests import file_sha256
 from edge.settings import Settings
 
 MARKER = "edge-extracted.json"
@@ -50,15 +52,6 @@ REQUIRED_MEMBERS = ("model_config.yaml", "model_weights.ckpt")
 SPACE_MARGIN = 64 * 1024 * 1024
 Progress = Callable[[int, int], None]
 
-MAX_DIGESTS = 32  # files a worker reports as verified (a .nemo, its extracted copy, an export)
-# A file's stat identity: (st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns). Any write changes
-# ctime (a replacement the inode), so an equal identity is the same bytes, under any name (a
-# file hashed in an unpack's temporary folder is known once that folder is renamed into place).
-Identity = tuple[int, int, int, int, int]
-# A file changed less than this before it was hashed may be changed again within the same
-# timestamp tick, keeping its identity (git's "racy clean"): its digest is used in this process
-# but not handed to the next one, which hashes it once more.
-RACY_NS = 1_000_000_000
 
 
 class ModelUnavailable(Exception):
@@ -177,108 +170,6 @@ def remove_dead_temporaries(root: Path) -> list[str]:
                 shutil.rmtree(entry.path, ignore_errors=True)
                 removed.append(entry.name)
     return removed
-
-
-class DigestCache:
-    """The one memory of file SHA-256s (hex) in a process, keyed by stat identity (`Identity`).
-
-    Every hash check (the `EDGE_MODEL_SHA256` pin, the extracted copy's marker, an export's
-    files) asks `sha256`, so a file whose identity changed since it was hashed is hashed again.
-    A worker reports `verified()` in READY; the supervisor sends that back in the next LOAD
-    and the new worker `seed`s it, so a restart does not re-read ~0.5 GB it read a moment ago.
-    A write during the hash is caught by a re-stat; one within a timestamp tick of it could
-    keep the identity, so a file changed under `RACY_NS` before its hash is not reported.
-    """
-
-    def __init__(self) -> None:
-        # identity -> (path last seen, sha256, whether it may be handed on: not racy)
-        self._known: dict[Identity, tuple[str, str, bool]] = {}
-        self._seeded: set[Identity] = set()
-        # The latest paths read and hashed in this process / served from the seed instead.
-        self.hashed: deque[str] = deque(maxlen=MAX_DIGESTS)
-        self.reused: deque[str] = deque(maxlen=MAX_DIGESTS)
-
-    def sha256(self, path: Path) -> str:
-        """SHA-256 of the file at `path`. Raises `OSError` (missing, unreadable)."""
-        name, key = _identity(path)
-        if key in self._known:
-            if key in self._seeded:
-                self._seeded.discard(key)
-                self.reused.append(name)
-            _, digest, settled = self._known.pop(key)
-        else:
-            started = time.time_ns()
-            digest = _sha256_of(path)
-            self.hashed.append(name)
-            if _identity(path)[1] != key:  # changed while being read: not worth remembering
-                return digest
-            settled = key[4] < started - RACY_NS
-        self._known[key] = (name, digest, settled)  # (re)inserted last: `verified` keeps the newest
-        return digest
-
-    def seed(self, entries: object) -> int:
-        """Trust `entries` (a `verified()` list from an earlier process) for the files whose stat
-        identity is still exactly the recorded one; malformed entries are ignored. Returns how
-        many were taken (at most `MAX_DIGESTS`)."""
-        taken = 0
-        for entry in entries if isinstance(entries, list) else []:
-            try:
-                recorded = tuple(int(entry[k]) for k in _STAT_FIELDS)
-                sha = str(entry["sha256"])
-                name, now = _identity(Path(str(entry["path"])))
-            except (KeyError, TypeError, ValueError, OSError):
-                continue
-            if now == recorded and len(sha) == 64 and taken < MAX_DIGESTS:
-                self._known[now] = (name, sha, True)
-                self._seeded.add(now)
-                taken += 1
-        return taken
-
-    def verified(self) -> list[dict[str, Any]]:
-        """The remembered digests, but racy ones, whose files still have their identity under the
-        name last seen (at most `MAX_DIGESTS`, newest last), as `seed` takes them."""
-        out = []
-        settled = [(key, name, sha) for key, (name, sha, ok) in self._known.items() if ok]
-        for key, name, sha in settled[-MAX_DIGESTS:]:
-            with contextlib.suppress(OSError):
-                if _identity(Path(name))[1] == key:
-                    out.append({"path": name, **dict(zip(_STAT_FIELDS, key, strict=True)), "sha256": sha})
-        return out
-
-
-_STAT_FIELDS = ("st_dev", "st_ino", "st_size", "st_mtime_ns", "st_ctime_ns")
-_digests = DigestCache()
-
-
-def _identity(path: Path) -> tuple[str, Identity]:
-    resolved = path.resolve()
-    st = resolved.stat()
-    return str(resolved), (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file (hex), through this process's `DigestCache`. Raises `OSError`."""
-    return _digests.sha256(path)
-
-
-def seed_digests(entries: object) -> int:
-    """Seed this process's digest cache (see `DigestCache.seed`). Returns how many were taken."""
-    return _digests.seed(entries)
-
-
-def digest_report() -> dict[str, Any]:
-    """What this process verified: `digests` (for the next worker's seed), and the paths it
-    `hashed` itself vs `reused` from a seed."""
-    return {"digests": _digests.verified(), "hashed": list(_digests.hashed),
-            "reused": list(_digests.reused)}
-
-
-def _sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(4 * 1024 * 1024):
-            h.update(block)
-    return h.hexdigest()
 
 
 def replace_folder(tmp: Path, folder: Path) -> None:
@@ -537,17 +428,14 @@ def first_line(exc: BaseException) -> str:
 
 
 __all__ = [
-    "DigestCache",
     "ModelUnavailable",
     "cached_model_path",
     "check_cache_dir",
-    "digest_report",
     "extract_model",
     "file_sha256",
     "remove_dead_temporaries",
     "replace_folder",
     "resolve_model",
     "rss_bytes",
-    "seed_digests",
     "trim_memory",
 ]

@@ -34,7 +34,7 @@ from pydantic import SecretStr
 
 from edge.device import worker_rss_limit
 from edge.diarization import wire
-from edge.diarization.model import MAX_DIGESTS
+from edge.diarization.digests import MAX_DIGESTS
 from edge.diarization.process import WorkerProcess
 from edge.diarization.wire import Kind
 from edge.metrics import Metrics

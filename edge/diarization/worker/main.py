@@ -156,7 +156,7 @@ class Worker:
     def _load(self, values: dict[str, Any], generation: int, digests: object = None) -> bool:
         """Load the model. `digests`: what an earlier worker of this daemon verified (its READY
         `digests`), trusted for files whose stat identity is unchanged (`DigestCache.seed`)."""
-        from edge.diarization.model import digest_report, seed_digests
+        from edge.diarization.digests import digest_report, seed_digests
         from edge.settings import Settings
 
         seed_digests(digests)
