@@ -364,7 +364,10 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plot", type=Path, metavar="OUT.png", help="draw reference, hypothesis and errors")
     p.add_argument("--preset", metavar="P,...", help="engine presets to compare: very-high, high, low, "
                    "ultra-low, configured (default: configured, i.e. the settings' parameters)")
-    p.add_argument("--runtime", default="nemo", metavar="NAME", help="engine runtime (only nemo today)")
+    p.add_argument("--runtime", metavar="NAME", help="engine runtime: auto, onnx or nemo "
+                   "(default: EDGE_DIARIZATION_RUNTIME)")
+    p.add_argument("--precision", metavar="NAME", help="onnx precision: fp32 or int8 "
+                   "(default: EDGE_DIARIZATION_PRECISION)")
     p.add_argument("--model", type=Path, metavar="PATH", help="a .nemo instead of the configured model")
     p.add_argument("--piece-ms", type=int, default=500, help="piece size fed to the engine (default 500)")
     p.add_argument("--save-hyp", type=Path, metavar="DIR", help="write each run's RTTM to DIR/<preset>/")
@@ -386,7 +389,8 @@ def _eval(settings: Settings, args: argparse.Namespace) -> int:
     from edge.diarization.model import ModelUnavailable
 
     usage = usage_problem(audio=args.audio, hyp=args.hyp, preset=args.preset, url=args.url,
-                          model=args.model, runtime=args.runtime, collar=args.collar, speed=args.speed)
+                          model=args.model, runtime=args.runtime, precision=args.precision,
+                          collar=args.collar, speed=args.speed)
     if usage:
         print(f"edge eval: {usage}", file=sys.stderr)
         return 2
@@ -441,7 +445,8 @@ def _eval_run(settings: Settings, args: argparse.Namespace) -> int:
             bars[label](done, total)
 
         runs = ev.run_engine(args.audio, reference, presets, settings, score_args=score_args,
-                             piece_ms=args.piece_ms, model_path=args.model, progress=progress)
+                             piece_ms=args.piece_ms, model_path=args.model, progress=progress,
+                             runtime=args.runtime, precision=args.precision)
         for bar in bars.values():
             bar.close()
     for run in runs:

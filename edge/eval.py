@@ -20,7 +20,8 @@ from edge.diarization.score import Report, Rttm, ScoreError, annotation_from_rtt
 from edge.settings import DIARIZATION_PRESETS, FRAME_S, Settings
 
 CONFIGURED = "configured"  # the streaming parameters the settings give (hop/window or a preset)
-RUNTIMES = ("nemo",)  # the engines `diarize_file` can run today
+RUNTIMES = ("auto", "onnx", "nemo")  # EDGE_DIARIZATION_RUNTIME's values
+PRECISIONS = ("fp32", "int8")  # EDGE_DIARIZATION_PRECISION's values
 
 
 @dataclass
@@ -61,16 +62,20 @@ def _round(x: float | None) -> float | None:
 
 
 def usage_problem(*, audio: list[Path], hyp: Path | None, preset: str | None, url: str | None,
-                  model: Path | None, runtime: str, collar: float, speed: float) -> str | None:
+                  model: Path | None, runtime: str | None, collar: float, speed: float,
+                  precision: str | None = None) -> str | None:
     """What is wrong with this combination of `edge eval` options (one line), or None."""
     if bool(hyp) == bool(audio):
         return "give either --hyp RTTM|DIR or AUDIO files (not both, not neither)"
     if hyp and (preset or url or model):
         return "--preset, --url and --model need AUDIO files, not --hyp"
-    if url and (preset or model):
-        return "--url scores the daemon's own settings: --preset and --model do not apply"
-    if runtime not in RUNTIMES:
+    if url and (preset or model or runtime or precision):
+        return ("--url scores the daemon's own settings: --preset, --model, --runtime and "
+                "--precision do not apply")
+    if runtime is not None and runtime not in RUNTIMES:
         return f"--runtime {runtime!r}: allowed: {', '.join(RUNTIMES)}"
+    if precision is not None and precision not in PRECISIONS:
+        return f"--precision {precision!r}: allowed: {', '.join(PRECISIONS)}"
     if collar < 0:
         return f"--collar {collar}: must be >= 0 seconds"
     if speed <= 0:
@@ -120,11 +125,13 @@ def run_engine(
     piece_ms: int = 500,
     model_path: Path | None = None,
     progress: Callable[[str, float, float], None] | None = None,
+    runtime: str | None = None,
+    precision: str | None = None,
 ) -> list[Run]:
     """Diarize every file with the live engine once per preset and score each preset.
 
     `score_args` go to `score` (collar, skip_overlap, uem); `progress(label, done_s, total_s)`
-    follows each file. Returns a `Run` per preset. Raises `ScoreError`, `ValueError` (unreadable
+    follows each file; `runtime` / `precision` override the settings' (as `edge diarize`). Returns a `Run` per preset. Raises `ScoreError`, `ValueError` (unreadable
     audio) and `ModelUnavailable`.
     """
     from edge.diarization.files import diarize_file, read_audio, rttm_lines
@@ -145,7 +152,8 @@ def run_engine(
                 if progress is not None:
                     progress(label, done, total)
 
-            result = diarize_file(samples, preset, piece_ms, model_path, progress=step)
+            result = diarize_file(samples, preset, piece_ms, model_path, progress=step,
+                                  runtime=runtime, precision=precision)
             hypothesis[uri] = annotation_from_rttm_lines(rttm_lines(result.probs, uri), uri)
             audio_s += result.audio_s
             compute_s += result.compute_s
@@ -244,5 +252,5 @@ def write_hypotheses(runs: list[Run], folder: Path) -> None:
                 annotation.write_rttm(f)
 
 
-__all__ = ["CONFIGURED", "RUNTIMES", "Run", "parse_presets", "reference_for", "render_runs",
+__all__ = ["CONFIGURED", "PRECISIONS", "RUNTIMES", "Run", "parse_presets", "reference_for", "render_runs",
            "render_runs_json", "run_daemon", "run_engine", "usage_problem", "write_hypotheses"]

@@ -94,7 +94,9 @@ def test_bad_input_is_one_line_naming_file_and_line(tmp_path: Path, ref: str, hy
 @pytest.mark.parametrize(("args", "says"), [
     (["--hyp", "h.rttm", "a.wav"], "give either --hyp RTTM|DIR or AUDIO files"),
     ([], "give either --hyp RTTM|DIR or AUDIO files"),
-    (["a.wav", "--runtime", "onnx"], "--runtime 'onnx': allowed: nemo"),
+    (["a.wav", "--runtime", "tpu"], "--runtime 'tpu': allowed: auto, onnx, nemo"),
+    (["a.wav", "--precision", "fp16"], "--precision 'fp16': allowed: fp32, int8"),
+    (["a.wav", "--url", "ws://127.0.0.1:1", "--runtime", "onnx"], "--runtime and --precision do not apply"),
     (["--hyp", "h.rttm", "--preset", "low"], "--preset, --url and --model need AUDIO files"),
     (["--hyp", "h.rttm", "--collar", "-1"], "--collar -1.0: must be >= 0 seconds"),
     (["missing.wav"], "missing.wav: file does not exist"),
