@@ -18,6 +18,9 @@ The cache directory itself must be this user's or root's: the seed's default
 (`$TMPDIR/nemo_cache`, `/tmp/nemo_cache`) is in a directory every local user can write, so it is
 created 0700, and one that another user made first is refused (`check_cache_dir`).
 
+Every hash goes through `digests.file_sha256` (one cache per process, handed from a worker to
+its successor while the files are unchanged: see `edge.diarization.digests`).
+
 Every failure is a `ModelUnavailable` whose `str()` is one line for the operator. Nothing here
 imports torch or NeMo: loading is the worker's (`worker/loading.py`).
 """
@@ -28,7 +31,6 @@ import contextlib
 import ctypes
 import fcntl
 import gc
-import hashlib
 import json
 import os
 import re
@@ -40,6 +42,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from edge.diarization.digests import file_sha256
 from edge.settings import Settings
 
 MARKER = "edge-extracted.json"
@@ -49,8 +52,6 @@ REQUIRED_MEMBERS = ("model_config.yaml", "model_weights.ckpt")
 SPACE_MARGIN = 64 * 1024 * 1024
 Progress = Callable[[int, int], None]
 
-# (path, size, mtime_ns, inode) -> sha256, so resolve + load in one process hash the file once.
-_digests: dict[tuple[str, int, int, int], str] = {}
 
 
 class ModelUnavailable(Exception):
@@ -130,6 +131,8 @@ def _extract_locked(path: Path, st: os.stat_result, root: Path, settings: Settin
             "sha256": sha, "files": files, "extracted_at": time.time(),
         })
         replace_folder(tmp, folder)
+        for name in files:  # hashed under tmp: known by identity, now under the names to report
+            file_sha256(folder / name)
     except OSError as exc:
         raise ModelUnavailable(f"cannot unpack {path} into {root}: {exc.strerror or exc}") from exc
     finally:
@@ -167,23 +170,6 @@ def remove_dead_temporaries(root: Path) -> list[str]:
                 shutil.rmtree(entry.path, ignore_errors=True)
                 removed.append(entry.name)
     return removed
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file (hex), remembered per (path, size, mtime, inode) within this process."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
-    if key not in _digests:
-        _digests[key] = _sha256_of(path)
-    return _digests[key]
-
-
-def _sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(4 * 1024 * 1024):
-            h.update(block)
-    return h.hexdigest()
 
 
 def replace_folder(tmp: Path, folder: Path) -> None:
@@ -380,7 +366,7 @@ def _unpack(path: Path, out: Path) -> dict[str, dict[str, Any]]:
         if p.is_file():
             with p.open("rb") as f:
                 os.fsync(f.fileno())
-            files[str(p.relative_to(out))] = {"size": p.stat().st_size, "sha256": _sha256_of(p)}
+            files[str(p.relative_to(out))] = {"size": p.stat().st_size, "sha256": file_sha256(p)}
     return files
 
 
@@ -403,7 +389,7 @@ def _marker_matches(marker: dict[str, Any], folder: Path, path: Path, st: os.sta
         p = folder / name
         if not isinstance(entry, dict) or not p.is_file() or p.stat().st_size != entry.get("size"):
             return False
-        if _sha256_of(p) != entry.get("sha256"):  # changed in place: same size, other bytes
+        if file_sha256(p) != entry.get("sha256"):  # changed in place: same size, other bytes
             return False
     return True
 

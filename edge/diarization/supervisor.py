@@ -34,6 +34,7 @@ from pydantic import SecretStr
 
 from edge.device import worker_rss_limit
 from edge.diarization import wire
+from edge.diarization.digests import MAX_DIGESTS
 from edge.diarization.process import WorkerProcess
 from edge.diarization.wire import Kind
 from edge.metrics import Metrics
@@ -75,6 +76,9 @@ class WorkerSupervisor:
         self.last_msg = time.monotonic()
         self._ps: psutil.Process | None = None
         self._generation = -1
+        # The files the last ready worker verified (READY `digests`, at most MAX_DIGESTS): sent
+        # in the next LOAD, so a restart re-hashes only files changed since (once per daemon life).
+        self._digests: list[Any] = []
         self._kill_cause: str | None = None
         self._ready_at: float | None = None
         self._last_rss = self._last_stats = time.monotonic()
@@ -171,7 +175,8 @@ class WorkerSupervisor:
         self.proc, self._ps, self.last_msg = proc, None, time.monotonic()
         with contextlib.suppress(psutil.Error):
             self._ps = psutil.Process(proc.pid)
-        proc.send(Kind.LOAD, {"settings": worker_settings(self.settings), "generation": self._generation})
+        proc.send(Kind.LOAD, {"settings": worker_settings(self.settings), "generation": self._generation,
+                              "digests": self._digests})
         try:
             while (msg := await proc.recv()) is not None:
                 self.last_msg = time.monotonic()
@@ -204,6 +209,8 @@ class WorkerSupervisor:
             self.handler.on_progress()
         elif kind is Kind.READY:
             self.ready, self._ready_at, self.progress = True, time.monotonic(), None
+            digests = m.get("digests")
+            self._digests = digests[-MAX_DIGESTS:] if isinstance(digests, list) else []
             self.handler.on_ready(m)
         elif kind is Kind.FATAL:
             self.final = True

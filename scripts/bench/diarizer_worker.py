@@ -92,6 +92,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await until(lambda: engine.state != "loading", 600)
         assert engine.state == "ready", (engine.state, engine.reason)
         out["cold_start_s"] = round(time.monotonic() - t0, 2)
+        out["cold_hashed"] = engine.figures.get("hashed")
         out["runtime"] = {k: engine.figures.get(k) for k in ("runtime", "precision", "device")}
         out["start_returns_s"] = round(start_return_s, 4)
         f = engine.figures
@@ -150,7 +151,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             out["restart_s"] = {"kill_to_ready_median": round(statistics.median(times), 2),
                                 "kill_to_ready_all": [round(x, 2) for x in times],
                                 "spawn_to_ready_median": round(statistics.median(load), 2),
-                                "detect_median_ms": round(1000 * statistics.median(detect), 1)}
+                                "detect_median_ms": round(1000 * statistics.median(detect), 1),
+                                # What the last restarted worker hashed itself vs took from its
+                                # predecessor's verified digests (absent before issue 11's fix).
+                                "last_hashed": engine.figures.get("hashed"),
+                                "last_reused": engine.figures.get("reused")}
         out["compute_capacity_live"] = engine.figures.get("compute_capacity")
     finally:
         await engine.close()

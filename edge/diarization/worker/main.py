@@ -94,7 +94,7 @@ class Worker:
         elif msg.kind is Kind.STATS:
             self.send(Kind.STATS_REPLY, self.stats())
         elif msg.kind is Kind.LOAD:
-            return self._load(m["settings"], int(m.get("generation", 0)))
+            return self._load(m["settings"], int(m.get("generation", 0)), m.get("digests"))
         elif msg.kind is Kind.SHUTDOWN:
             return False
         else:
@@ -153,8 +153,13 @@ class Worker:
         }
 
     # --- loading ---
-    def _load(self, values: dict[str, Any], generation: int) -> bool:
+    def _load(self, values: dict[str, Any], generation: int, digests: object = None) -> bool:
+        """Load the model. `digests`: what an earlier worker of this daemon verified (its READY
+        `digests`), trusted for files whose stat identity is unchanged (`DigestCache.seed`)."""
+        from edge.diarization.digests import digest_report, seed_digests
         from edge.settings import Settings
+
+        seed_digests(digests)
 
         try:
             settings = Settings(_env_file=None, **values)  # type: ignore[call-arg]
@@ -187,7 +192,7 @@ class Worker:
             self.send(Kind.FATAL, {"reason": f"model failed to load: {_one_line(exc)}"})
             return False
         figures.update(device=device, model=path.name, pid=os.getpid(), runtime=plan.runtime,
-                       precision=plan.precision)
+                       precision=plan.precision, **digest_report())
         self.send(Kind.READY, figures)
         return True
 
