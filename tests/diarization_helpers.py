@@ -69,3 +69,16 @@ def hand_made_export(folder: Path, source: Path, precisions: tuple[str, ...] = (
     marker.update(marker_overrides)
     write_marker(folder, marker)
     return marker
+
+
+def offline(model: Any, audio: np.ndarray, params: dict[str, int]) -> np.ndarray:
+    """NeMo's own path: features of the whole file, then `forward_streaming`."""
+    import torch
+
+    from edge.diarization.worker.streaming import apply_streaming_params
+
+    apply_streaming_params(model, params)
+    with torch.inference_mode():
+        preds = model.forward(audio_signal=torch.from_numpy(audio)[None],
+                              audio_signal_length=torch.tensor([audio.size]))
+    return preds[0].numpy()

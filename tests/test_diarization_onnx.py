@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from edge.diarization.model import ModelUnavailable
-from tests.diarization_helpers import SR, settings, speechlike
+from tests.diarization_helpers import SR, offline, settings, speechlike
 from tests.onnx_helpers import exported
 
 pytestmark = [pytest.mark.nemo, pytest.mark.timeout(900)]
@@ -45,19 +45,6 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, Path]:
 @pytest.fixture(scope="module")
 def audio() -> np.ndarray:
     return speechlike(45.0)
-
-
-def offline(model: Any, audio: np.ndarray, params: dict[str, int]) -> np.ndarray:
-    """NeMo's own path: features of the whole file, then `forward_streaming`."""
-    import torch
-
-    from edge.diarization.worker.streaming import apply_streaming_params
-
-    apply_streaming_params(model, params)
-    with torch.inference_mode():
-        preds = model.forward(audio_signal=torch.from_numpy(audio)[None],
-                              audio_signal_length=torch.tensor([audio.size]))
-    return preds[0].numpy()
 
 
 def run(diarizer: Any, audio: np.ndarray, pieces: Iterator[int]) -> tuple[np.ndarray, Any]:

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.diarization_helpers import SR, settings, speechlike
+from tests.diarization_helpers import SR, offline, settings, speechlike
 
 pytestmark = pytest.mark.nemo
 
@@ -28,19 +28,6 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Any:
 @pytest.fixture(scope="module")
 def audio() -> np.ndarray:
     return speechlike(45.0)
-
-
-def offline(model: Any, audio: np.ndarray, params: dict[str, int]) -> np.ndarray:
-    """NeMo's own path: features of the whole file, then `forward_streaming`."""
-    import torch
-
-    from edge.diarization.worker.streaming import apply_streaming_params
-
-    apply_streaming_params(model, params)
-    with torch.inference_mode():
-        preds = model.forward(audio_signal=torch.from_numpy(audio)[None],
-                              audio_signal_length=torch.tensor([audio.size]))
-    return preds[0].numpy()
 
 
 def live(model: Any, audio: np.ndarray, params: dict[str, int], pieces: Iterator[int],
