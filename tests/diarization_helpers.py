@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,3 +83,21 @@ def offline(model: Any, audio: np.ndarray, params: dict[str, int]) -> np.ndarray
         preds = model.forward(audio_signal=torch.from_numpy(audio)[None],
                               audio_signal_length=torch.tensor([audio.size]))
     return preds[0].numpy()
+
+
+def sizes(seconds: float) -> Iterator[int]:
+    """Audio piece sizes (samples) for feeding a stream: always `seconds` worth."""
+    while True:
+        yield int(seconds * SR)
+
+
+def random_sizes(seed: int = 1) -> Iterator[int]:
+    """Piece sizes that hit the edge cases: empty, one sample, around one hop, large."""
+    rng = np.random.default_rng(seed)
+    while True:
+        yield int(rng.choice([0, 1, 7, 159, 160, 161, 1000, 4000, 23456, 77777]))
+
+
+def default_params() -> dict[str, int]:
+    """The streaming parameters the default settings give."""
+    return settings(Path("/nonexistent")).diarization_streaming_params()

@@ -18,7 +18,15 @@ import numpy as np
 import pytest
 
 from edge.diarization.model import ModelUnavailable
-from tests.diarization_helpers import SR, offline, settings, speechlike
+from tests.diarization_helpers import (
+    SR,
+    default_params,
+    offline,
+    random_sizes,
+    settings,
+    sizes,
+    speechlike,
+)
 from tests.onnx_helpers import exported
 
 pytestmark = [pytest.mark.nemo, pytest.mark.timeout(900)]
@@ -66,21 +74,6 @@ def onnx_diarizer(export: Any, params: dict[str, int], **kw: Any) -> Any:
     from edge.diarization.worker.onnx_streaming import OnnxDiarizer
 
     return OnnxDiarizer(export, params, threads=1, **kw)
-
-
-def sizes(seconds: float) -> Iterator[int]:
-    while True:
-        yield int(seconds * SR)
-
-
-def random_sizes(seed: int = 1) -> Iterator[int]:
-    rng = np.random.default_rng(seed)
-    while True:
-        yield int(rng.choice([0, 1, 7, 159, 160, 161, 1000, 4000, 23456, 77777]))
-
-
-def default_params() -> dict[str, int]:
-    return settings(Path("/nonexistent")).diarization_streaming_params()
 
 
 def preset_params(preset: str) -> dict[str, int]:

@@ -9,7 +9,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.diarization_helpers import SR, offline, settings, speechlike
+from tests.diarization_helpers import (
+    SR,
+    default_params,
+    offline,
+    random_sizes,
+    settings,
+    sizes,
+    speechlike,
+)
 
 pytestmark = pytest.mark.nemo
 
@@ -48,21 +56,6 @@ def live(model: Any, audio: np.ndarray, params: dict[str, int], pieces: Iterator
     out.append(session.finish())
     diarizer.close()
     return np.concatenate(out), session
-
-
-def sizes(seconds: float) -> Iterator[int]:
-    while True:
-        yield int(seconds * SR)
-
-
-def random_sizes(seed: int = 1) -> Iterator[int]:
-    rng = np.random.default_rng(seed)
-    while True:
-        yield int(rng.choice([0, 1, 7, 159, 160, 161, 1000, 4000, 23456, 77777]))
-
-
-def default_params() -> dict[str, int]:
-    return settings(Path("/nonexistent")).diarization_streaming_params()
 
 
 # Small cache/FIFO so that the speaker cache compresses many times within 45 s.
