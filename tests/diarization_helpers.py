@@ -101,3 +101,30 @@ def random_sizes(seed: int = 1) -> Iterator[int]:
 def default_params() -> dict[str, int]:
     """The streaming parameters the default settings give."""
     return settings(Path("/nonexistent")).diarization_streaming_params()
+
+
+def load_tiny_model(cache: Path) -> Any:
+    """The tiny random-weight Sortformer, loaded through the worker's own path."""
+    from edge.diarization.model import resolve_model
+    from edge.diarization.worker.loading import load_model
+    from tests.fakes.sortformer import tiny_model_path
+
+    s = settings(cache, nemo_diar_model_path=tiny_model_path())
+    return load_model(resolve_model(s), s)
+
+
+def run(diarizer: Any, audio: np.ndarray, pieces: Iterator[int]) -> tuple[np.ndarray, Any]:
+    """Feed `audio` to a new session of `diarizer` in `pieces`, then finish it; returns all
+    frames and the session, checking the frame count and shape on every piece."""
+    session = diarizer.new_session()
+    out, i = [], 0
+    for n in pieces:
+        if i >= audio.size:
+            break
+        frames = session.feed(audio[i : i + n])
+        assert frames.dtype == np.float32 and frames.shape[1] == 4
+        out.append(frames)
+        i += n
+        assert session.frames_emitted == sum(len(o) for o in out)
+    out.append(session.finish())
+    return np.concatenate(out), session

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +20,10 @@ from edge.diarization.model import ModelUnavailable
 from tests.diarization_helpers import (
     SR,
     default_params,
+    load_tiny_model,
     offline,
     random_sizes,
+    run,
     settings,
     sizes,
     speechlike,
@@ -41,33 +42,15 @@ INT8_AGREEMENT = 0.95
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, Path]:
     """(NeMo model, fp32 Export, .nemo path) for the tiny model."""
-    from edge.diarization.model import resolve_model
-    from edge.diarization.worker.loading import load_model
     from tests.fakes.sortformer import tiny_model_path
 
     export = exported(tiny_model_path())
-    s = settings(tmp_path_factory.mktemp("cache"), nemo_diar_model_path=tiny_model_path())
-    return load_model(resolve_model(s), s), export, tiny_model_path()
+    return load_tiny_model(tmp_path_factory.mktemp("cache")), export, tiny_model_path()
 
 
 @pytest.fixture(scope="module")
 def audio() -> np.ndarray:
     return speechlike(45.0)
-
-
-def run(diarizer: Any, audio: np.ndarray, pieces: Iterator[int]) -> tuple[np.ndarray, Any]:
-    session = diarizer.new_session()
-    out, i = [], 0
-    for n in pieces:
-        if i >= audio.size:
-            break
-        frames = session.feed(audio[i : i + n])
-        assert frames.dtype == np.float32 and frames.shape[1] == 4
-        out.append(frames)
-        i += n
-        assert session.frames_emitted == sum(len(o) for o in out)
-    out.append(session.finish())
-    return np.concatenate(out), session
 
 
 def onnx_diarizer(export: Any, params: dict[str, int], **kw: Any) -> Any:

@@ -12,8 +12,10 @@ import pytest
 from tests.diarization_helpers import (
     SR,
     default_params,
+    load_tiny_model,
     offline,
     random_sizes,
+    run,
     settings,
     sizes,
     speechlike,
@@ -25,12 +27,7 @@ pytestmark = pytest.mark.nemo
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from edge.diarization.model import resolve_model
-    from edge.diarization.worker.loading import load_model
-    from tests.fakes.sortformer import tiny_model_path
-
-    s = settings(tmp_path_factory.mktemp("cache"), nemo_diar_model_path=tiny_model_path())
-    return load_model(resolve_model(s), s)
+    return load_tiny_model(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="module")
@@ -43,19 +40,10 @@ def live(model: Any, audio: np.ndarray, params: dict[str, int], pieces: Iterator
     from edge.diarization.worker.streaming import StreamingDiarizer
 
     diarizer = StreamingDiarizer(model, params, max_speakers=max_speakers)
-    session = diarizer.new_session()
-    out, i = [], 0
-    for n in pieces:
-        if i >= audio.size:
-            break
-        frames = session.feed(audio[i : i + n])
-        assert frames.dtype == np.float32 and frames.shape[1] == 4
-        out.append(frames)
-        i += n
-        assert session.frames_emitted == sum(len(o) for o in out)
-    out.append(session.finish())
-    diarizer.close()
-    return np.concatenate(out), session
+    try:
+        return run(diarizer, audio, pieces)
+    finally:
+        diarizer.close()
 
 
 # Small cache/FIFO so that the speaker cache compresses many times within 45 s.
