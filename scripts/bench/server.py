@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -191,6 +192,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     if unknown := set(formats) - set(FORMATS):
         raise SystemExit(f"--formats: unknown {sorted(unknown)}; allowed: {', '.join(FORMATS)}")
     tone = "webm-opus" in formats
+    if tone and shutil.which("ffmpeg") is None:
+        raise SystemExit("--formats webm-opus needs ffmpeg to make the audio (apt-get install ffmpeg)")
     with fake_google(word_code="tone" if tone else "exact") as endpoint, daemon(
             EDGE_STT_ENDPOINT=endpoint, EDGE_STT_INSECURE="true", **settings) as (pid, http, ws):
         diarizer = await wait_diarizer(http) if args.diarizer else None
