@@ -23,7 +23,7 @@ from edge.diarization.model import (
 from edge.diarization.worker.loading import load_model
 from tests.fakes.hf_hub import FakeHub, serve_file
 from tests.helpers.daemon import ROOT
-from tests.helpers.diarization import settings
+from tests.helpers.diarization import one_line, settings
 
 REPO = "nvidia/diar_streaming_sortformer_4spk-v2.1"
 
@@ -40,12 +40,6 @@ def fake_nemo(path: Path, weights: bytes = b"w" * 3_000_000, config: bytes = b"x
 
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def one_line(exc: pytest.ExceptionInfo[ModelUnavailable]) -> str:
-    text = str(exc.value)
-    assert "\n" not in text
-    return text
 
 
 # --- resolution ---

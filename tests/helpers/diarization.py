@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 from edge.diarization.exports import (
     FEATURES_FILE,
@@ -17,7 +18,7 @@ from edge.diarization.exports import (
     file_entry,
     write_marker,
 )
-from edge.diarization.model import file_sha256
+from edge.diarization.model import ModelUnavailable, file_sha256
 from edge.settings import Settings
 
 SR = 16000
@@ -30,6 +31,13 @@ def settings(cache: Path, **overrides: Any) -> Settings:
                               "edge_model_sha256": None}
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+def one_line(exc: pytest.ExceptionInfo[ModelUnavailable]) -> str:
+    """The message of a raised ModelUnavailable, asserting it is one line."""
+    text = str(exc.value)
+    assert "\n" not in text
+    return text
 
 
 def speechlike(seconds: float, seed: int = 0) -> np.ndarray:
