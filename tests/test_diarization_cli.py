@@ -97,18 +97,6 @@ def test_diarize_reports_a_missing_model(tmp_path: Path) -> None:
     assert run.stderr.strip().splitlines()[-1].startswith("edge: no model: NEMO_DIAR_MODEL_PATH is unset")
 
 
-def test_rttm_lines_give_one_turn_per_run_of_a_speaker_above_half() -> None:
-    from edge.diarization.files import rttm_lines
-
-    p = np.zeros((10, 4), dtype=np.float32)
-    p[2:5, 0] = 0.9
-    p[4:10, 1] = 0.7
-    assert rttm_lines(p, "f") == [
-        "SPEAKER f 1 0.16 0.24 <NA> <NA> speaker_0 <NA> <NA>",
-        "SPEAKER f 1 0.32 0.48 <NA> <NA> speaker_1 <NA> <NA>",
-    ]
-
-
 @pytest.mark.nemo
 def test_model_fetch_loads_the_configured_model(tmp_path: Path) -> None:
     from tests.fakes.sortformer import tiny_model_path

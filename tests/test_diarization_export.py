@@ -25,7 +25,6 @@ from edge.diarization.exports import (
 from edge.diarization.model import ModelUnavailable, file_sha256
 from tests.helpers.diarization import settings
 
-
 # --- the builder, on the tiny random-weight model (NeMo, torch, onnxruntime) ---
 
 STEP_PARAMS = {"chunk_len": 10, "chunk_left_context": 2, "chunk_right_context": 2, "fifo_len": 20,

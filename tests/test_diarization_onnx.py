@@ -1,7 +1,7 @@
 """The ONNX Runtime diarizer (worker/onnx_streaming.py) against NeMo, on the tiny random-weight
 model exported by `edge model export` (worker/export.py): the same probabilities as NeMo's
-`model.forward()` on the whole file, the same folding decisions, int8 close to fp32, and the
-runtime choice with its fallbacks.
+`model.forward()` on the whole file, the same folding decisions, and int8 close to fp32. The
+runtime choice with its fallbacks is in test_diarization_runtime.py.
 
 Random weights prove equivalence, never accuracy.
 """
@@ -156,37 +156,6 @@ def test_optimized_graph_is_cached_beside_the_export(tiny: Any, tmp_path: Path) 
     mtime = cached.stat().st_mtime_ns
     onnx_diarizer(export, SMALL)  # a later start loads it instead of writing it again
     assert cached.stat().st_mtime_ns == mtime
-
-
-def test_the_runtime_plan_takes_a_valid_export_and_falls_back_with_the_reason(
-    tiny: Any, tmp_path: Path,
-) -> None:
-    from edge.diarization.runtime import plan_runtime
-
-    _, export, model_path = tiny
-    # The export lives in the model's export_dir (NEMO_CACHE_DIR/exported/...) for the finder.
-    s = settings(tmp_path / "cache", nemo_diar_model_path=model_path)
-    from edge.diarization.exports import export_dir
-
-    folder = export_dir(s, model_path)
-    plan = plan_runtime(s, model_path)
-    assert plan.runtime == "nemo" and "edge model export" in plan.note  # auto, nothing exported
-    with pytest.raises(ModelUnavailable, match="EDGE_DIARIZATION_RUNTIME=onnx but no export"):
-        plan_runtime(s.model_copy(update={"edge_diarization_runtime": "onnx"}), model_path)
-    shutil.copytree(export.folder, folder, ignore=shutil.ignore_patterns("*.opt-*"))
-    plan = plan_runtime(s, model_path)
-    assert (plan.runtime, plan.precision, plan.export.onnx) == ("onnx", "fp32", folder / "model.onnx")
-    int8 = plan_runtime(s.model_copy(update={"edge_diarization_precision": "int8"}), model_path)
-    assert int8.export is not None and int8.export.onnx.name == "model.int8.onnx"
-    nemo = plan_runtime(s.model_copy(update={"edge_diarization_runtime": "nemo"}), model_path)
-    assert nemo.runtime == "nemo"
-    # A truncated graph: auto falls back with the reason, onnx refuses with it.
-    data = (folder / "model.onnx").read_bytes()
-    (folder / "model.onnx").write_bytes(data[: len(data) // 2])
-    plan = plan_runtime(s, model_path)
-    assert plan.runtime == "nemo" and "truncated" in plan.note
-    with pytest.raises(ModelUnavailable, match="truncated"):
-        plan_runtime(s.model_copy(update={"edge_diarization_runtime": "onnx"}), model_path)
 
 
 def test_an_int8_graph_that_does_not_load_is_unavailable_not_a_crash(tiny: Any, tmp_path: Path) -> None:
