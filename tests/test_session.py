@@ -168,14 +168,15 @@ async def test_a_client_that_vanishes_ends_gone_and_its_google_call_is_released(
     async with sessions() as served:
         async with connect(served.url()) as ws:
             await send_audio(ws, audio)
-            await served.sessions.get()
+            while not served.fake.calls:  # the session's Google call is open
+                await asyncio.sleep(0.01)
             ws.transport.abort()  # no close frame, no CloseStream
         assert await served.ended() == "gone"
         for _ in range(200):
-            if served.fake.calls and served.fake.calls[-1].outcome != "open":
+            if served.fake.calls[-1].outcome != "open":
                 break
             await asyncio.sleep(0.05)
-        assert served.fake.calls[-1].outcome in ("cancelled", "ok")
+        assert served.fake.calls[-1].outcome == "cancelled"
 
 
 async def test_a_bad_text_frame_gets_an_error_and_the_session_goes_on() -> None:
@@ -260,13 +261,14 @@ async def test_a_finalize_flood_is_refused_with_an_error_and_loses_no_words() ->
     audio, script = encode(utterances(2, words=2))
     async with sessions() as served, connect(served.url()) as ws:
         await send_audio(ws, audio)
-        for _ in range(30):  # the bound: bursts of 10, then 2 per second
+        for _ in range(30):
             await ws.send(json.dumps({"type": "Finalize"}))
         await ws.send(json.dumps({"type": "CloseStream"}))
         messages = await read_all(ws, timeout=30)
         assert await served.ended() == "close"
+    # Bursts of 10, then 2 per second: how many more pass depends on how fast 30 were sent.
     refused = errors(messages, "FINALIZE_RATE_LIMITED")
-    assert 10 <= len(refused) <= 20
+    assert 0 < len(refused) <= 20
     assert texts(final_words(messages)) == scripted(script)
     assert messages[-1]["type"] == "Metadata"
 
