@@ -31,6 +31,7 @@ from edge.stt.google import create_upstream
 from edge.stt.replay import Backoff
 from tests.fakes.google_speech import FakeSpeech, ScriptWord, encode, fake_speech, utterances
 from tests.helpers.daemon import SR, final_words
+from tests.helpers.listen import read_until_closed
 
 pytestmark = pytest.mark.timeout(120)
 CHUNK = 3200  # 100 ms of 16 kHz linear16
@@ -88,15 +89,6 @@ async def send_audio(ws: ClientConnection, audio: bytes) -> None:
         await ws.send(audio[i:i + CHUNK])
 
 
-async def read_all(ws: ClientConnection, timeout: float = 20) -> list[dict[str, Any]]:
-    """Every message until the server closes the connection."""
-    messages = []
-    with contextlib.suppress(ConnectionClosed):
-        while True:
-            messages.append(json.loads(await asyncio.wait_for(ws.recv(), timeout)))
-    return messages
-
-
 async def read_until(ws: ClientConnection, want: Any, timeout: float = 20) -> list[dict[str, Any]]:
     """Messages up to and including the first for which `want(message)` holds."""
     messages: list[dict[str, Any]] = []
@@ -122,7 +114,7 @@ async def test_close_stream_flushes_every_final_then_metadata_and_closes_1000() 
     async with sessions() as served, connect(served.url()) as ws:
         await send_audio(ws, audio)
         await ws.send(json.dumps({"type": "CloseStream"}))
-        messages = await read_all(ws)
+        messages = await read_until_closed(ws, timeout=20)
         assert await served.ended() == "close"
     assert (ws.close_code, ws.close_reason) == (1000, "")
     assert texts(final_words(messages)) == scripted(script)
@@ -142,7 +134,7 @@ async def test_shutdown_flushes_the_finals_owed_and_metadata_then_closes_1001() 
         while session.deps.metrics.audio_seconds._value.get() < len(audio) / 2 / SR - 0.01:
             await asyncio.sleep(0.01)
         session.end("shutdown")
-        messages = await read_all(ws)
+        messages = await read_until_closed(ws, timeout=20)
         assert await served.ended() == "shutdown"
     assert (ws.close_code, ws.close_reason) == (1001, protocol.REASON_SHUTDOWN)
     assert texts(final_words(messages)) == scripted(script)  # no CloseStream, nothing lost
@@ -157,7 +149,7 @@ async def test_idle_end_closes_1011_without_metadata_and_the_first_reason_wins()
         session = await served.sessions.get()
         session.end("idle")
         session.end("shutdown")  # a second reason changes nothing
-        messages = await read_all(ws)
+        messages = await read_until_closed(ws, timeout=20)
         assert await served.ended() == "idle"
     assert (ws.close_code, ws.close_reason) == (1011, protocol.REASON_IDLE)
     assert "Metadata" not in {m["type"] for m in messages}
@@ -189,7 +181,7 @@ async def test_a_bad_text_frame_gets_an_error_and_the_session_goes_on() -> None:
         assert "Dance" in first[1]["description"]
         await send_audio(ws, audio)
         await ws.send(json.dumps({"type": "CloseStream"}))
-        messages = await read_all(ws)
+        messages = await read_until_closed(ws, timeout=20)
         assert await served.ended() == "close"
     assert texts(final_words(messages)) == scripted(script)
     assert messages[-1]["type"] == "Metadata"
@@ -201,7 +193,7 @@ async def test_configure_is_answered_and_changes_nothing() -> None:
         reply = json.loads(await asyncio.wait_for(ws.recv(), 5))
         assert reply["type"] == "ConfigureFailure" and "punctuate" in json.dumps(reply)
         await ws.send(json.dumps({"type": "CloseStream"}))
-        assert (await read_all(ws))[-1]["type"] == "Metadata"
+        assert (await read_until_closed(ws, timeout=20))[-1]["type"] == "Metadata"
         assert await served.ended() == "close"
 
 
@@ -209,7 +201,7 @@ async def test_an_oversize_frame_ends_too_large_with_1008_and_no_metadata() -> N
     async with sessions(edge_max_frame_bytes=4096) as served, connect(served.url()) as ws:
         await ws.send(b"\0" * 4096)  # at the bound: audio
         await ws.send(b"\0" * 4097)
-        messages = await read_all(ws)
+        messages = await read_until_closed(ws, timeout=20)
         assert await served.ended() == "too_large"
     assert (ws.close_code, ws.close_reason) == (1008, protocol.REASON_FRAME_TOO_LARGE)
     assert "Metadata" not in {m["type"] for m in messages}
@@ -220,7 +212,7 @@ async def test_too_many_frames_end_too_fast_with_an_error_saying_the_bound() -> 
         with contextlib.suppress(ConnectionClosed):
             for _ in range(100):  # the bucket holds one second's burst: 10 frames
                 await ws.send(b"\0" * 320)
-        messages = await read_all(ws)
+        messages = await read_until_closed(ws, timeout=20)
         assert await served.ended() == "too_fast"
     assert (ws.close_code, ws.close_reason) == (1008, protocol.REASON_TOO_MANY_FRAMES)
     [error] = errors(messages, "TOO_MANY_FRAMES")
@@ -237,7 +229,7 @@ async def test_audio_that_ends_inside_its_header_ends_bad_audio_with_data_0000()
     async with sessions() as served, connect(served.url("diarize=false")) as ws:
         await ws.send(buf.getvalue()[:30])  # no encoding given: the first bytes say WAV
         await ws.send(json.dumps({"type": "CloseStream"}))
-        messages = await read_all(ws)
+        messages = await read_until_closed(ws, timeout=20)
         assert await served.ended() == "bad_audio"
     assert (ws.close_code, ws.close_reason) == (1008, protocol.REASON_BAD_AUDIO)
     [error] = errors(messages, protocol.REASON_BAD_AUDIO)
@@ -252,7 +244,7 @@ async def test_finalize_answers_with_from_finalize_finals_for_the_audio_so_far()
         got = await read_until(ws, lambda m: m["type"] == "Results" and m.get("from_finalize"))
         assert texts(final_words(got)) == scripted(script1)
         await ws.send(json.dumps({"type": "CloseStream"}))
-        rest = await read_all(ws)
+        rest = await read_until_closed(ws, timeout=20)
         assert await served.ended() == "close"
     assert rest[-1]["type"] == "Metadata"
 
@@ -264,7 +256,7 @@ async def test_a_finalize_flood_is_refused_with_an_error_and_loses_no_words() ->
         for _ in range(30):
             await ws.send(json.dumps({"type": "Finalize"}))
         await ws.send(json.dumps({"type": "CloseStream"}))
-        messages = await read_all(ws, timeout=30)
+        messages = await read_until_closed(ws, timeout=30)
         assert await served.ended() == "close"
     # Bursts of 10, then 2 per second: how many more pass depends on how fast 30 were sent.
     refused = errors(messages, "FINALIZE_RATE_LIMITED")
@@ -280,7 +272,7 @@ async def test_an_upstream_that_refuses_the_config_is_reported_and_the_session_s
         async with connect(served.url()) as ws:
             await send_audio(ws, audio)
             await ws.send(json.dumps({"type": "CloseStream"}))
-            messages = await read_all(ws)
+            messages = await read_until_closed(ws, timeout=20)
             assert await served.ended() == "close"
     assert (ws.close_code, ws.close_reason) == (1000, "")
     [error] = errors(messages, "UPSTREAM_ERROR")
