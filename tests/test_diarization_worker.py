@@ -20,12 +20,12 @@ from typing import Any
 import psutil
 import pytest
 
+from edge.clock import AudioBlock
 from edge.diarization import nemo_diarization_available
 from edge.diarization.engine import DiarizationEngine
 from edge.diarization.session import DiarizerSession
 from edge.health import Status
 from edge.metrics import Metrics
-from edge.stt.base import AudioBlock
 from tests.diarization_helpers import SR, settings, speechlike
 
 ROOT = Path(__file__).resolve().parent.parent
