@@ -124,3 +124,35 @@ def test_forgetting_keeps_the_map_bounded_and_later_offsets_exact() -> None:
     assert m.to_session(998 * FRAME_SAMPLES) == 998 * 3 * FRAME_SAMPLES
     m.forget_before(10**9)  # past everything: the last piece stays
     assert m.pieces == 1 and m.to_session(999 * FRAME_SAMPLES) == 999 * 3 * FRAME_SAMPLES
+
+
+# --- the one "active" rule ----------------------------------------------------------------------
+def test_a_slot_at_exactly_the_threshold_is_active_everywhere() -> None:
+    """The timeline, the RTTM writer and slot folding share ACTIVE_THRESHOLD with one rule (>=)."""
+    import numpy as np
+
+    from edge.clock import ACTIVE_THRESHOLD, SLOTS
+    from edge.diarization.files import rttm_lines
+    from edge.diarization.timeline import SpeakerTimeline
+    from edge.diarization.worker.stream_core import Folding
+
+    at = np.zeros((3, SLOTS), np.float32)
+    at[:, 2] = ACTIVE_THRESHOLD
+    below = at.copy()
+    below[:, 2] = np.nextafter(np.float32(ACTIVE_THRESHOLD), np.float32(0))
+
+    assert [len(rttm_lines(p, "f")) for p in (at, below)] == [1, 0]
+
+    def voiced(p: np.ndarray) -> list[bool]:
+        timeline = SpeakerTimeline()
+        timeline.add(0, p)
+        return timeline.voiced(0)[1].tolist()
+
+    assert voiced(at) == [True] * 3 and voiced(below) == [False] * 3
+
+    def folded(p: np.ndarray) -> dict[int, int]:
+        folding = Folding(max_speakers=2)
+        folding.observe(p, np.ones((len(p), 8)))
+        return folding.fold_map
+
+    assert folded(at) == {2: 1} and folded(below) == {}

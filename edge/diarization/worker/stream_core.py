@@ -48,16 +48,16 @@ class ChunkCutter:
         self.chunk_start = 0  # feature-frame index where the next chunk starts (NeMo's `stt`)
 
     def add(self, frames: np.ndarray) -> None:
-        """Append newly final feature frames (n, n_mels)."""
+        """Append newly complete feature frames (n, n_mels)."""
         if len(frames):
             self.feats = np.concatenate((self.feats, np.asarray(frames, np.float32)))
 
-    def chunks(self, final: bool) -> Iterator[tuple[np.ndarray, int, int]]:
+    def chunks(self, flush: bool) -> Iterator[tuple[np.ndarray, int, int]]:
         """Yield `(frames (left + chunk + right, n_mels), left, right)` for every complete chunk
-        (every remaining one when `final`), advancing past each as it is yielded."""
+        (every remaining one when `flush`: the audio ended), advancing past each as it is yielded."""
         while True:
             n_feat = self.base + len(self.feats)
-            if final:
+            if flush:
                 if self.chunk_start >= n_feat:
                     return
             elif n_feat < self.chunk_start + self.chunk + self.rc:
@@ -171,7 +171,7 @@ class SessionStreamBase(ABC):
     def feed(self, samples: np.ndarray) -> np.ndarray:
         """Add audio: float32 mono 16 kHz in [-1, 1], any length (0 is fine).
 
-        Returns the newly final frames, shape (n, 4) float32 speaker probabilities (n may be 0).
+        Returns the newly complete frames, shape (n, `SLOTS`) float32 slot probabilities (n may be 0).
         Raises `ValueError` for non-1-D input, `RuntimeError` after `finish()`.
         """
         if self.finished:
@@ -180,14 +180,14 @@ class SessionStreamBase(ABC):
         if arr.ndim != 1:
             raise ValueError(f"samples must be 1-D mono, got shape {arr.shape}")
         self.cutter.add(self._push_features(arr))
-        return self._run(final=False)
+        return self._run(flush=False)
 
     def finish(self) -> np.ndarray:
         """End of audio: pads like the offline path, returns the remaining frames (n, 4)."""
         if self.finished:
             return np.zeros((0, SLOTS), dtype=np.float32)
         self.cutter.add(self._finish_features())
-        out = self._run(final=True)
+        out = self._run(flush=True)
         self.finished = True
         return out
 
@@ -195,9 +195,9 @@ class SessionStreamBase(ABC):
         """Memory held by this session: runtime state, feature and sample buffers, folding."""
         return self._state_bytes() + self.cutter.nbytes() + self.folding.nbytes()
 
-    def _run(self, final: bool) -> np.ndarray:
+    def _run(self, flush: bool) -> np.ndarray:
         outputs = []
-        for chunk, left, right in self.cutter.chunks(final):
+        for chunk, left, right in self.cutter.chunks(flush):
             preds, hidden = self._step(chunk, left, right)
             if hidden is not None and self.folding.needs_hidden:
                 self.folding.observe(preds, hidden)
@@ -210,7 +210,7 @@ class SessionStreamBase(ABC):
 
     @abstractmethod
     def _push_features(self, samples: np.ndarray) -> np.ndarray:
-        """Newly final feature frames (n, n_mels) for these samples."""
+        """Newly complete feature frames (n, n_mels) for these samples."""
 
     @abstractmethod
     def _finish_features(self) -> np.ndarray:
