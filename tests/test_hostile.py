@@ -148,7 +148,7 @@ async def test_one_sample_frames_lose_no_audio_on_the_way_to_google() -> None:
 
     audio, script = encode(utterances(1))
     async with with_fake_google(edge_max_frames_per_s=100000) as app, connect(
-                listen_url(app, "diarize=false"), additional_headers=AUTH) as ws:
+            listen_url(app, "diarize=false"), additional_headers=AUTH) as ws:
         for i in range(0, len(audio), 2):
             await ws.send(audio[i:i + 2])
         await ws.send(json.dumps({"type": "CloseStream"}))

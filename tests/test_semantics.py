@@ -100,7 +100,7 @@ async def test_multichannel_stereo_gives_a_results_stream_per_channel() -> None:
     messages: list[dict[str, Any]] = []
     # v1 with Google's diarization: the fake tags word wN as speaker N % 3 + 1.
     async with with_fake_google(edge_stt_api="v1", edge_stt_language="en-US",
-                      edge_stt_model="latest_long") as app, connect(
+                                edge_stt_model="latest_long") as app, connect(
             f"{url(app)}/v1/listen?channels=2&multichannel=true&diarize=true&utterance_end_ms=1000",
             additional_headers={"Authorization": f"Token {KEY}"}) as ws:
         data = stereo.reshape(-1).tobytes()
