@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
+import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +22,7 @@ import pytest
 from edge import checks, cli
 from edge.checks import Check
 from edge.settings import load_settings
-from tests.conftest import running_app
+from tests.conftest import ROOT, running_app
 from tests.fakes.machine import FakeMachine, sd_card_jetson
 
 MODEL = "diar_streaming_sortformer_4spk-v2.1.nemo"
@@ -194,12 +199,58 @@ def test_google_credentials(tmp_path: Path) -> None:
     assert _run(tmp_path, edge_stt_api="none")["google"].level == "ok"
 
 
-def test_google_default_is_bounded() -> None:
-    # Whatever the machine has, the probe answers (ok or an exception) within its timeout.
-    try:
-        checks._google_default(timeout=0.001)
-    except Exception as exc:
-        assert isinstance(exc, TimeoutError | RuntimeError)
+@contextlib.contextmanager
+def _silent_metadata_server() -> Iterator[tuple[str, list[socket.socket]]]:
+    """A stand-in for the GCE metadata server that accepts connections and never answers, as
+    a firewalled link-local address can do: yields its `host:port` and the connections made."""
+    accepted: list[socket.socket] = []
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+
+        def accept() -> None:
+            with contextlib.suppress(OSError):  # the listening socket closed: done
+                while True:
+                    accepted.append(server.accept()[0])
+
+        thread = threading.Thread(target=accept, daemon=True)
+        thread.start()
+        try:
+            yield f"127.0.0.1:{server.getsockname()[1]}", accepted
+        finally:
+            for conn in accepted:
+                conn.close()
+
+
+def test_google_default_is_bounded(tmp_path: Path) -> None:
+    """With no credentials anywhere, google.auth.default() asks the GCE metadata server, and
+    one that never answers holds it for 3 s per try (3 tries). The probe returns a timeout
+    within its bound instead. In a child process: google-auth reads the metadata address from
+    the environment when first imported."""
+    bound = 1.0
+    code = (
+        "import json, sys, time\n"
+        "import google.auth, google.auth.transport.requests\n"  # not timed: imports are slow
+        "from edge import checks\n"
+        "t0 = time.monotonic()\n"
+        "try:\n"
+        f"    outcome = 'answered: ' + checks._google_default(timeout={bound})\n"
+        "except Exception as exc:\n"
+        "    outcome = type(exc).__name__ + ': ' + str(exc)\n"
+        "print(json.dumps({'elapsed': time.monotonic() - t0, 'outcome': outcome}))\n"
+    )
+    with _silent_metadata_server() as (address, accepted):
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("GOOGLE_", "GCE_", "CLOUDSDK_", "GAE_", "NO_GCE"))}
+        env.update(HOME=str(tmp_path), CLOUDSDK_CONFIG=str(tmp_path / "gcloud"),
+                   GCE_METADATA_HOST=address, GCE_METADATA_IP=address)
+        child = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
+                               capture_output=True, text=True, timeout=120)
+        assert child.returncode == 0, child.stderr
+        found = json.loads(child.stdout)
+        assert accepted, "the probe never reached the metadata stand-in: nothing was bounded"
+    assert found["outcome"] == f"TimeoutError: google.auth.default() gave no answer in {bound:g} s"
+    assert bound <= found["elapsed"] < bound + 1.5, found
 
 
 def test_port_free_or_taken() -> None:
