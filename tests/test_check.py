@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -22,7 +21,7 @@ import pytest
 from edge import checks, cli
 from edge.checks import Check
 from edge.settings import load_settings
-from tests.conftest import ROOT, running_app
+from tests.conftest import ROOT, daemon_env, running_app
 from tests.fakes.machine import FakeMachine, sd_card_jetson
 
 MODEL = "diar_streaming_sortformer_4spk-v2.1.nemo"
@@ -224,8 +223,8 @@ def _silent_metadata_server() -> Iterator[tuple[str, list[socket.socket]]]:
 
 def test_google_default_is_bounded(tmp_path: Path) -> None:
     """With no credentials anywhere, google.auth.default() asks the GCE metadata server, and
-    one that never answers holds it for 3 s per try (3 tries). The probe returns a timeout
-    within its bound instead. In a child process: google-auth reads the metadata address from
+    one that never answers holds it for 3 s per try (3 tries). The probe gives up within its
+    bound instead, saying so. In a child process: google-auth reads the metadata address from
     the environment when first imported."""
     bound = 1.0
     code = (
@@ -240,7 +239,7 @@ def test_google_default_is_bounded(tmp_path: Path) -> None:
         "print(json.dumps({'elapsed': time.monotonic() - t0, 'outcome': outcome}))\n"
     )
     with _silent_metadata_server() as (address, accepted):
-        env = {k: v for k, v in os.environ.items()
+        env = {k: v for k, v in daemon_env().items()
                if not k.startswith(("GOOGLE_", "GCE_", "CLOUDSDK_", "GAE_", "NO_GCE"))}
         env.update(HOME=str(tmp_path), CLOUDSDK_CONFIG=str(tmp_path / "gcloud"),
                    GCE_METADATA_HOST=address, GCE_METADATA_IP=address)
@@ -249,7 +248,7 @@ def test_google_default_is_bounded(tmp_path: Path) -> None:
         assert child.returncode == 0, child.stderr
         found = json.loads(child.stdout)
         assert accepted, "the probe never reached the metadata stand-in: nothing was bounded"
-    assert found["outcome"] == f"TimeoutError: google.auth.default() gave no answer in {bound:g} s"
+    assert not found["outcome"].startswith("answered") and f"{bound:g} s" in found["outcome"], found
     assert bound <= found["elapsed"] < bound + 1.5, found
 
 
