@@ -23,7 +23,7 @@ from tests.conftest import KEY, ROOT
 from tests.fakes.google_speech import encode
 from tests.test_semantics import GROUPS, check_groups, daemon, end_of_speech_sequence
 
-SDK = "@deepgram/sdk@5.13.0"  # the version notes/deepgram-compat.md was checked with
+SDK = "@deepgram/sdk@5.13.0"  # the version docs/notes/deepgram-compat.md was checked with
 CACHE = ROOT / ".cache" / "npm-deepgram"
 
 

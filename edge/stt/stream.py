@@ -342,7 +342,7 @@ class StreamRun:
     async def _read(self, requests: AsyncIterator[Any], call: _Call) -> _Outcome:
         loop = asyncio.get_running_loop()
         try:
-            # No `retry=`: with the service down it retries, then hangs (notes/google-speech.md).
+            # No `retry=`: with the service down it retries, then hangs (docs/notes/google-speech.md).
             call.rpc = await self.client.streaming_recognize(requests=requests)
             async for response in call.rpc:
                 call.responses += 1
