@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 from edge import protocol
 from edge.audio import SessionAudio
-from edge.diarization.merge import FRAME_S, SpeakerTurn
+from edge.clock import FRAME_S, AudioBlock
+from edge.diarization.timeline import SpeakerTurn
 from edge.endpoint import EndOfSpeech, Final, UtteranceEnd, VoiceRuns
 from edge.health import Status
 from edge.metrics import Metrics
@@ -41,7 +42,7 @@ from edge.plan import Plan
 from edge.protocol import ListenParams, ModelInfo
 from edge.settings import Settings
 from edge.speakers import SpeakerNumbers, label_words
-from edge.stt.base import AudioBlock, TranscriptEvent, Upstream, Word
+from edge.stt.base import TranscriptEvent, Upstream, Word
 from edge.upstream_queue import UpstreamQueue
 
 if TYPE_CHECKING:

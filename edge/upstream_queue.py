@@ -13,11 +13,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from edge.stt.base import FLUSH, AudioBlock, AudioItem
+from edge.clock import SAMPLE_RATE, AudioBlock
+from edge.stt.base import FLUSH, AudioItem
 
 UPSTREAM_QUEUE_S = 10.0
-MIN_QUEUED_SAMPLES = 320  # 20 ms: smaller blocks are joined before the upstream queue
-BLOCKS_PER_S = 1000 // 20  # blocks of at least 20 ms: the bound in blocks is at least the seconds
+MIN_QUEUED_S = 0.02  # smaller blocks are joined before the upstream queue
+MIN_QUEUED_SAMPLES = round(SAMPLE_RATE * MIN_QUEUED_S)
 
 
 class UpstreamQueue:
@@ -25,8 +26,9 @@ class UpstreamQueue:
 
     def __init__(self, seconds: float = UPSTREAM_QUEUE_S) -> None:
         # None is the end of audio.
+        # Every block holds at least MIN_QUEUED_S, so this many hold at least `seconds`.
         self._queue: asyncio.Queue[AudioItem | None] = asyncio.Queue(
-            max(4, int(seconds * BLOCKS_PER_S)))
+            max(4, round(seconds / MIN_QUEUED_S)))
         self._held: AudioBlock | None = None  # audio under MIN_QUEUED_SAMPLES, not yet queued
 
     def push(self, block: AudioBlock) -> list[AudioBlock]:

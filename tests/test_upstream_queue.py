@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from edge.stt.base import FLUSH, AudioBlock, AudioItem
+from edge.clock import AudioBlock
+from edge.stt.base import FLUSH, AudioItem
 from edge.upstream_queue import MIN_QUEUED_SAMPLES, UpstreamQueue
 
 
