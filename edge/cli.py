@@ -197,22 +197,12 @@ async def _stream(settings: Settings, args: argparse.Namespace) -> int:
         if getattr(args, name):
             query[name] = getattr(args, name)
 
-    def show(msg: dict[str, object]) -> None:
-        kind = msg.get("type")
-        if kind == "Results" and msg.get("is_final"):
-            for line in client.format_final(msg):  # type: ignore[arg-type]
-                print(line, flush=True)
-        elif kind == "SpeakerTurn" and msg.get("is_final"):
-            print(client.format_turn(msg), flush=True)  # type: ignore[arg-type]
-        elif kind == "Error":
-            print(f"edge: daemon says: {msg.get('description')}", file=sys.stderr, flush=True)
-
     print(f"streaming {args.file} ({len(samples) / rate:.1f} s at {rate} Hz) to {url}",
           file=sys.stderr)
     try:
         result = await client.stream_audio(url, samples, rate, key=key, query=query,
                                            fast=args.fast, speed=args.speed,
-                                           frame_ms=args.frame_ms, on_message=show)
+                                           frame_ms=args.frame_ms, on_message=client.show)
     except InvalidStatus as exc:
         print(f"edge: {url} refused: HTTP {exc.response.status_code} "
               f"{exc.response.body.decode(errors='replace')}", file=sys.stderr)
