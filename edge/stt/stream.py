@@ -36,15 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from edge.stt.base import SAMPLE_RATE, AudioBlock, AudioItem, StreamConfig, TranscriptEvent
-from edge.stt.policy import (
-    ROTATE,
-    CallEnd,
-    CallState,
-    Outcome,
-    PendingFlushes,
-    RetryPolicy,
-    check_transition,
-)
+from edge.stt.policy import ROTATE, CallEnd, CallState, Outcome, PendingFlushes, RetryPolicy, check_transition
 from edge.stt.replay import (
     Backoff,
     CallMap,
