@@ -82,10 +82,15 @@ def test_cache_check_warns_on_the_sd_card_or_under_tmp_and_fails_without_room(tm
 def test_model_check_warns_when_missing_verifies_the_pin_and_fails_on_a_mismatch(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     missing = _run(tmp_path, nemo_cache_dir=cache)["model"]
-    assert missing.level == "warn" and "run `edge model fetch`" in missing.detail
-    snapshot = cache / "models--nvidia--x/snapshots/abc"  # Hugging Face's cache layout
+    assert (missing.level, missing.detail) == (
+        "warn", f"{cache / MODEL} is not there: run `edge model fetch` "
+        "(the daemon downloads it on first use)")
+    # Elsewhere in the cache (Hugging Face's own layout) the daemon does not look: neither do we.
+    snapshot = cache / "models--nvidia--x/snapshots/abc"
     snapshot.mkdir(parents=True)
     (snapshot / MODEL).write_bytes(b"weights")
+    assert _run(tmp_path, nemo_cache_dir=cache)["model"].level == "warn"
+    (snapshot / MODEL).rename(cache / MODEL)
     digest = hashlib.sha256(b"weights").hexdigest()
     assert _run(tmp_path, nemo_cache_dir=cache)["model"].level == "ok"
     verified = _run(tmp_path, nemo_cache_dir=cache, edge_model_sha256=digest.upper())["model"]
@@ -196,6 +201,25 @@ def test_google_check_is_ok_with_credentials_or_an_endpoint_and_warns_without(tm
     endpoint = _run(tmp_path, edge_stt_endpoint="127.0.0.1:50051")["google"]
     assert endpoint.level == "ok" and "127.0.0.1:50051" in endpoint.detail
     assert _run(tmp_path, edge_stt_api="none")["google"].level == "ok"
+
+
+@pytest.mark.parametrize("overrides", [
+    {"edge_stt_api": "v1", "edge_stt_language": "auto"},
+    {"edge_stt_api": "v2"},  # with a credentials file that is not there
+])
+def test_google_lookup_says_what_the_daemons_upstream_check_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overrides: dict[str, Any]
+) -> None:
+    from edge.stt import google
+
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "gone.json"))
+    settings = load_settings(**overrides)
+    daemon = asyncio.run(google.check(settings))
+    assert daemon.startswith("unconfigured: ")
+    with pytest.raises(RuntimeError) as err:
+        checks._google_default(settings=settings)
+    assert str(err.value) == daemon.removeprefix("unconfigured: ")
+    assert ("gone.json" in str(err.value)) is (overrides["edge_stt_api"] == "v2")
 
 
 @contextlib.contextmanager
