@@ -22,7 +22,7 @@ import numpy as np
 from websockets.asyncio.client import connect
 
 from edge.diarization.files import segment_lines
-from edge.protocol import MAX_RATE, MIN_RATE
+from edge.query import MAX_RATE, MIN_RATE
 
 # Consecutive labelled words of one speaker less than this apart make one RTTM segment.
 WORD_GAP_S = 0.5

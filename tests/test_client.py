@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from edge import client
-from edge.protocol import MAX_RATE, MIN_RATE
+from edge.query import MAX_RATE, MIN_RATE
 
 
 def word(text: str, start: float, end: float, speaker: int | None) -> dict[str, Any]:
