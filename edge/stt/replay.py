@@ -1,6 +1,6 @@
 """Rotation and replay without loss or doubling, sans I/O.
 
-The invariant (see notes/google-speech.md): keep every audio block from the end of the last
+The invariant (see docs/notes/google-speech.md): keep every audio block from the end of the last
 final result (`t_final`) onward. When a streaming call ends abnormally (our quiet-moment
 rotation, a retryable error, Google's duration limit) the next call's first audio is that
 retained audio; each call remembers where the audio it was sent sits on the session clock (an
