@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge.clock import SAMPLE_RATE, AudioBlock, OffsetMap
+from edge.clock import MIN_BLOCK_SAMPLES, SAMPLE_RATE, AudioBlock, OffsetMap
 from edge.stt.replay import (
     Backoff,
     RawResult,
@@ -297,7 +297,7 @@ def test_one_sample_blocks_are_coalesced_and_a_replay_read_stays_cheap() -> None
     for i in range(total):
         buf.push(AudioBlock(i, b"\x01\x00"))
     assert buf.retained_s == pytest.approx(30.0)
-    assert buf.blocks <= total // ReplayBuffer.MIN_BLOCK_SAMPLES + 1
+    assert buf.blocks <= total // MIN_BLOCK_SAMPLES + 1
     started = time.perf_counter()
     cursor, got = buf.delivered_until, 0
     while (piece := buf.read(cursor, SAMPLE_RATE // 10)) is not None:

@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from edge.clock import PCM_SAMPLE_BYTES, SAMPLE_RATE, AudioBlock, OffsetMap, to_samples
+from edge.clock import MIN_BLOCK_SAMPLES, PCM_SAMPLE_BYTES, SAMPLE_RATE, AudioBlock, OffsetMap, to_samples
 from edge.stt.base import TranscriptEvent, Word
 
 MAX_LOST_SPANS = 256  # bound on remembered dropped spans; beyond it neighbours are merged
@@ -70,8 +70,6 @@ class ReplayBuffer:
     not by how small the client's frames are. Reads find their block by bisection.
     """
 
-    MIN_BLOCK_SAMPLES = SAMPLE_RATE // 50  # 20 ms
-
     def __init__(self, max_s: float) -> None:
         """`max_s`: the replay bound in seconds (EDGE_STT_REPLAY_S). Raises ValueError if <= 0."""
         if max_s <= 0:
@@ -113,7 +111,7 @@ class ReplayBuffer:
         if not block.samples:
             return
         last = self._blocks[-1] if self.blocks else None
-        if last is not None and last.end == block.start and last.samples < self.MIN_BLOCK_SAMPLES:
+        if last is not None and last.end == block.start and last.samples < MIN_BLOCK_SAMPLES:
             self._blocks[-1] = AudioBlock(last.start, last.pcm + block.pcm)
         else:
             self._blocks.append(block)
