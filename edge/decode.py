@@ -294,20 +294,23 @@ class StreamDecoder:
     # --- decoder thread ---
     def _hungry(self) -> Callable[[], None] | None:
         """Called on the thread (pipe lock held) when it has used every byte given:
-        publishes what it decoded, and returns the wake-up to run once the lock is free."""
+        publishes what it decoded, and returns the loop's wake-up to run once the lock is
+        free (None when the loop is not awaiting)."""
         pcm = [frames_pcm(frames, key) for key, frames in self._runs]
         self._runs = []
         with self._lock:
-            busy, self._busy = self._busy, False
+            self._out += pcm  # published once per hand-off, not per frame
+            if not self._busy:
+                return None
+            # Not busy and `_idle` released in one step: the loop, seeing `_busy` False,
+            # relies on this hand-off's release being done (see `_exchange`).
+            self._busy = False
+            self._idle.release()
             waiter, loop = self._waiter, self._loop
             self._waiter = None
-            self._out += pcm  # published once per hand-off, not per frame
-        if not busy:
-            return None
-        release = self._idle.release
         if waiter is None or loop is None:
-            return release
-        return lambda: (release(), _wake_loop(loop, waiter))
+            return None
+        return lambda: _wake_loop(loop, waiter)
 
     def _wake(self) -> None:
         wake = self._hungry()
