@@ -573,3 +573,77 @@ asyncio.run(main())
     events = json.loads(proc.stdout.splitlines()[-1])
     assert events[:2] == ["lost: worker could not start: Too many open files"] * 2, events
     assert events[-1] == "ready", events
+
+
+@engine_test
+@pytest.mark.timeout(480)
+async def test_a_restart_reuses_the_warm_up_at_once_and_a_crash_loop_backs_off(
+    make_engine: Callable[..., Any], tiny_model: Path, tmp_path: Path,
+) -> None:
+    """A worker that was ready is restarted at once the first time it dies, and its successor
+    takes the warm-up figures instead of stepping the model; dying again right away is a crash
+    loop and waits; after the model file is written the warm-up is measured again."""
+    import shutil
+
+    from edge.diarization.supervisor import BACKOFF_S
+    from edge.diarization.worker.main import WARMUP_FIGURES
+
+    model = tmp_path / "model.nemo"
+    shutil.copy(tiny_model, model)
+    engine = await make_engine(nemo_diar_model_path=model)
+    await ready(engine, 180)
+    first = dict(engine.figures)
+    assert first["warmup_reused"] is False
+    assert list(first["phases"]) == ["boot", "settings", "resolve", "plan", "open", "warmup"]
+    assert sum(first["phases"].values()) <= first["spawn_to_ready_s"] + 0.01
+    assert first["phases_cpu"]["boot"] > 0 and first["phases_cpu"]["warmup"] > 0
+
+    async def kill_and_restart() -> dict[str, Any]:
+        pid = engine.worker_pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        await until(lambda: engine.state == "degraded", 5, "the engine to see the worker die")
+        await until(lambda: engine.state == "ready", 180, "the worker to be back")
+        assert engine.worker_pid != pid
+        return dict(engine.figures)
+
+    second = await kill_and_restart()
+    assert engine.worker.last_backoff_s == 0.0
+    assert second["warmup_reused"] is True and "warmup" in second["phases"]
+    assert {k: second[k] for k in WARMUP_FIGURES} == {k: first[k] for k in WARMUP_FIGURES}
+    assert second["model_rss"] > 0  # measured by the new worker itself
+    os.utime(model)  # written since (same bytes): its identity moved, so the figures may not hold
+    third = await kill_and_restart()
+    assert engine.worker.last_backoff_s == BACKOFF_S[0]  # the second quick death in a row
+    assert third["warmup_reused"] is False
+    assert restarts(engine, "crash") == 2
+
+
+@engine_test
+async def test_a_worker_ready_after_the_supervisor_gave_up_is_not_used(
+    tiny_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+
+    from edge.diarization.supervisor import WorkerState, WorkerSupervisor
+
+    caplog.set_level(logging.INFO, "edge.diarization")
+    seen: list[str] = []
+
+    class Recorder:
+        def on_message(self, msg: Any) -> None: ...
+        def on_ready(self, figures: dict[str, Any]) -> None: seen.append("ready")
+        def on_lost(self, reason: str) -> None: seen.append(f"lost: {reason}")
+        def on_final(self, reason: str) -> None: seen.append(f"final: {reason}")
+        def on_progress(self) -> None: ...
+
+    s = settings(tmp_path / "cache", nemo_diar_model_path=tiny_model,
+                 edge_diarization_faults="warmup_sleep:seconds=1")
+    sup = WorkerSupervisor(s, Metrics(), Recorder())
+    task = sup.start()
+    await until(lambda: sup.progress == "warmup", 120, "the worker to warm up")
+    sup.give_up("the engine gave up")  # the worker still finishes its load and says READY
+    await asyncio.wait_for(task, 30)
+    assert seen == ["final: the engine gave up"]
+    assert sup.state is WorkerState.FINAL and not sup.ready
+    assert "diarizer worker ready while final: not used" in caplog.text
