@@ -1,11 +1,19 @@
-"""The supervisor's decisions on their own (sans-I/O): when the next worker starts, and which
-state changes it allows. The supervisor with a real worker is in test_diarization_worker.py."""
+"""The worker supervisor (edge/diarization/supervisor.py): its restart decisions on their own
+(sans-I/O `RestartPolicy`), its states, what it sends the worker, what a restart reuses, and
+spawns that fail and are retried. Every test checks that no worker process outlives it."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from edge.diarization.supervisor import (
     BACKOFF_S,
@@ -16,7 +24,77 @@ from edge.diarization.supervisor import (
     WorkerSupervisor,
 )
 from edge.metrics import Metrics
-from tests.diarization_helpers import settings
+from tests.helpers.daemon import ROOT
+from tests.helpers.diarization import settings
+from tests.helpers.worker import engine_test, ready, restarts, until
+
+pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("no_orphans")]
+
+
+def test_worker_settings_drop_the_api_keys_and_keep_the_hf_token(tmp_path: Path) -> None:
+    import json
+
+    from edge.diarization.supervisor import worker_settings
+
+    s = settings(tmp_path, edge_api_keys="k-secret-1,k-secret-2", edge_host="0.0.0.0",
+                 hf_token="hf_abc")
+    payload = worker_settings(s)
+    assert "k-secret" not in json.dumps(payload)
+    assert payload["hf_token"] == "hf_abc"  # the worker downloads the model with it
+    # The worker can rebuild its settings from it: no keys and a loopback host are valid.
+    from edge.settings import Settings
+
+    assert Settings(_env_file=None, **payload).nemo_cache_dir == tmp_path  # type: ignore[call-arg]
+
+
+@engine_test
+def test_a_failed_spawn_is_retried_not_final(tiny_model: Path, tmp_path: Path) -> None:
+    """A child daemon whose file descriptor limit is too low to make the worker's pipes
+    (EMFILE, as under a flood of connections): the supervisor keeps retrying, and once the
+    limit is back the worker starts."""
+    code = f"""
+import asyncio, json, os, resource
+from edge.diarization.supervisor import WorkerSupervisor
+from edge.metrics import Metrics
+from tests.helpers.diarization import settings
+
+events = []
+class Handler:
+    def on_message(self, msg): pass
+    def on_ready(self, figures): events.append("ready")
+    def on_lost(self, reason): events.append("lost: " + reason)
+    def on_final(self, reason): events.append("final: " + reason)
+    def on_progress(self): pass
+
+async def main():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 1, hard))
+    s = settings({str(tmp_path / "cache")!r}, nemo_diar_model_path={str(tiny_model)!r},
+                 edge_diarization_max_rtf=0)
+    sup = WorkerSupervisor(s, Metrics(), Handler())
+    task = sup.start()
+    while len(events) < 2:  # two failed spawns, 0.5 s apart
+        await asyncio.sleep(0.01)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    for _ in range(2400):
+        if "ready" in events or any(e.startswith("final") for e in events):
+            break
+        await asyncio.sleep(0.05)
+    await sup.stop()
+    await task
+    print(json.dumps(events))
+
+asyncio.run(main())
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=180, check=False)
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    events = json.loads(proc.stdout.splitlines()[-1])
+    assert events[:2] == ["lost: worker could not start: Too many open files"] * 2, events
+    assert events[-1] == "ready", events
+
 
 QUICK = 5.0  # seconds of READY: less than a healthy run
 
@@ -104,3 +182,74 @@ async def test_giving_up_is_final_once_and_then_closes(tmp_path: Path) -> None:
     assert sup.pid is None
     await sup.stop()
     assert sup.state is WorkerState.CLOSED
+
+
+@engine_test
+@pytest.mark.timeout(480)
+async def test_a_restart_reuses_the_warm_up_at_once_and_a_crash_loop_backs_off(
+    make_engine: Callable[..., Any], tiny_model: Path, tmp_path: Path,
+) -> None:
+    """A worker that was ready is restarted at once the first time it dies, and its successor
+    takes the warm-up figures instead of stepping the model; dying again right away is a crash
+    loop and waits; after the model file is written the warm-up is measured again."""
+    import shutil
+
+    from edge.diarization.worker.main import WARMUP_FIGURES
+
+    model = tmp_path / "model.nemo"
+    shutil.copy(tiny_model, model)
+    engine = await make_engine(nemo_diar_model_path=model)
+    await ready(engine, 180)
+    first = dict(engine.figures)
+    assert first["warmup_reused"] is False
+    assert list(first["phases"]) == ["boot", "settings", "resolve", "plan", "open", "warmup"]
+    assert sum(first["phases"].values()) <= first["spawn_to_ready_s"] + 0.01
+    assert first["phases_cpu"]["boot"] > 0 and first["phases_cpu"]["warmup"] > 0
+
+    async def kill_and_restart() -> dict[str, Any]:
+        pid = engine.worker_pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        await until(lambda: engine.state == "degraded", 5, "the engine to see the worker die")
+        await until(lambda: engine.state == "ready", 180, "the worker to be back")
+        assert engine.worker_pid != pid
+        return dict(engine.figures)
+
+    second = await kill_and_restart()
+    assert engine.worker.last_backoff_s == 0.0
+    assert second["warmup_reused"] is True and "warmup" in second["phases"]
+    assert {k: second[k] for k in WARMUP_FIGURES} == {k: first[k] for k in WARMUP_FIGURES}
+    assert second["model_rss"] > 0  # measured by the new worker itself
+    os.utime(model)  # written since (same bytes): its identity moved, so the figures may not hold
+    third = await kill_and_restart()
+    assert engine.worker.last_backoff_s == BACKOFF_S[0]  # the second quick death in a row
+    assert third["warmup_reused"] is False
+    assert restarts(engine, "crash") == 2
+
+
+@engine_test
+async def test_a_worker_ready_after_the_supervisor_gave_up_is_not_used(
+    tiny_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, "edge.diarization")
+    seen: list[str] = []
+
+    class Recorder:
+        def on_message(self, msg: Any) -> None: ...
+        def on_ready(self, figures: dict[str, Any]) -> None: seen.append("ready")
+        def on_lost(self, reason: str) -> None: seen.append(f"lost: {reason}")
+        def on_final(self, reason: str) -> None: seen.append(f"final: {reason}")
+        def on_progress(self) -> None: ...
+
+    s = settings(tmp_path / "cache", nemo_diar_model_path=tiny_model,
+                 edge_diarization_faults="warmup_sleep:seconds=1")
+    sup = WorkerSupervisor(s, Metrics(), Recorder())
+    task = sup.start()
+    await until(lambda: sup.progress == "warmup", 120, "the worker to warm up")
+    sup.give_up("the engine gave up")  # the worker still finishes its load and says READY
+    await asyncio.wait_for(task, 30)
+    assert seen == ["final: the engine gave up"]
+    assert sup.state is WorkerState.FINAL and not sup.ready
+    assert "diarizer worker ready while final: not used" in caplog.text
