@@ -225,31 +225,3 @@ async def test_a_restart_reuses_the_warm_up_at_once_and_a_crash_loop_backs_off(
     assert engine.worker.last_backoff_s == BACKOFF_S[0]  # the second quick death in a row
     assert third["warmup_reused"] is False
     assert restarts(engine, "crash") == 2
-
-
-@engine_test
-async def test_a_worker_ready_after_the_supervisor_gave_up_is_not_used(
-    tiny_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
-) -> None:
-    import logging
-
-    caplog.set_level(logging.INFO, "edge.diarization")
-    seen: list[str] = []
-
-    class Recorder:
-        def on_message(self, msg: Any) -> None: ...
-        def on_ready(self, figures: dict[str, Any]) -> None: seen.append("ready")
-        def on_lost(self, reason: str) -> None: seen.append(f"lost: {reason}")
-        def on_final(self, reason: str) -> None: seen.append(f"final: {reason}")
-        def on_progress(self) -> None: ...
-
-    s = settings(tmp_path / "cache", nemo_diar_model_path=tiny_model,
-                 edge_diarization_faults="warmup_sleep:seconds=1")
-    sup = WorkerSupervisor(s, Metrics(), Recorder())
-    task = sup.start()
-    await until(lambda: sup.progress == "warmup", 120, "the worker to warm up")
-    sup.give_up("the engine gave up")  # the worker still finishes its load and says READY
-    await asyncio.wait_for(task, 30)
-    assert seen == ["final: the engine gave up"]
-    assert sup.state is WorkerState.FINAL and not sup.ready
-    assert "diarizer worker ready while final: not used" in caplog.text

@@ -10,7 +10,9 @@ per-session state, admission figures, step cost.
 This process plays the daemon: it runs the real `DiarizationEngine` (which spawns the real
 worker) and never imports torch or NeMo itself; the random-weight test models are built in a
 subprocess so that stays true. Timings on a shared machine are noisy: restarts are repeated
-and the median reported.
+and the median reported. Each restart also reports the supervisor's wait before it, the
+worker's load phases (wall clock and CPU seconds: the CPU figures hold up better on a busy
+machine) and whether it reused its predecessor's warm-up figures.
 """
 
 from __future__ import annotations
