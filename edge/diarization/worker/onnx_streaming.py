@@ -85,8 +85,8 @@ OPTIMIZED_WEIGHTS = "weights.bin"  # the optimized graph's initializers, beside 
 def optimized_path(onnx: Path, device: str) -> Path:
     """Where the optimized graph of `onnx` for this onnxruntime version and device is kept: in
     a folder of its own, with its weights in `OPTIMIZED_WEIGHTS` (external initializers,
-    which onnxruntime maps from the file instead of parsing and copying them: a start costs
-    ~2.5x less CPU and ~280 MB less RSS for the full model, issue 11)."""
+    which onnxruntime maps from the file instead of parsing and copying them: for the full model
+    opening the session takes 0.47x the CPU and 280 MB less RSS, `scripts/bench/onnx_session.py`)."""
     return onnx.with_name(f"{onnx.stem}.opt-ort{ort.__version__}-{device}") / "model.onnx"
 
 
