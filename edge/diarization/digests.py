@@ -106,6 +106,13 @@ def _identity(path: Path) -> tuple[str, Identity]:
     return str(resolved), (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+def file_identity(path: Path) -> list[Any]:
+    """`[resolved path, *Identity]` of the file at `path`, as JSON keeps it: equal for the same
+    bytes under the same name (any write moves ctime). Raises `OSError`."""
+    name, key = _identity(path)
+    return [name, *key]
+
+
 def file_sha256(path: Path) -> str:
     """SHA-256 of a file (hex), through this process's `DigestCache`. Raises `OSError`."""
     return _digests.sha256(path)
@@ -131,4 +138,5 @@ def _sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-__all__ = ["MAX_DIGESTS", "RACY_NS", "DigestCache", "digest_report", "file_sha256", "seed_digests"]
+__all__ = ["MAX_DIGESTS", "RACY_NS", "DigestCache", "digest_report", "file_identity", "file_sha256",
+           "seed_digests"]

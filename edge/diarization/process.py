@@ -118,10 +118,6 @@ class WorkerProcess:
             return True
         return False
 
-    def write_buffer_size(self) -> int:
-        stdin = self._proc.stdin
-        return 0 if stdin is None else stdin.transport.get_write_buffer_size()
-
     async def recv(self) -> wire.Message | None:
         """The next frame from the worker; None once it has exited (end of file).
 

@@ -11,7 +11,7 @@ Arrays travel as raw bytes, never pickles: neither side ever unpickles what the 
 A version mismatch, an unknown kind or a malformed frame raises `WireError` (the engine then
 treats the worker as broken and restarts it).
 
-Daemon -> worker: LOAD {settings, generation, digests}, OPEN {sid}, AUDIO {sid, seq} + samples (n,),
+Daemon -> worker: LOAD {settings, generation, digests, warmup}, OPEN {sid}, AUDIO {sid, seq} + samples (n,),
 CLOSE {sid}, STATS, SHUTDOWN.
 Worker -> daemon: HELLO {version, pid}, PROGRESS {phase, done, total}, READY {figures},
 FATAL {reason}, FRAMES {sid, seq, first, compute_s} + probs (n, 4),

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +22,38 @@ from edge.settings import Settings
 log = logging.getLogger("edge.diarization.worker")
 
 
-def load_diarizer(settings: Settings, path: Path, params: dict[str, int]) -> tuple[Any, str, RuntimePlan]:
+class Phases:
+    """Where a load's time goes: `mark(name)` records the wall-clock seconds (`seconds`) and
+    this process's CPU seconds, all threads (`cpu_seconds`), since the previous mark under
+    `name`, in order. `cpu_seconds["boot"]` is the CPU spent before the `Phases` was made (the
+    interpreter's start and imports). CPU time says what a phase costs even on a busy machine,
+    where the wall clock mostly measures the wait for a core."""
+
+    def __init__(self) -> None:
+        self._last, self._last_cpu = time.perf_counter(), time.process_time()
+        self.seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {"boot": round(self._last_cpu, 3)}
+
+    def mark(self, name: str) -> None:
+        now, cpu = time.perf_counter(), time.process_time()
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self._last, 3)
+        self.cpu_seconds[name] = round(self.cpu_seconds.get(name, 0.0) + cpu - self._last_cpu, 3)
+        self._last, self._last_cpu = now, cpu
+
+
+def load_diarizer(settings: Settings, path: Path, params: dict[str, int],
+                  mark: Callable[[str], None] = lambda name: None) -> tuple[Any, str, RuntimePlan]:
     """The diarizer for the checkpoint at `path` on the planned runtime: `(diarizer, device,
     plan)`, the diarizer offering `new_session()` / `close()` (`OnnxDiarizer` or
-    `StreamingDiarizer`).
+    `StreamingDiarizer`). `mark` is called with "plan" once the runtime is chosen (the export
+    verified) and "open" once the model is loaded (`Phases.mark`).
 
     With `EDGE_DIARIZATION_RUNTIME=auto`, an export that fails to load (e.g. an int8 graph
     onnxruntime refuses) logs one line and NeMo is used. Raises `ModelUnavailable` (one line)
     when the planned runtime cannot be had (`onnx` without a usable export, NeMo missing).
     """
     plan = plan_runtime(settings, path)
+    mark("plan")
     if plan.note:
         log.info("diarizer runtime: %s", plan.describe())
     if plan.runtime == "onnx":
@@ -40,6 +64,7 @@ def load_diarizer(settings: Settings, path: Path, params: dict[str, int]) -> tup
             onnx = OnnxDiarizer(plan.export, params, settings.stt_nemo_diarization_max_speakers,
                                 threads=settings.edge_diarization_threads,
                                 device=settings.edge_diarization_device, cache_dir=settings.nemo_cache_dir)
+            mark("open")
             return onnx, onnx.device, plan
         except Exception as exc:
             reason = " ".join(str(exc).split())[:300] or type(exc).__name__
@@ -53,7 +78,9 @@ def load_diarizer(settings: Settings, path: Path, params: dict[str, int]) -> tup
         raise ModelUnavailable(f"NeMo not available: {type(exc).__name__}: {first_line(exc)}") from exc
     device = select_device(settings)
     model = load_model(path, settings, device)
-    return StreamingDiarizer(model, params, settings.stt_nemo_diarization_max_speakers), device, plan
+    diarizer = StreamingDiarizer(model, params, settings.stt_nemo_diarization_max_speakers)
+    mark("open")
+    return diarizer, device, plan
 
 
 def nemo_importable() -> tuple[bool, str | None]:

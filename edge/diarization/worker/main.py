@@ -37,10 +37,15 @@ from edge.diarization.model import rss_bytes, trim_memory
 from edge.diarization.wire import Kind
 
 if TYPE_CHECKING:
+    from edge.diarization.runtime import RuntimePlan
     from edge.diarization.worker.faults import Faults
+    from edge.settings import Settings
 
 log = logging.getLogger("edge.diarization.worker")
 HEAVY_MODULES = ("torch", "nemo", "onnxruntime")
+# What `_warm_up` measures by stepping the model, handed on to the next worker (READY `warmup`);
+# `model_rss` is not among them: every worker measures its own.
+WARMUP_FIGURES = ("step_peak", "session_bytes", "step_s", "step_max_s", "chunk_s", "rtf", "peak_exact")
 
 
 def _peak_rss_bytes() -> int | None:
@@ -94,7 +99,7 @@ class Worker:
         elif msg.kind is Kind.STATS:
             self.send(Kind.STATS_REPLY, self.stats())
         elif msg.kind is Kind.LOAD:
-            return self._load(m["settings"], int(m.get("generation", 0)), m.get("digests"))
+            return self._load(m["settings"], int(m.get("generation", 0)), m.get("digests"), m.get("warmup"))
         elif msg.kind is Kind.SHUTDOWN:
             return False
         else:
@@ -153,12 +158,18 @@ class Worker:
         }
 
     # --- loading ---
-    def _load(self, values: dict[str, Any], generation: int, digests: object = None) -> bool:
-        """Load the model. `digests`: what an earlier worker of this daemon verified (its READY
-        `digests`), trusted for files whose stat identity is unchanged (`DigestCache.seed`)."""
+    def _load(self, values: dict[str, Any], generation: int, digests: object = None,
+              warmup: object = None) -> bool:
+        """Load the model and send READY (or FATAL). `digests`: what an earlier worker of this
+        daemon verified (its READY `digests`), trusted for files whose stat identity is
+        unchanged (`DigestCache.seed`). `warmup`: that worker's READY `warmup`, whose figures
+        are taken instead of stepping the model when its key is this load's (`warmup_key`).
+        Returns False when the worker should exit (FATAL sent)."""
         from edge.diarization.digests import digest_report, seed_digests
+        from edge.diarization.worker.loading import Phases
         from edge.settings import Settings
 
+        phases = Phases()
         seed_digests(digests)
 
         try:
@@ -174,16 +185,25 @@ class Worker:
         from edge.diarization.model import ModelUnavailable, resolve_model
         from edge.diarization.worker.loading import load_diarizer
 
+        phases.mark("settings")
         try:
             def progress(done: int, total: int) -> None:
                 self.send(Kind.PROGRESS, {"phase": "download", "done": done, "total": total})
 
             path = Path(resolve_model(settings, progress=progress))
+            phases.mark("resolve")
             self.send(Kind.PROGRESS, {"phase": "load", "done": 0, "total": 0})
             params = settings.diarization_streaming_params()
-            self.diarizer, device, plan = load_diarizer(settings, path, params)
-            self.send(Kind.PROGRESS, {"phase": "warmup", "done": 0, "total": 0})
-            figures = self._warm_up(params)
+            self.diarizer, device, plan = load_diarizer(settings, path, params, phases.mark)
+            key = warmup_key(settings, path, plan, device, params)
+            figures = reusable_warm_up(warmup, key)
+            if figures is None:
+                self.send(Kind.PROGRESS, {"phase": "warmup", "done": 0, "total": 0})
+                figures = self._warm_up(params)
+            else:  # the model's own memory is measured again: cheap, and what the budget rests on
+                trim_memory()
+                figures["model_rss"] = rss_bytes()
+            phases.mark("warmup")
         except ModelUnavailable as exc:
             self.send(Kind.FATAL, {"reason": _one_line(exc)})
             return False
@@ -191,8 +211,15 @@ class Worker:
             log.exception("model load failed")
             self.send(Kind.FATAL, {"reason": f"model failed to load: {_one_line(exc)}"})
             return False
+        reused = figures.pop("reused", False)
+        log.info("loaded in %.2f s (%s; warm-up %s)", sum(phases.seconds.values()),
+                 ", ".join(f"{k} {v:.2f} s" for k, v in phases.seconds.items()),
+                 "reused" if reused else "measured")
         figures.update(device=device, model=path.name, pid=os.getpid(), runtime=plan.runtime,
-                       precision=plan.precision, **digest_report())
+                       precision=plan.precision, phases=phases.seconds, phases_cpu=phases.cpu_seconds,
+                       warmup_reused=reused,
+                       warmup={"key": key, "figures": {k: figures[k] for k in WARMUP_FIGURES}},
+                       **digest_report())
         self.send(Kind.READY, figures)
         return True
 
@@ -241,6 +268,38 @@ class Worker:
             "rtf": step_s / chunk_s if chunk_s else 0.0,
             "peak_exact": exact_peak,
         }
+
+
+def warmup_key(settings: Settings, model: Path, plan: RuntimePlan, device: str,
+               params: dict[str, int]) -> dict[str, Any]:
+    """What the warm-up figures depend on: the checkpoint and (onnx) graph files by stat
+    identity, the runtime and precision loaded, device, threads, speaker limit and streaming
+    parameters, the heavy libraries' versions and the CPUs this process may use. JSON-plain, so
+    it compares equal after the wire. Raises `OSError` if a file is gone."""
+    from edge.diarization.digests import file_identity
+
+    return {
+        "model": file_identity(model),
+        "graph": file_identity(plan.export.onnx) if plan.export is not None else None,
+        "runtime": plan.runtime, "precision": plan.precision, "device": device,
+        "threads": settings.edge_diarization_threads,
+        "max_speakers": settings.stt_nemo_diarization_max_speakers, "params": dict(params),
+        "versions": {name: str(getattr(sys.modules[name], "__version__", "?"))
+                     for name in HEAVY_MODULES if name in sys.modules},
+        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+    }
+
+
+def reusable_warm_up(prior: object, key: dict[str, Any]) -> dict[str, Any] | None:
+    """The warm-up figures of `prior` (an earlier READY's `warmup`: {key, figures}) when its key
+    equals `key` and it holds every one of `WARMUP_FIGURES` as a non-negative number, with
+    `reused: True`; else None (measure again)."""
+    if not isinstance(prior, dict) or prior.get("key") != key or not isinstance(prior.get("figures"), dict):
+        return None
+    figures = {k: prior["figures"].get(k) for k in WARMUP_FIGURES}
+    if not all(isinstance(v, int | float) and v >= 0 for v in figures.values()):
+        return None
+    return {**figures, "reused": True}
 
 
 def _one_line(exc: BaseException) -> str:
