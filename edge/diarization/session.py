@@ -113,7 +113,7 @@ class DiarizerSession:
         self.timeline = SpeakerTimeline()
         self.history: deque[tuple[DiarizerState, str | None]] = deque(maxlen=16)  # diagnostics
         self.feed = feed
-        self.sid: str | None = None  # the live worker stream, if any
+        self._sid: str | None = None
         self._state = U
         self._worker, self._host = worker, host
         self._timeout_s, self._max_inflight = timeout_s, max_inflight
@@ -126,6 +126,11 @@ class DiarizerSession:
     @property
     def state(self) -> DiarizerState:
         return self._state
+
+    @property
+    def sid(self) -> str | None:
+        """The live worker stream's id, if any."""
+        return self._sid
 
     @property
     def admitted(self) -> bool:
@@ -188,11 +193,11 @@ class DiarizerSession:
     async def _close(self) -> None:
         if self._state is not C:
             return
-        if self.sid is not None and self._worker.ready:
+        if self._sid is not None and self._worker.ready:
             self._pump(final=True)
             self._close_done = asyncio.get_running_loop().create_future()
             self._close_sent = time.monotonic()
-            self._worker.send(Kind.CLOSE, {"sid": self.sid})
+            self._worker.send(Kind.CLOSE, {"sid": self._sid})
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._close_done, self._timeout_s)
         self._host.release(self)
@@ -206,9 +211,9 @@ class DiarizerSession:
     def admit(self, sid: str) -> None:
         """Open worker stream `sid` for this session and start sending its audio."""
         self._leave("admit", U, R, D)
-        if self.sid is not None:
+        if self._sid is not None:
             raise InvalidTransition(self.id, self._state, "admit with a stream open")
-        self.sid = sid
+        self._sid = sid
         self.feed.start_stream()
         # A new stream: its slots name nobody known yet, and audio before it is never labelled.
         self.timeline.skip_to(self.feed.next_frame)
@@ -221,7 +226,7 @@ class DiarizerSession:
     def refuse(self, reason: str) -> None:
         """No slot: drop the backlog and take no audio until admitted."""
         self._leave("refuse", U, R, D)
-        if self.sid is not None:
+        if self._sid is not None:
             raise InvalidTransition(self.id, self._state, "refuse with a stream open")
         self.feed.stop()
         self._enter(R, reason)
@@ -235,9 +240,9 @@ class DiarizerSession:
         """Its worker stream is gone (a failed step, the worker lost): DEGRADED without a
         stream, or, while closing, stop waiting for the flush."""
         self._leave("lose its stream", A, D, C)
-        if self.sid is None:
+        if self._sid is None:
             raise InvalidTransition(self.id, self._state, "lose a stream it does not have")
-        self.sid = None
+        self._sid = None
         if self._state is C:
             self._close_finished()
         else:
@@ -247,7 +252,7 @@ class DiarizerSession:
         """The diarizer is unavailable for good: UNAVAILABLE, or, while closing, stop waiting."""
         self._leave("give up", U, R, A, D, C)
         if self._state is C:
-            self.sid = None
+            self._sid = None
             self._close_finished()
             return
         self._end(U, reason, tell_worker=True)
@@ -270,9 +275,8 @@ class DiarizerSession:
             late = oldest is not None and now - oldest > self._timeout_s
             if (self.cause is DegradedCause.TIMEOUT and not late) or (
                     self.cause is not DegradedCause.TIMEOUT and n):
-                self._leave("recover", D)
                 self._enter(A, None)
-        self.wake()
+        self._wake()
         if self._state is not C:
             self._pump()
         return n, samples
@@ -280,7 +284,7 @@ class DiarizerSession:
     def on_closed(self, first: int, probs: np.ndarray | None) -> None:
         """CLOSED: the flush's last frames; the stream is gone."""
         self._leave("take a stream's last frames", C)
-        self.sid = None
+        self._sid = None
         self._place(first, probs)
         self._close_finished()
 
@@ -289,13 +293,13 @@ class DiarizerSession:
         times = [t for t in (self.feed.oldest_unanswered, self._close_sent) if t is not None]
         return min(times) if times else None
 
-    def wake(self) -> None:
+    # --- internals ---
+    def _wake(self) -> None:
         """Wake `wait_covered`: the timeline or the state changed."""
         if self._changed is not None:
             self._changed.set()
             self._changed = None
 
-    # --- internals ---
     def _leave(self, transition: str, *allowed: DiarizerState) -> None:
         if self._state not in allowed:
             raise InvalidTransition(self.id, self._state, transition)
@@ -306,13 +310,13 @@ class DiarizerSession:
         if (state, reason) != (self._state, self.reason):
             self._state, self.reason = state, reason
             self.history.append((state, reason))
-            self.wake()
+            self._wake()
 
     def _end(self, state: DiarizerState, reason: str | None, tell_worker: bool) -> None:
-        if self.sid is not None:
+        if self._sid is not None:
             if tell_worker and self._close_sent is None:
-                self._worker.send(Kind.CLOSE, {"sid": self.sid})  # the worker frees the state
-            self.sid = None
+                self._worker.send(Kind.CLOSE, {"sid": self._sid})  # the worker frees the state
+            self._sid = None
         self.feed.stop()
         self.timeline.finish()
         self._enter(state, reason)
@@ -323,14 +327,14 @@ class DiarizerSession:
 
     def _pump(self, final: bool = False) -> None:
         """Send this session's units while it has credit (all of them when `final`)."""
-        if self.sid is None or not self._worker.ready:
+        if self._sid is None or not self._worker.ready:
             return
         now = time.monotonic()
         while final or self.feed.in_flight < self._max_inflight:
             unit = self.feed.take_unit(final=final, sent_at=now)
             if unit is None:
                 return
-            self._worker.send(Kind.AUDIO, {"sid": self.sid, "seq": self.feed.last_seq}, unit)
+            self._worker.send(Kind.AUDIO, {"sid": self._sid, "seq": self.feed.last_seq}, unit)
 
     def _place(self, first: int, probs: np.ndarray | None) -> int:
         if probs is None or not len(probs):
