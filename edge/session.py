@@ -84,7 +84,7 @@ class SessionState(StrEnum):
     CLOSED = "closed"
 
 
-class InvalidSessionState(RuntimeError):
+class InvalidSessionTransition(RuntimeError):
     """A session asked to move from a state it is not in (e.g. `run()` twice)."""
 
     def __init__(self, state: SessionState, to: SessionState) -> None:
@@ -142,7 +142,7 @@ class Session:
         return self._state
 
     async def run(self) -> End:
-        """Serve the session until it ends; returns why it ended. Raises `InvalidSessionState`
+        """Serve the session until it ends; returns why it ended. Raises `InvalidSessionTransition`
         if it already ran."""
         self._become(SessionState.RECEIVING, SessionState.NEW)
         if self.params.ignored:
@@ -181,7 +181,7 @@ class Session:
 
     def _become(self, to: SessionState, *leaving: SessionState) -> None:
         if self._state not in leaving:
-            raise InvalidSessionState(self._state, to)
+            raise InvalidSessionTransition(self._state, to)
         self._state = to
 
     @property

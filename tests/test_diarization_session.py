@@ -20,7 +20,7 @@ from edge.diarization.session import (
     DegradedCause,
     DiarizerSession,
     DiarizerState,
-    InvalidTransition,
+    InvalidDiarizerTransition,
 )
 from edge.diarization.wire import Kind
 from edge.health import Status
@@ -168,7 +168,7 @@ def test_an_illegal_transition_raises_and_changes_nothing(
     for step in setup:
         steps[step]()
     before = (s.state, s.reason, s.sid, len(pipe.sent))
-    with pytest.raises(InvalidTransition) as err:
+    with pytest.raises(InvalidDiarizerTransition) as err:
         transition(s)
     assert err.value.state is before[0] and err.value.session_id == "s"
     assert (s.state, s.reason, s.sid, len(pipe.sent)) == before

@@ -11,7 +11,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from edge.app import App
-from edge.session import InvalidSessionState, SessionState
+from edge.session import InvalidSessionTransition, SessionState
 from tests.conftest import KEY
 
 
@@ -34,6 +34,6 @@ async def test_a_session_receives_then_closes_and_runs_only_once(app: App) -> No
         await asyncio.sleep(0.01)
     assert session.state is SessionState.CLOSED
     session.end("idle")  # too late to ask: nothing changes
-    with pytest.raises(InvalidSessionState) as err:
+    with pytest.raises(InvalidSessionTransition) as err:
         await session.run()
     assert (err.value.state, err.value.to) == (SessionState.CLOSED, SessionState.RECEIVING)

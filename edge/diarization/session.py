@@ -5,7 +5,7 @@ The session code uses only the public part: `state`, `reason`, `timeline`, `push
 the worker's replies here through the transition methods below.
 
 States (`DiarizerState`; only this class changes it, and every transition checks the state it
-leaves, raising `InvalidTransition` on an illegal one):
+leaves, raising `InvalidDiarizerTransition` on an illegal one):
 - ACTIVE: admitted; frames flow into `timeline` (labels may lag by the model's latency).
 - REFUSED: the worker is full (memory budget, or as many sessions as it can step in real
   time). Admitted automatically, in order of opening, as soon as another session frees a slot
@@ -67,7 +67,7 @@ class DegradedCause(StrEnum):
     RESTART = "restart"  # idem, after the worker restarted
 
 
-class InvalidTransition(RuntimeError):
+class InvalidDiarizerTransition(RuntimeError):
     """A transition asked of a session in a state it cannot leave that way (a bug of ours)."""
 
     def __init__(self, session_id: str, state: DiarizerState, transition: str) -> None:
@@ -212,7 +212,7 @@ class DiarizerSession:
         """Open worker stream `sid` for this session and start sending its audio."""
         self._leave("admit", U, R, D)
         if self._sid is not None:
-            raise InvalidTransition(self.id, self._state, "admit with a stream open")
+            raise InvalidDiarizerTransition(self.id, self._state, "admit with a stream open")
         self._sid = sid
         self.feed.start_stream()
         # A new stream: its slots name nobody known yet, and audio before it is never labelled.
@@ -227,7 +227,7 @@ class DiarizerSession:
         """No slot: drop the backlog and take no audio until admitted."""
         self._leave("refuse", U, R, D)
         if self._sid is not None:
-            raise InvalidTransition(self.id, self._state, "refuse with a stream open")
+            raise InvalidDiarizerTransition(self.id, self._state, "refuse with a stream open")
         self.feed.stop()
         self._enter(R, reason)
 
@@ -241,7 +241,7 @@ class DiarizerSession:
         stream, or, while closing, stop waiting for the flush."""
         self._leave("lose its stream", A, D, C)
         if self._sid is None:
-            raise InvalidTransition(self.id, self._state, "lose a stream it does not have")
+            raise InvalidDiarizerTransition(self.id, self._state, "lose a stream it does not have")
         self._sid = None
         if self._state is C:
             self._close_finished()
@@ -302,7 +302,7 @@ class DiarizerSession:
 
     def _leave(self, transition: str, *allowed: DiarizerState) -> None:
         if self._state not in allowed:
-            raise InvalidTransition(self.id, self._state, transition)
+            raise InvalidDiarizerTransition(self.id, self._state, transition)
 
     def _enter(self, state: DiarizerState, reason: str | None,
                cause: DegradedCause | None = None) -> None:
@@ -347,5 +347,5 @@ class DiarizerSession:
         return len(probs)
 
 
-__all__ = ["DegradedCause", "DiarizerSession", "DiarizerState", "Host", "InvalidTransition",
+__all__ = ["DegradedCause", "DiarizerSession", "DiarizerState", "Host", "InvalidDiarizerTransition",
            "WorkerLink"]
