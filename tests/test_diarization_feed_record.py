@@ -1,4 +1,4 @@
-"""SessionFeed's one record of the units sent: the time map and the flow control both read it."""
+"""SessionFeed's flow control: the one list of units in flight (the session and engine keep none)."""
 
 from __future__ import annotations
 

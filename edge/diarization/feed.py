@@ -7,10 +7,11 @@ Why a mapping at all: a worker stream sees one gap-free sequence of samples, but
 audio is not always sent gap-free — the catch-up policy skips audio, and a new stream (after a
 worker restart or a failed step) starts wherever the session is by then. Every unit sent is
 recorded as (stream sample, session sample, length); units are whole 80 ms frames, and streams
-start on frame boundaries, so each output frame maps to exactly one session frame. The same
-record is the stream's flow control: each unit carries its wire sequence number and when it was
-sent, and the worker answers each one (`answered`), so `in_flight` and `oldest_unanswered` need
-no second list.
+start on frame boundaries, so each output frame maps to exactly one session frame.
+
+Flow control lives here too, so that nobody else keeps a list of units: each unit taken gets the
+next sequence number (its AUDIO message carries it) and stays `in_flight` until the worker
+answers that number (`answered`); `oldest_unanswered` is what step timeouts are measured from.
 
 Catch-up policy (the backlog bound): audio waits here until the worker has credit for it. When
 more than `max_backlog_s` waits (the worker is slower than real time, or restarting), the feed
@@ -32,14 +33,11 @@ FRAME_SAMPLES = 1280  # one 80 ms Sortformer frame
 
 @dataclass(frozen=True)
 class Unit:
-    """Audio sent on a stream: `n` samples at stream sample `stream` = session sample `session`,
-    sent as AUDIO `seq` at `sent_at` (monotonic seconds)."""
+    """Audio sent on a stream: `n` samples at stream sample `stream` = session sample `session`."""
 
     stream: int
     session: int
     n: int
-    seq: int = 0
-    sent_at: float = 0.0
 
 
 def _align_up(sample: int) -> int:
@@ -62,10 +60,10 @@ class SessionFeed:
         self._pending = 0
         self._pend_start = 0  # session sample of the first pending sample
         self._expected: int | None = None  # session sample after the last pushed one
-        self._units: deque[Unit] = deque()  # sent, frames not all back (or not answered)
+        self._units: deque[Unit] = deque()
         self._stream_sent = 0
         self._seq = 0  # the last unit's sequence number (never reset: replies name it)
-        self._answered = 0  # every unit up to this sequence number has been answered
+        self._flight: deque[tuple[int, float, int]] = deque()  # unanswered: (seq, sent at, samples)
         self.skipped: deque[tuple[float, float]] = deque(maxlen=32)
         self.skipped_frames = 0
 
@@ -125,7 +123,7 @@ class SessionFeed:
         """A new worker stream takes this session's audio from the next pending sample on."""
         self.active = True
         self._units.clear()
-        self._answered = self._seq
+        self._flight.clear()
         self._stream_sent = 0
         if self._pending:
             self._drop_front(_align_up(self._pend_start) - self._pend_start, record=False)
@@ -136,7 +134,7 @@ class SessionFeed:
         self._chunks.clear()
         self._pending = 0
         self._units.clear()
-        self._answered = self._seq
+        self._flight.clear()
 
     @property
     def last_seq(self) -> int:
@@ -146,23 +144,24 @@ class SessionFeed:
     @property
     def in_flight(self) -> int:
         """Units of the current stream sent and not yet answered."""
-        return self._seq - self._answered
+        return len(self._flight)
 
     @property
     def oldest_unanswered(self) -> float | None:
         """When the oldest unit not yet answered was sent (None: all answered)."""
-        return next((u.sent_at for u in self._units if u.seq > self._answered), None)
+        return self._flight[0][1] if self._flight else None
 
     def answered(self, seq: int) -> int:
-        """The worker answered units up to `seq`. Returns the samples of unit `seq` (0 if it
-        was answered before, or belongs to an earlier stream)."""
-        samples = next((u.n for u in self._units if u.seq == seq and seq > self._answered), 0)
-        self._answered = max(self._answered, min(seq, self._seq))
+        """The worker answered every unit up to `seq` (one reply per unit, in order). Returns
+        the samples of the last of them (0 when none was still in flight)."""
+        samples = 0
+        while self._flight and self._flight[0][0] <= seq:
+            samples = self._flight.popleft()[2]
         return samples
 
     def take_unit(self, final: bool = False, sent_at: float = 0.0) -> np.ndarray | None:
         """The next unit to send, or None if less than a unit waits (any remainder if `final`).
-        It is recorded as sent at `sent_at`, with the next sequence number (`last_seq`)."""
+        It is in flight from `sent_at` (monotonic seconds), numbered `last_seq`."""
         n = self.unit if self._pending >= self.unit else (self._pending if final else 0)
         if n == 0:
             return None
@@ -177,8 +176,9 @@ class SessionFeed:
                 self._chunks.popleft()
             else:
                 self._chunks[0] = chunk[take:]
+        self._units.append(Unit(self._stream_sent, self._pend_start, n))
         self._seq += 1
-        self._units.append(Unit(self._stream_sent, self._pend_start, n, self._seq, sent_at))
+        self._flight.append((self._seq, sent_at, n))
         self._stream_sent += n
         self._pend_start += n
         self._pending -= n
@@ -188,8 +188,7 @@ class SessionFeed:
         """Map stream frames `first...` onto session frames: `[(session_frame, probs), ...]`.
 
         Split wherever the stream's audio was not contiguous on the session clock. Units whose
-        frames have all come back are forgotten (they were answered: frames come with or after
-        the answer to the unit that carried their audio).
+        frames have all come back are forgotten.
         """
         out: list[tuple[int, np.ndarray]] = []
         i, n = 0, len(probs)
