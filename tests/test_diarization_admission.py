@@ -12,7 +12,7 @@ import pytest
 from edge.app import App
 from edge.device import MB
 from edge.diarization.admission import Capacity, decide_availability, nemo_check
-from tests.diarization_helpers import settings
+from tests.helpers.diarization import settings
 
 
 @pytest.mark.parametrize(("overrides", "why"), [

@@ -26,7 +26,7 @@ from edge.diarization.wire import Kind
 from edge.health import Status
 from edge.metrics import Metrics
 from edge.stt.base import AudioBlock
-from tests.diarization_helpers import settings
+from tests.helpers.diarization import settings
 
 S = DiarizerState
 UNIT = 4 * FRAME_SAMPLES
