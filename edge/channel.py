@@ -32,14 +32,15 @@ from typing import TYPE_CHECKING, Any
 
 from edge import protocol
 from edge.audio import SessionAudio
-from edge.diarization.merge import FRAME_S, SpeakerTurn
+from edge.clock import FRAME_S, AudioBlock
+from edge.diarization.timeline import SpeakerTurn
 from edge.endpoint import EndOfSpeech, Final, UtteranceEnd, VoiceRuns
 from edge.health import Status
 from edge.metrics import Metrics
 from edge.plan import Plan
 from edge.protocol import ListenParams, ModelInfo
 from edge.settings import Settings
-from edge.stt.base import FLUSH, AudioBlock, AudioItem, TranscriptEvent, Upstream, Word
+from edge.stt.base import FLUSH, AudioItem, TranscriptEvent, Upstream, Word
 
 if TYPE_CHECKING:
     from edge.diarization.engine import DiarizationEngine

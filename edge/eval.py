@@ -16,8 +16,9 @@ from typing import Any
 
 from pyannote.core import Annotation
 
+from edge.clock import FRAME_S
 from edge.diarization.score import Report, Rttm, ScoreError, annotation_from_rttm_lines, score
-from edge.settings import DIARIZATION_PRESETS, FRAME_S, Settings
+from edge.settings import DIARIZATION_PRESETS, Settings
 
 CONFIGURED = "configured"  # the streaming parameters the settings give (hop/window or a preset)
 RUNTIMES = ("auto", "onnx", "nemo")  # EDGE_DIARIZATION_RUNTIME's values

@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from edge.clock import FRAME_SAMPLES, AudioBlock
 from edge.diarization.engine import MAX_INFLIGHT, DiarizationEngine
-from edge.diarization.feed import FRAME_SAMPLES, SessionFeed
+from edge.diarization.feed import SessionFeed
 from edge.diarization.session import (
     DegradedCause,
     DiarizerSession,
@@ -25,7 +26,6 @@ from edge.diarization.session import (
 from edge.diarization.wire import Kind
 from edge.health import Status
 from edge.metrics import Metrics
-from edge.stt.base import AudioBlock
 from tests.helpers.diarization import settings
 
 S = DiarizerState

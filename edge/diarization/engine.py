@@ -48,10 +48,11 @@ from typing import Any
 
 import numpy as np
 
+from edge.clock import FRAME_SAMPLES, SAMPLE_RATE
 from edge.device import MB
 from edge.diarization import wire
 from edge.diarization.admission import Availability, Capacity, decide_availability, nemo_check
-from edge.diarization.feed import FRAME_SAMPLES, SAMPLE_RATE, SessionFeed
+from edge.diarization.feed import SessionFeed
 from edge.diarization.report import EngineReport
 from edge.diarization.session import DegradedCause, DiarizerSession, DiarizerState
 from edge.diarization.supervisor import WorkerSupervisor

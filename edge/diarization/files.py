@@ -14,15 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from edge.settings import FRAME_S, Settings
-
-SAMPLE_RATE = 16000
-THRESHOLD = 0.5  # a speaker is talking in a frame when its probability exceeds this
+from edge.clock import ACTIVE_THRESHOLD, FRAME_S, SAMPLE_RATE, SLOTS
+from edge.settings import Settings
 
 
 @dataclass
 class FileResult:
-    """Frame probabilities (frames x 4, 80 ms frames) and how they were made (`runtime` onnx |
+    """Frame probabilities (frames x `SLOTS`, 80 ms frames) and how they were made (`runtime` onnx |
     nemo, `precision` fp32 | int8 on onnx, None on nemo)."""
 
     probs: np.ndarray
@@ -96,18 +94,19 @@ def diarize_file(
     out.append(session.finish())
     compute_s = time.perf_counter() - start
     diarizer.close()
-    probs = np.concatenate(out) if out else np.zeros((0, 4), dtype=np.float32)
+    probs = np.concatenate(out) if out else np.zeros((0, SLOTS), dtype=np.float32)
     return FileResult(probs, params, device, path, total_s, compute_s, plan.runtime, plan.precision)
 
 
-def rttm_lines(probs: np.ndarray, file_id: str, threshold: float = THRESHOLD) -> list[str]:
-    """RTTM `SPEAKER` lines: one per run of frames where a slot's probability > `threshold`.
+def rttm_lines(probs: np.ndarray, file_id: str, threshold: float = ACTIVE_THRESHOLD) -> list[str]:
+    """RTTM `SPEAKER` lines: one per run of frames where a slot is active (probability at or
+    above `threshold`).
 
     Speakers are named `speaker_<slot>`; times in seconds on the 80 ms frame grid.
     """
     lines = []
     for spk in range(probs.shape[1]):
-        active = np.concatenate(([False], probs[:, spk] > threshold, [False]))
+        active = np.concatenate(([False], probs[:, spk] >= threshold, [False]))
         edges = np.flatnonzero(active[1:] != active[:-1])
         for a, b in zip(edges[::2], edges[1::2], strict=True):
             start, dur = a * FRAME_S, (b - a) * FRAME_S

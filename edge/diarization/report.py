@@ -14,8 +14,8 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
+from edge.clock import FRAME_SAMPLES
 from edge.device import MB
-from edge.diarization.feed import FRAME_SAMPLES
 from edge.diarization.session import DiarizerSession, DiarizerState
 from edge.health import Status
 from edge.metrics import Metrics

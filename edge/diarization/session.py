@@ -42,10 +42,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from edge.clock import AudioBlock, overlap
 from edge.diarization.feed import SessionFeed
-from edge.diarization.merge import SpeakerTimeline
+from edge.diarization.timeline import SpeakerTimeline
 from edge.diarization.wire import Kind
-from edge.stt.base import AudioBlock
 
 
 class DiarizerState(StrEnum):
@@ -331,7 +331,7 @@ class DiarizerSession:
             return
         now = time.monotonic()
         while final or self.feed.in_flight < self._max_inflight:
-            unit = self.feed.take_unit(final=final, sent_at=now)
+            unit = self.feed.take_unit(flush=final, sent_at=now)
             if unit is None:
                 return
             self._worker.send(Kind.AUDIO, {"sid": self._sid, "seq": self.feed.last_seq}, unit)
@@ -341,7 +341,7 @@ class DiarizerSession:
             return 0
         tl = self.timeline
         for frame, part in self.feed.place(first, probs):
-            cut = max(0, tl.frames_end - frame)  # never before what is placed (a new stream)
+            cut = overlap(frame, tl.frames_end)  # never before what is placed (a new stream)
             if cut < len(part):
                 tl.add(frame + cut, part[cut:])
         return len(probs)

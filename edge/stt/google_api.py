@@ -22,7 +22,8 @@ from google.cloud.speech_v2.services.speech.transports import (
     SpeechGrpcAsyncIOTransport as V2Transport,
 )
 
-from edge.stt.base import SAMPLE_RATE, StreamConfig
+from edge.clock import SAMPLE_RATE
+from edge.stt.base import StreamConfig
 from edge.stt.replay import RawResult, RawSpeechEvent, RawWord
 
 ErrorKind = Literal["retry", "unclear", "limit", "fatal"]

@@ -37,10 +37,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from edge.stt.base import SAMPLE_RATE, AudioBlock, AudioItem, StreamConfig, TranscriptEvent
+from edge.clock import SAMPLE_RATE, AudioBlock, OffsetMap
+from edge.stt.base import AudioItem, StreamConfig, TranscriptEvent
 from edge.stt.replay import (
     Backoff,
-    CallMap,
     RawResult,
     RawSpeechEvent,
     ReplayBuffer,
@@ -106,7 +106,7 @@ class RunParams:
 class _Call:
     """One streaming call's state, shared by its request generator and its reader."""
 
-    map: CallMap
+    map: OffsetMap
     opened: float
     ended: asyncio.Future[str]  # set (with a cause) to cut the call
     probe: bool = False  # hold the audio back for `probe_s` after the config
@@ -228,7 +228,7 @@ class StreamRun:
                     return
             await self._report_lost(self.buffer.take_lost())
             self.hooks.call_opened(self.run_id, cause)
-            call = _Call(CallMap(), loop.time(), loop.create_future(), probe=probe)
+            call = _Call(OffsetMap(), loop.time(), loop.create_future(), probe=probe)
             outcome = await self._call(call)
             if call.responses or outcome.kind == "clean" or outcome.cause == "rotate":
                 failures = unclear = 0  # it worked: the next failure starts a new streak
@@ -396,10 +396,10 @@ class StreamRun:
             piece = self.buffer.read(cursor, min(REQUEST_SAMPLES, room))
             if piece is not None and (stop_at is None or piece.start < stop_at):
                 if stop_at is not None and piece.end > stop_at:
-                    piece = AudioBlock(piece.start, piece.pcm[:(stop_at - piece.start) * 2])
+                    piece = piece.until(stop_at)
                 if piece.start > cursor:  # dropped before it was ever sent on this call
                     await self._report_lost(self.buffer.take_skipped(cursor, piece.start))
-                call.map.add(piece)
+                call.map.add(piece.start, piece.samples)
                 cursor = piece.end
                 yield self.api.audio_request(piece.pcm)
                 continue

@@ -35,15 +35,15 @@ import psutil
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from edge.clock import FRAME_S, SAMPLE_RATE, AudioBlock  # noqa: E402
 from edge.diarization.engine import DiarizationEngine  # noqa: E402
 from edge.diarization.wire import Kind  # noqa: E402
 from edge.health import Status  # noqa: E402
 from edge.metrics import Metrics  # noqa: E402
 from edge.settings import Settings  # noqa: E402
-from edge.stt.base import AudioBlock  # noqa: E402
 
 MB = 2**20
-SR = 16000
+SR = SAMPLE_RATE
 
 
 def model_path(which: str) -> Path:
@@ -123,7 +123,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         out["rtf_30s"] = engine.status.diarizer["rtf"]
         # If the machine was too busy the session degraded or skipped: the figures above are
         # then for a partly skipped stream. Say so rather than hide it.
-        out["stream_skipped_s"] = round(s.feed.skipped_frames * 0.08, 2)
+        out["stream_skipped_s"] = round(s.feed.skipped_frames * FRAME_S, 2)
         out["stream_states"] = [state for state, _ in s.history]
         await s.close()
         out["rss_mb"] = {
