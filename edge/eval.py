@@ -209,7 +209,7 @@ async def run_daemon(
             raise ScoreError(f"{path}: the daemon closed the stream {result.close_code} "
                              f"{result.close_reason} {'; '.join(map(str, errors))}".rstrip())
         uri = path.stem
-        hypothesis[uri] = annotation_from_rttm_lines(client.rttm_lines(result.messages, uri), uri)
+        hypothesis[uri] = annotation_from_rttm_lines(client.rttm_from_messages(result.messages, uri), uri)
         audio_s += result.sent_audio_s
         for msg, at in zip(result.messages, result.received_at, strict=True):
             if msg.get("type") == "SpeakerTurn" and msg.get("is_final"):

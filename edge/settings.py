@@ -190,7 +190,7 @@ class Settings(BaseSettings):
         """Sortformer streaming parameters (NeMo `sortformer_modules` names, 80 ms frames).
 
         A preset wins; otherwise hop -> the chunk the model advances by, window -> chunk +
-        FIFO (the recent context it sees besides its speaker cache), as ARCHITECTURE.md says.
+        FIFO (the recent context it sees besides its speaker cache), as docs/ARCHITECTURE.md says.
         """
         if self.edge_diarization_preset is not None:
             params = dict(DIARIZATION_PRESETS[self.edge_diarization_preset])

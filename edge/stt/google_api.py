@@ -76,7 +76,7 @@ def _client(module: Any, transport_cls: Any, *, endpoint: str, insecure: bool,
     # Must run inside the event loop that will use it (grpc.aio channels bind to it).
     if insecure:
         # Tests and on-prem proxies: a plaintext channel; with a channel the transport never
-        # looks for credentials (notes/google-speech.md).
+        # looks for credentials (docs/notes/google-speech.md).
         channel = grpc.aio.insecure_channel(endpoint)
         return module.SpeechAsyncClient(transport=transport_cls(channel=channel))
     return module.SpeechAsyncClient(credentials=credentials,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
 import signal
@@ -41,6 +40,7 @@ from edge.diarization.wire import Kind  # noqa: E402
 from edge.health import Status  # noqa: E402
 from edge.metrics import Metrics  # noqa: E402
 from edge.settings import Settings  # noqa: E402
+from scripts.bench.harness import emit  # noqa: E402
 
 MB = 2**20
 SR = SAMPLE_RATE
@@ -182,10 +182,7 @@ def main() -> int:
     args = ap.parse_args()
     result = asyncio.run(run(args))
     result["command"] = " ".join([Path(sys.executable).name, *sys.argv])
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
     return 0
 
 

@@ -87,7 +87,6 @@ class Worker:
         elif msg.kind is Kind.OPEN:
             try:
                 self.streams[m["sid"]] = self.diarizer.new_session()
-                self.send(Kind.OPENED, {"sid": m["sid"]})
             except Exception as exc:
                 self.send(Kind.ERROR, {"sid": m["sid"], "seq": -1, "reason": _one_line(exc)})
         elif msg.kind is Kind.CLOSE:
