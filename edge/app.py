@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from edge.diarization import nemo_diarization_available, worker_runtime_available
+from edge.diarization.admission import nemo_check
 from edge.diarization.engine import DiarizationEngine
 from edge.health import REQUIRED_PACKAGES, UPSTREAM_PACKAGES, LoopMonitor, Status, missing_packages
 from edge.listen import ListenService
@@ -100,22 +100,20 @@ class App:
 
     def _report_nemo(self) -> None:
         # Seed contract: these exact log lines, and nothing at all when the fallback is off.
-        if not self.settings.stt_enable_nemo_diarization_fallback:
+        # The engine decided availability; this only says it before READY.
+        a = self.engine.availability
+        if a.state == "disabled":
             self.status.set_check("nemo", "disabled")
-            return
-        ok, err = nemo_diarization_available()
-        if ok:
+        elif a.state == "unavailable":
+            log.warning("NeMo diarization fallback disabled: %s", a.reason)
+            self.status.set_check("nemo", nemo_check(str(a.reason)))
+            self.status.update_diarizer(state="unavailable", reason=a.reason)
+        elif a.nemo_error is None:
             log.info(NEMO_OK)
             self.status.set_check("nemo", "loading")
-        elif (self.settings.edge_diarization_runtime != "nemo"
-              and worker_runtime_available("onnx")[0]):
-            # A device without NeMo (install.sh --no-nemo) runs the ONNX export instead.
-            log.info("NeMo not installed (%s): the diarizer uses the ONNX runtime", err)
+        else:  # a device without NeMo (install.sh --no-nemo) runs the ONNX export instead
+            log.info("NeMo not installed (%s): the diarizer uses the ONNX runtime", a.nemo_error)
             self.status.set_check("nemo", "loading")
-        else:
-            log.warning("NeMo diarization fallback disabled: %s", err)
-            self.status.set_check("nemo", f"NeMo not available: {err}")
-            self.status.update_diarizer(state="unavailable", reason=f"NeMo not available: {err}")
 
     # --- main loop: housekeeping on one tick ---
     async def main_loop(self) -> None:

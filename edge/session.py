@@ -14,6 +14,11 @@ the upstream's capabilities. Queues and their overflow policies (all bounded):
 A final result waits at most `EDGE_LABEL_WAIT_MS` for the diarizer to cover its last word
 (only when the client asked for labels and they are local), then goes out with whatever
 labels exist (`speaker: null` where unknown).
+
+Life (`SessionState`, changed only by `Session.run`, each step checking the state it leaves):
+NEW -> RECEIVING (the client's audio and controls) -> FINISHING (the audio ended: flush every
+final the client is owed) -> CLOSING (the websocket) -> CLOSED. `end(reason)` asks a RECEIVING
+session to end (the first reason wins); once FINISHING it is already ending and is left alone.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Literal
 
 from websockets.asyncio.server import ServerConnection
@@ -69,6 +75,24 @@ _END_CLOSE: dict[End, tuple[int, str]] = {
 }
 
 
+class SessionState(StrEnum):
+    """Where a session is in its life (the module docstring)."""
+
+    NEW = "new"
+    RECEIVING = "receiving"
+    FINISHING = "finishing"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class InvalidSessionTransition(RuntimeError):
+    """A session asked to move from a state it is not in (e.g. `run()` twice)."""
+
+    def __init__(self, state: SessionState, to: SessionState) -> None:
+        super().__init__(f"session cannot go from {state} to {to}")
+        self.state, self.to = state, to
+
+
 @dataclass
 class SessionDeps:
     """What every session shares: built once by the app."""
@@ -103,7 +127,8 @@ class Session:
         self._frames = TokenBucket(rate, rate * FRAME_BURST_S, self.last_activity)
         self._finalizes = TokenBucket(FINALIZE_PER_S, FINALIZE_BURST, self.last_activity)
         self.created = datetime.now(timezone.utc)
-        self._end: End | None = None
+        self._state = SessionState.NEW
+        self._end: End | None = None  # why it ends, once asked to or the client stopped
         self._recv_task: asyncio.Task[End] | None = None
         self._out: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(OUTBOUND_MAX)
         ctx = ChannelContext(
@@ -113,8 +138,14 @@ class Session:
         self.channels = [Channel(ctx, i, self.plan.channels) for i in range(self.plan.channels)]
 
     # --- lifecycle ---
+    @property
+    def state(self) -> SessionState:
+        return self._state
+
     async def run(self) -> End:
-        """Serve the session until it ends; returns why it ended."""
+        """Serve the session until it ends; returns why it ended. Raises `InvalidSessionTransition`
+        if it already ran."""
+        self._become(SessionState.RECEIVING, SessionState.NEW)
         if self.params.ignored:
             log.warning("session %s: accepted but not honoured: %s", self.request_id,
                         ", ".join(self.params.ignored)[:500])
@@ -131,19 +162,28 @@ class Session:
                     raise
                 end = self._end
             self._end = end
+            self._become(SessionState.FINISHING, SessionState.RECEIVING)
             await self._finish(end)
         finally:
+            self._become(SessionState.CLOSING, SessionState.RECEIVING, SessionState.FINISHING)
             self.audio.close()
             await asyncio.gather(*(c.stop() for c in self.channels), return_exceptions=True)
             await self._close_connection(end, sender)
+            self._become(SessionState.CLOSED, SessionState.CLOSING)
         return end
 
     def end(self, reason: End) -> None:
-        """Ask the session to end (idle reaper, drain, a slow client); idempotent."""
-        if self._end is None:
+        """Ask a receiving session to end (idle reaper, drain, a slow client); idempotent: the
+        first reason wins, and a session already finishing or closing is left alone."""
+        if self._end is None and self._state in (SessionState.NEW, SessionState.RECEIVING):
             self._end = reason
             if self._recv_task is not None:
                 self._recv_task.cancel()
+
+    def _become(self, to: SessionState, *leaving: SessionState) -> None:
+        if self._state not in leaving:
+            raise InvalidSessionTransition(self._state, to)
+        self._state = to
 
     @property
     def diarizing(self) -> bool:

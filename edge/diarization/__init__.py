@@ -5,11 +5,13 @@ The daemon itself never imports NeMo, torch or onnxruntime: `nemo_diarization_av
 worker process does the real import.
 
 Daemon side (no torch, NeMo or onnxruntime):
-- `engine.py`: admission, routing of session audio to the worker, step timeouts, status.
+- `engine.py`: the engine's state, admission, routing of worker replies, step timeouts.
+- `admission.py`: whether local diarization runs at all (decided once), and how many sessions fit.
+- `report.py`: what the engine tells the status channel and the metrics.
 - `supervisor.py`: keeps one worker running (spawn, load, watch, restart with backoff, memory).
 - `process.py`: the worker process as the event loop sees it (spawn, framed send/receive, kill).
 - `wire.py`: the framed protocol the daemon and the worker speak.
-- `session.py`: `DiarizerSession`, what one client session holds of the local diarizer.
+- `session.py`: `DiarizerSession`, one client session's diarizer stream and its state machine.
 - `feed.py`: one session's audio on its way to the worker, and its frames onto the session clock.
 - `timeline.py`: `SpeakerTimeline`, frames to speakers for words and turns.
 - `model.py`: resolve the checkpoint (path -> cache -> Hugging Face) and verify its pin, with

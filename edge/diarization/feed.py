@@ -10,6 +10,10 @@ recorded on the stream's `OffsetMap` (edge/clock.py, the same map a Google call 
 whole 80 ms frames and streams start on frame boundaries, so each output frame maps to exactly
 one session frame.
 
+Flow control lives here too, so that nobody else keeps a list of units: each unit taken gets the
+next sequence number (its AUDIO message carries it) and stays `in_flight` until the worker
+answers that number (`answered`); `oldest_unanswered` is what step timeouts are measured from.
+
 Catch-up policy (the backlog bound): audio waits here until the worker has credit for it. When
 more than `max_backlog_s` waits (the worker is slower than real time, or restarting), the feed
 skips to the newest audio: it keeps only the newest `keep_s` (rounded to whole frames) and
@@ -43,6 +47,8 @@ class SessionFeed:
         self._pend_start = 0  # session sample of the first pending sample
         self._expected: int | None = None  # session sample after the last pushed one
         self._map = OffsetMap()  # the current stream's offsets -> session samples
+        self._seq = 0  # the last unit's sequence number (never reset: replies name it)
+        self._flight: deque[tuple[int, float, int]] = deque()  # unanswered: (seq, sent at, samples)
         self.skipped: deque[tuple[float, float]] = deque(maxlen=32)
         self.skipped_frames = 0
 
@@ -101,6 +107,7 @@ class SessionFeed:
         """A new worker stream takes this session's audio from the next pending sample on."""
         self.active = True
         self._map = OffsetMap()
+        self._flight.clear()
         if self._pending:
             self._drop_front(frame_ceil(self._pend_start) - self._pend_start, record=False)
 
@@ -110,10 +117,35 @@ class SessionFeed:
         self._backlog.clear()
         self._pending = 0
         self._map = OffsetMap()
+        self._flight.clear()
 
-    def take_unit(self, flush: bool = False) -> np.ndarray | None:
+    @property
+    def last_seq(self) -> int:
+        """The sequence number of the last unit taken (its AUDIO message carries it)."""
+        return self._seq
+
+    @property
+    def in_flight(self) -> int:
+        """Units of the current stream sent and not yet answered."""
+        return len(self._flight)
+
+    @property
+    def oldest_unanswered(self) -> float | None:
+        """When the oldest unit not yet answered was sent (None: all answered)."""
+        return self._flight[0][1] if self._flight else None
+
+    def answered(self, seq: int) -> int:
+        """The worker answered every unit up to `seq` (one reply per unit, in order). Returns
+        the samples of the last of them (0 when none was still in flight)."""
+        samples = 0
+        while self._flight and self._flight[0][0] <= seq:
+            samples = self._flight.popleft()[2]
+        return samples
+
+    def take_unit(self, flush: bool = False, sent_at: float = 0.0) -> np.ndarray | None:
         """The next unit to send, or None if less than a unit waits (with `flush`, at the end of
-        the session's audio, whatever remains)."""
+        the session's audio, whatever remains). It is in flight from `sent_at` (monotonic
+        seconds), numbered `last_seq`."""
         n = self.unit if self._pending >= self.unit else (self._pending if flush else 0)
         if n == 0:
             return None
@@ -129,6 +161,8 @@ class SessionFeed:
             else:
                 self._backlog[0] = part[take:]
         self._map.add(self._pend_start, n)
+        self._seq += 1
+        self._flight.append((self._seq, sent_at, n))
         self._pend_start += n
         self._pending -= n
         return out
