@@ -244,7 +244,7 @@ def test_export_writes_the_files_and_the_marker(exported: tuple[Any, Any, list[s
     assert sorted(p.name for p in result.folder.iterdir()) == sorted(
         ["model.onnx", "model.int8.onnx", FEATURES_FILE, MARKER])
     assert [line.split(" ")[0] for line in lines] == [
-        "loading", "exporting", "verifying", "fp32", "quantizing", "exported"]
+        "loading", "exporting", "verifying", "fp32", "quantizing", "int8:", "exported"]
     assert result.max_abs_diff is not None and result.max_abs_diff <= 1e-4
     marker = json.loads((result.folder / MARKER).read_text())
     assert set(marker) >= {"source_sha256", "source_name", "versions", "opset", "inputs", "outputs",
