@@ -28,8 +28,8 @@ import pytest
 import soundfile as sf
 
 from edge.app import App
-from tests.conftest import KEY, running_app
-from tests.fakes.google_speech import fake_speech, tone_encode
+from tests.fakes.google_speech import tone_encode
+from tests.helpers.daemon import KEY, with_fake_google
 
 CHROMIUM = os.environ.get("EDGE_TEST_CHROMIUM", "/usr/bin/chromium")
 playwright_api = pytest.importorskip("playwright.async_api")
@@ -110,15 +110,14 @@ async def record_in_browser(pw: Any, app: App, site: str, mic: Path, seconds: fl
     return messages, closed, shown or ""
 
 
-async def test_chromium_mediarecorder_webm_opus(tmp_path: Path) -> None:
+async def test_chromium_mediarecorder_webm_opus_is_transcribed_on_the_session_clock(tmp_path: Path) -> None:
     audio, script = tone_encode(SEGMENTS, RATE)
     mic = tmp_path / "mic.wav"
     sf.write(str(mic), audio, RATE, subtype="PCM_16")
     seconds = sum(s for _, s in SEGMENTS)
     (tmp_path / "listen.html").write_text(PAGE)
-    async with fake_speech(word_code="tone") as (_fake, endpoint), running_app(
-        edge_stt_endpoint=endpoint, edge_stt_insecure=True, edge_stt_language="en-US",
-    ) as app, playwright_api.async_playwright() as pw:
+    async with with_fake_google(word_code="tone", edge_stt_language="en-US") as app, \
+            playwright_api.async_playwright() as pw:
         with page_server(tmp_path) as site:
             messages, closed, shown = await record_in_browser(pw, app, site, mic, seconds)
     assert closed["code"] == 1000, (closed, messages)

@@ -17,8 +17,8 @@ import pytest
 from edge import checks, cli
 from edge.checks import Check
 from edge.settings import load_settings
-from tests.conftest import running_app
 from tests.fakes.machine import FakeMachine, sd_card_jetson
+from tests.helpers.daemon import running_app
 
 MODEL = "diar_streaming_sortformer_4spk-v2.1.nemo"
 
@@ -63,7 +63,7 @@ def test_every_check_has_a_line(tmp_path: Path) -> None:
     assert not checks.failed(list(found.values()))
 
 
-def test_cache_kinds_and_room(tmp_path: Path) -> None:
+def test_cache_check_warns_on_the_sd_card_or_under_tmp_and_fails_without_room(tmp_path: Path) -> None:
     nvme = _run(tmp_path)["cache"]
     assert nvme.level == "ok" and "(nvme nvme0n1, 100000 MB free)" in nvme.detail
     sd = _run(tmp_path, sd_card_jetson(tmp_path / "sd"))["cache"]
@@ -75,7 +75,7 @@ def test_cache_kinds_and_room(tmp_path: Path) -> None:
     assert tmp.level == "warn" and "under /tmp the service sees another one" in tmp.detail
 
 
-def test_model_present_verified_mismatched_missing(tmp_path: Path) -> None:
+def test_model_check_warns_when_missing_verifies_the_pin_and_fails_on_a_mismatch(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     missing = _run(tmp_path, nemo_cache_dir=cache)["model"]
     assert missing.level == "warn" and "run `edge model fetch`" in missing.detail
@@ -110,7 +110,7 @@ def test_labels_check_asks_the_session_plan(tmp_path: Path, overrides: dict[str,
 
 def test_export_matches_the_model(tmp_path: Path) -> None:
     from edge.diarization.exports import export_dir
-    from tests.diarization_helpers import hand_made_export
+    from tests.helpers.diarization import hand_made_export
 
     cache = tmp_path / "cache"
     none = _run(tmp_path, nemo_cache_dir=cache)["export"]
@@ -143,7 +143,7 @@ def test_export_matches_the_model(tmp_path: Path) -> None:
 
 def test_runtime_line_says_what_the_worker_will_use(tmp_path: Path) -> None:
     from edge.diarization.exports import export_dir
-    from tests.diarization_helpers import hand_made_export
+    from tests.helpers.diarization import hand_made_export
 
     cache = tmp_path / "cache"
     model = tmp_path / "mine.nemo"
@@ -181,7 +181,7 @@ def test_nemo_missing_is_a_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert (nemo.level, nemo.detail) == ("warn", "NeMo not available: No module named 'nemo'")
 
 
-def test_google_credentials(tmp_path: Path) -> None:
+def test_google_check_is_ok_with_credentials_or_an_endpoint_and_warns_without(tmp_path: Path) -> None:
     assert _run(tmp_path)["google"].level == "warn"
     creds = tmp_path / "sa.json"
     creds.write_text("{}")
@@ -202,7 +202,7 @@ def test_google_default_is_bounded() -> None:
         assert isinstance(exc, TimeoutError | RuntimeError)
 
 
-def test_port_free_or_taken() -> None:
+def test_port_check_fails_when_another_process_holds_the_port() -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -228,7 +228,7 @@ async def test_port_held_by_our_daemon_is_ok() -> None:
     ("active", "loaded", "ok"), ("activating", "loaded", "ok"), ("inactive", "loaded", "warn"),
     ("failed", "loaded", "FAIL"), ("inactive", "not-found", "warn"),
 ])
-def test_unit_state(tmp_path: Path, active: str, load: str, level: str) -> None:
+def test_unit_check_level_follows_the_units_state(tmp_path: Path, active: str, load: str, level: str) -> None:
     machine = FakeMachine(tmp_path / "m").mount("/", "nvme0n1p1")
     (machine.root / "run/systemd/system").mkdir(parents=True)
     unit = _run(tmp_path, machine, systemctl=_systemctl(active, load))["unit"]
@@ -258,7 +258,7 @@ def test_systemd_python_is_required_where_systemd_runs(
 
 # --- the command ---
 
-def test_edge_check_json_and_exit_code(
+def test_edge_check_prints_json_and_exits_1_on_a_required_failure(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(checks, "_google_default", _no_google)

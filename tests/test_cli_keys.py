@@ -8,12 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import _OURS, KEY, ROOT, daemon_process
+from tests.helpers.daemon import KEY, OURS, ROOT, daemon_process
 
 
 def status(port: int, tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     """`edge status --once` as an operator's shell runs it: none of the daemon's settings."""
-    base = {k: v for k, v in os.environ.items() if not _OURS.match(k)}
+    base = {k: v for k, v in os.environ.items() if not OURS.match(k)}
     empty = tmp_path / "empty.env"
     empty.write_text("")
     base.update(EDGE_ENV_FILE=str(empty), **env)

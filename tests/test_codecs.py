@@ -26,14 +26,13 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from edge.app import App
-from tests.conftest import KEY, running_app
-from tests.fakes.google_speech import ScriptWord, fake_speech, tone_encode
+from tests.fakes.google_speech import ScriptWord, tone_encode
+from tests.helpers.daemon import AUTH, final_words, with_fake_google
 
 pytestmark = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs Debian's ffmpeg")
 
 SOURCE_RATE = 48000
 SEGMENTS = [(0, 0.3), (3, 0.5), (6, 0.4), (0, 0.6), (2, 0.5), (8, 0.4), (0, 0.7)]
-AUTH = {"Authorization": f"Token {KEY}"}
 
 # name -> ffmpeg output options. Rates and channels differ on purpose: the header decides.
 FORMATS: dict[str, list[str]] = {
@@ -98,11 +97,6 @@ async def stream(app: App, chunks: Iterable[bytes], query: str = "",
         return messages, ws.close_code, ws.close_reason
 
 
-def final_words(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [w for m in messages if m.get("type") == "Results" and m.get("is_final")
-            for w in m["channel"]["alternatives"][0]["words"]]
-
-
 def assert_words(messages: list[dict[str, Any]], script: list[ScriptWord], tol: float = 0.1
                  ) -> None:
     words = final_words(messages)
@@ -116,10 +110,8 @@ def assert_words(messages: list[dict[str, Any]], script: list[ScriptWord], tol: 
 async def daemon() -> AsyncIterator[App]:
     # The clients here send files in random pieces as fast as they can: far above the
     # frame-rate bound (EDGE_MAX_FRAMES_PER_S) that stops floods of tiny frames.
-    async with fake_speech(word_code="tone") as (_fake, endpoint), running_app(
-        edge_stt_endpoint=endpoint, edge_stt_insecure=True, edge_stt_language="en-US",
-        edge_max_frames_per_s=100_000,
-    ) as app:
+    async with with_fake_google(word_code="tone", edge_stt_language="en-US",
+                                edge_max_frames_per_s=100_000) as app:
         yield app
 
 
@@ -153,7 +145,7 @@ async def test_encoding_ogg_opus_and_flac_follow_deepgram(
     ("opus", 48000, ["-c:a", "libopus", "-b:a", "24k"]),
     ("speex", 16000, ["-ar", "16000", "-c:a", "libspeex"]),
 ])
-async def test_raw_packets_one_per_frame(
+async def test_raw_opus_and_speex_take_one_packet_per_frame(
     daemon: App, signal: tuple[Path, np.ndarray, list[ScriptWord]], tmp_path: Path,
     encoding: str, rate: int, codec: list[str],
 ) -> None:
@@ -263,8 +255,8 @@ async def test_a_stalled_decoder_is_cut_off_without_blocking_the_loop(
                   tmp_path / "long.webm", "-stream_loop", "9")
     assert len(long) < 262144  # one frame under EDGE_MAX_FRAME_BYTES
     pcm = np.clip(np.rint(audio * 32768), -32768, 32767).astype("<i2").tobytes()
-    async with fake_speech(word_code="tone") as (_fake, endpoint), running_app(
-        edge_stt_endpoint=endpoint, edge_stt_insecure=True, edge_stt_language="en-US",
+    async with with_fake_google(
+        word_code="tone", edge_stt_language="en-US",
         edge_decode_timeout_s=0.001,
         edge_max_frames_per_s=100_000,  # the neighbour sends small pieces as fast as it can
     ) as app:

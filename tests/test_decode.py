@@ -115,7 +115,7 @@ def wav_header(tag: int, channels: int, rate: int, bits: int, *, riff: bytes = b
     (wav_header(1, 1, 48000, 24), None),  # 24-bit: left to FFmpeg
     (wav_header(2, 1, 8000, 4), None),  # MS ADPCM: left to FFmpeg
 ])
-def test_wav_header(header: bytes, want: WavFormat | None) -> None:
+def test_wav_header_parses_or_asks_for_more_bytes(header: bytes, want: WavFormat | None) -> None:
     assert parse_wav_header(header) == want
     assert parse_wav_header(header[:30]) == NEED_MORE
 

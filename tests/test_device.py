@@ -17,7 +17,7 @@ MB = device.MB
 
 # --- platform ---
 
-def test_jetson_from_release_file_and_device_tree(tmp_path: Path) -> None:
+def test_a_jetson_is_described_from_its_release_file_and_device_tree(tmp_path: Path) -> None:
     FakeMachine(tmp_path).jetson()
     plat = device.detect_platform(tmp_path, machine="aarch64")
     assert (plat.kind, plat.l4t, plat.jetpack) == ("jetson", "36.4.0", "6.1")
@@ -27,7 +27,7 @@ def test_jetson_from_release_file_and_device_tree(tmp_path: Path) -> None:
     )
 
 
-def test_jetson_from_device_tree_alone(tmp_path: Path) -> None:
+def test_a_jetson_without_a_release_file_is_found_from_its_device_tree(tmp_path: Path) -> None:
     # Containers often lack /etc/nv_tegra_release; the device tree still names the board.
     FakeMachine(tmp_path).jetson(release=None, model="NVIDIA Jetson AGX Orin Developer Kit")
     plat = device.detect_platform(tmp_path, machine="aarch64")
@@ -39,7 +39,9 @@ def test_jetson_from_device_tree_alone(tmp_path: Path) -> None:
     ("x86_64", None, "x86_64"),
     ("aarch64", "Raspberry Pi 5 Model B Rev 1.0", "aarch64"),
 ])
-def test_not_a_jetson(tmp_path: Path, machine: str, model: str | None, kind: str) -> None:
+def test_other_boards_are_not_taken_for_a_jetson(
+    tmp_path: Path, machine: str, model: str | None, kind: str,
+) -> None:
     if model:
         (tmp_path / "proc/device-tree").mkdir(parents=True)
         (tmp_path / "proc/device-tree/model").write_text(model + "\0")
@@ -51,7 +53,7 @@ def test_not_a_jetson(tmp_path: Path, machine: str, model: str | None, kind: str
     ("36.4.4", "6.2.1"), ("36.4.3", "6.2"), ("36.4.0", "6.1"), ("36.3.0", "6.0"),
     ("35.5.0", "5.1.3"), ("36.9.1", "6.x"), ("99.1", None),
 ])
-def test_jetpack_for(l4t: str, jetpack: str | None) -> None:
+def test_jetpack_version_is_looked_up_from_the_l4t_release(l4t: str, jetpack: str | None) -> None:
     assert device.jetpack_for(l4t) == jetpack
 
 
@@ -61,7 +63,7 @@ def test_release_line_is_parsed_as_nvidia_writes_it() -> None:
 
 # --- storage kind ---
 
-def test_storage_kinds(tmp_path: Path) -> None:
+def test_storage_kind_is_found_through_the_root_device_mapper_and_escaped_mounts(tmp_path: Path) -> None:
     m = sd_card_jetson(tmp_path, nvme_free_mb=100_000)
     m.mount("/data", "mmcblk0p1", mmc_type="MMC")
     m.mount("/srv/lvm", "dm-0", slaves=("nvme1n1p3",))

@@ -13,8 +13,8 @@ import pytest
 import soundfile
 import soxr
 
-from tests.conftest import ROOT
-from tests.diarization_helpers import speechlike
+from tests.helpers.daemon import ROOT
+from tests.helpers.diarization import speechlike
 
 
 def run_edge(*args: str, cache: Path, **env: str) -> subprocess.CompletedProcess[str]:
@@ -28,7 +28,7 @@ def run_edge(*args: str, cache: Path, **env: str) -> subprocess.CompletedProcess
 
 
 @pytest.mark.nemo
-def test_diarize_file(tmp_path: Path) -> None:
+def test_diarize_writes_probabilities_and_rttm_for_a_resampled_stereo_file(tmp_path: Path) -> None:
     from tests.fakes.sortformer import tiny_model_path
 
     audio = speechlike(12.0)
@@ -59,7 +59,7 @@ def test_diarize_file(tmp_path: Path) -> None:
 @pytest.mark.timeout(900)
 def test_diarize_on_onnx_writes_what_nemo_writes(tmp_path: Path) -> None:
     from tests.fakes.sortformer import tiny_model_path
-    from tests.onnx_helpers import install_export
+    from tests.helpers.onnx import install_export
 
     wav = tmp_path / "meeting.wav"
     soundfile.write(wav, speechlike(12.0), 16000)
@@ -97,7 +97,7 @@ def test_diarize_reports_a_missing_model(tmp_path: Path) -> None:
     assert run.stderr.strip().splitlines()[-1].startswith("edge: no model: NEMO_DIAR_MODEL_PATH is unset")
 
 
-def test_rttm_lines() -> None:
+def test_rttm_lines_give_one_turn_per_run_of_a_speaker_above_half() -> None:
     from edge.diarization.files import rttm_lines
 
     p = np.zeros((10, 4), dtype=np.float32)

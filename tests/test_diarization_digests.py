@@ -19,10 +19,11 @@ import pytest
 
 from edge.diarization.digests import MAX_DIGESTS, RACY_NS, DigestCache
 from edge.diarization.model import extract_model
-from tests.diarization_helpers import settings
-from tests.test_diarization_worker import ROOT, _no_orphans, ready, until  # noqa: F401 (autouse fixture)
+from tests.helpers.daemon import ROOT
+from tests.helpers.diarization import settings
+from tests.helpers.worker import ready, until
 
-pytestmark = [pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("no_orphans")]
 
 
 def rewrite_in_place(path: Path) -> None:
@@ -114,7 +115,7 @@ async def test_a_restarted_worker_reuses_verified_digests_and_rehashes_a_changed
     from edge.health import Status
     from edge.metrics import Metrics
     from tests.fakes.sortformer import tiny_model_path
-    from tests.onnx_helpers import install_export
+    from tests.helpers.onnx import install_export
 
     tiny = tiny_model_path()
     cache = tmp_path / "cache"

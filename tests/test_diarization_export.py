@@ -23,7 +23,7 @@ from edge.diarization.exports import (
     write_marker,
 )
 from edge.diarization.model import ModelUnavailable, file_sha256
-from tests.diarization_helpers import hand_made_export, settings
+from tests.helpers.diarization import hand_made_export, settings
 
 
 def one_line(exc: pytest.ExceptionInfo[ModelUnavailable]) -> str:
@@ -58,7 +58,7 @@ def test_found_export_is_verified(tmp_path: Path, source: Path) -> None:
     assert export_status(s, source, "int8")[0] is not None
 
 
-def test_missing_export(tmp_path: Path, source: Path) -> None:
+def test_a_missing_export_says_to_run_edge_model_export(tmp_path: Path, source: Path) -> None:
     s = settings(tmp_path / "cache")
     with pytest.raises(ModelUnavailable) as exc:
         find_export(s, source)
@@ -67,7 +67,7 @@ def test_missing_export(tmp_path: Path, source: Path) -> None:
     assert found is None and reason == str(exc.value)
 
 
-def test_missing_source(tmp_path: Path) -> None:
+def test_a_missing_source_checkpoint_is_named(tmp_path: Path) -> None:
     with pytest.raises(ModelUnavailable) as exc:
         find_export(settings(tmp_path / "cache"), tmp_path / "gone.nemo")
     assert one_line(exc) == f"{tmp_path / 'gone.nemo'}: No such file or directory"
@@ -93,7 +93,7 @@ def test_missing_precision_says_how_to_make_it(tmp_path: Path, source: Path) -> 
         find_export(s, source, "fp16")  # type: ignore[arg-type]
 
 
-def test_truncated_file(tmp_path: Path, source: Path) -> None:
+def test_a_truncated_export_file_is_refused_with_its_sizes(tmp_path: Path, source: Path) -> None:
     s = settings(tmp_path / "cache")
     hand_made_export(export_dir(s, source), source)
     onnx = export_dir(s, source) / "model.onnx"
@@ -103,7 +103,7 @@ def test_truncated_file(tmp_path: Path, source: Path) -> None:
     assert one_line(exc).endswith("model.onnx is truncated or altered (500 bytes, the marker says 1000)")
 
 
-def test_deleted_file(tmp_path: Path, source: Path) -> None:
+def test_a_deleted_export_file_is_named(tmp_path: Path, source: Path) -> None:
     s = settings(tmp_path / "cache")
     hand_made_export(export_dir(s, source), source)
     (export_dir(s, source) / FEATURES_FILE).unlink()
@@ -112,7 +112,7 @@ def test_deleted_file(tmp_path: Path, source: Path) -> None:
     assert one_line(exc).endswith(f"{FEATURES_FILE}: No such file or directory")
 
 
-def test_altered_file_of_the_same_size(tmp_path: Path, source: Path) -> None:
+def test_an_altered_file_of_the_same_size_is_caught_by_its_hash(tmp_path: Path, source: Path) -> None:
     s = settings(tmp_path / "cache")
     hand_made_export(export_dir(s, source), source)
     onnx = export_dir(s, source) / "model.onnx"
@@ -131,7 +131,9 @@ def test_altered_file_of_the_same_size(tmp_path: Path, source: Path) -> None:
     ("[1, 2]", "not a JSON object"),
     ("{}", "'source_sha256' missing or not a str"),
 ])
-def test_corrupt_marker(tmp_path: Path, source: Path, text: str, why: str) -> None:
+def test_a_corrupt_marker_is_refused_naming_the_marker(
+    tmp_path: Path, source: Path, text: str, why: str,
+) -> None:
     s = settings(tmp_path / "cache")
     hand_made_export(export_dir(s, source), source)
     (export_dir(s, source) / MARKER).write_text(text)
@@ -146,7 +148,9 @@ def test_corrupt_marker(tmp_path: Path, source: Path, text: str, why: str) -> No
     ("files", {"model.onnx": 5}, "files['model.onnx'] is not {size, sha256}"),
     ("files", {"../model.onnx": {"size": 1, "sha256": "x"}}, "files['../model.onnx'] is not"),
 ])
-def test_marker_with_wrong_types(tmp_path: Path, source: Path, key: str, value: Any, why: str) -> None:
+def test_a_marker_with_wrong_types_is_refused_saying_why(
+    tmp_path: Path, source: Path, key: str, value: Any, why: str,
+) -> None:
     s = settings(tmp_path / "cache")
     marker = hand_made_export(export_dir(s, source), source)
     marker[key] = {**marker[key], **value} if key == "files" else value
@@ -156,7 +160,7 @@ def test_marker_with_wrong_types(tmp_path: Path, source: Path, key: str, value: 
     assert why in one_line(exc)
 
 
-def test_export_of_another_checkpoint(tmp_path: Path, source: Path) -> None:
+def test_an_export_of_another_checkpoint_is_refused(tmp_path: Path, source: Path) -> None:
     s = settings(tmp_path / "cache")
     other = tmp_path / "other.nemo"
     other.write_bytes(b"another checkpoint")
@@ -170,7 +174,7 @@ def test_export_of_another_checkpoint(tmp_path: Path, source: Path) -> None:
     )
 
 
-def test_export_with_another_interface(tmp_path: Path, source: Path) -> None:
+def test_an_export_with_other_outputs_is_refused(tmp_path: Path, source: Path) -> None:
     s = settings(tmp_path / "cache")
     hand_made_export(export_dir(s, source), source, outputs=["preds"])
     with pytest.raises(ModelUnavailable) as exc:
@@ -179,7 +183,7 @@ def test_export_with_another_interface(tmp_path: Path, source: Path) -> None:
             in one_line(exc))
 
 
-def test_explicit_folder(tmp_path: Path, source: Path) -> None:
+def test_an_explicit_folder_is_used_instead_of_the_cache(tmp_path: Path, source: Path) -> None:
     s = settings(tmp_path / "cache")
     hand_made_export(tmp_path / "elsewhere", source)
     assert find_export(s, source, folder=tmp_path / "elsewhere").folder == tmp_path / "elsewhere"
@@ -278,7 +282,7 @@ def nemo_steps(model: Any, params: dict[str, int], seconds: float, seed: int = 3
     import torch
 
     from edge.diarization.worker.streaming import apply_streaming_params
-    from tests.diarization_helpers import speechlike
+    from tests.helpers.diarization import speechlike
 
     apply_streaming_params(model, params)
     steps: list[dict[str, Any]] = []
@@ -422,7 +426,7 @@ def run_edge(*args: str, cache: Path, limit_bytes: int | None = None, **env: str
     import subprocess
     import sys
 
-    from tests.conftest import ROOT, daemon_env
+    from tests.helpers.daemon import ROOT, daemon_env
 
     code = ("import resource, sys\n"
             f"limit = {limit_bytes!r}\n"
@@ -508,7 +512,7 @@ def test_export_of_a_missing_model_is_usage_error(tmp_path: Path) -> None:
     assert run.stderr.strip() == f"edge: --model {tmp_path / 'no.nemo'}: file does not exist"
 
 
-def test_export_without_any_model(tmp_path: Path) -> None:
+def test_export_without_any_model_exits_1_saying_none_is_set(tmp_path: Path) -> None:
     run = run_edge("model", "export", cache=tmp_path / "cache")
     assert run.returncode == 1
     assert run.stderr.strip().splitlines()[-1].startswith(

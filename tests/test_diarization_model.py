@@ -21,9 +21,9 @@ from edge.diarization.model import (
     resolve_model,
 )
 from edge.diarization.worker.loading import load_model
-from tests.conftest import ROOT
-from tests.diarization_helpers import settings
 from tests.fakes.hf_hub import FakeHub, serve_file
+from tests.helpers.daemon import ROOT
+from tests.helpers.diarization import settings
 
 REPO = "nvidia/diar_streaming_sortformer_4spk-v2.1"
 
@@ -50,7 +50,7 @@ def one_line(exc: pytest.ExceptionInfo[ModelUnavailable]) -> str:
 
 # --- resolution ---
 
-def test_configured_path_missing(tmp_path: Path) -> None:
+def test_a_configured_path_that_is_gone_is_named(tmp_path: Path) -> None:
     model = fake_nemo(tmp_path / "m.nemo")
     s = settings(tmp_path / "cache", nemo_diar_model_path=model)  # validated while it existed
     model.unlink()
@@ -67,7 +67,7 @@ def test_configured_path_wins_over_cache(tmp_path: Path) -> None:
     assert resolve_model(s) == model
 
 
-def test_sha_mismatch(tmp_path: Path) -> None:
+def test_a_sha256_mismatch_is_refused_and_the_pin_ignores_case(tmp_path: Path) -> None:
     model = fake_nemo(tmp_path / "m.nemo")
     wrong = "0" * 64
     s = settings(tmp_path / "cache", nemo_diar_model_path=model, edge_model_sha256=wrong)
@@ -91,7 +91,7 @@ def test_cached_copy_is_used_and_pinned(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("flag", "why"), [({"hf_hub_offline": True}, "HF_HUB_OFFLINE=1"),
                                            ({"edge_model_download": False}, "EDGE_MODEL_DOWNLOAD=false")])
-def test_offline_with_empty_cache(tmp_path: Path, flag: dict[str, bool], why: str) -> None:
+def test_an_empty_cache_with_downloads_off_says_why(tmp_path: Path, flag: dict[str, bool], why: str) -> None:
     s = settings(tmp_path / "cache", **{"edge_model_download": True, **flag})
     with pytest.raises(ModelUnavailable) as exc:
         resolve_model(s)
@@ -101,7 +101,7 @@ def test_offline_with_empty_cache(tmp_path: Path, flag: dict[str, bool], why: st
 
 # --- unpacking (before NeMo is touched) ---
 
-def test_corrupt_file(tmp_path: Path) -> None:
+def test_a_corrupt_file_is_not_a_valid_nemo_archive(tmp_path: Path) -> None:
     model = tmp_path / "m.nemo"
     model.write_bytes(os.urandom(100_000))
     s = settings(tmp_path / "cache", nemo_diar_model_path=model)
@@ -110,7 +110,7 @@ def test_corrupt_file(tmp_path: Path) -> None:
     assert one_line(exc).startswith(f"{model}: not a valid .nemo archive (ReadError")
 
 
-def test_truncated_archive(tmp_path: Path) -> None:
+def test_a_truncated_archive_is_refused_and_leaves_nothing_unpacked(tmp_path: Path) -> None:
     model = fake_nemo(tmp_path / "m.nemo")
     model.write_bytes(model.read_bytes()[:1_000_000])
     s = settings(tmp_path / "cache", nemo_diar_model_path=model)
@@ -120,7 +120,7 @@ def test_truncated_archive(tmp_path: Path) -> None:
     assert left == [".lock"]  # nothing half-unpacked left
 
 
-def test_archive_without_checkpoint(tmp_path: Path) -> None:
+def test_an_archive_without_a_checkpoint_names_the_missing_files(tmp_path: Path) -> None:
     model = tmp_path / "m.nemo"
     with tarfile.open(model, "w:") as tar:
         tar.addfile(tarfile.TarInfo("./readme.txt"), io.BytesIO(b""))
@@ -212,7 +212,7 @@ def fetch(cache: Path, hub: FakeHub, *extra: str, **env: str) -> subprocess.Comp
                           cwd=ROOT, env=base, capture_output=True, text=True, timeout=120)
 
 
-def test_download(tmp_path: Path) -> None:
+def test_fetch_downloads_unpacks_and_then_finds_the_model_in_the_cache(tmp_path: Path) -> None:
     source = fake_nemo(tmp_path / "src.nemo")
     cache = tmp_path / "cache"
     with serve_file(REPO, source) as hub:
@@ -296,7 +296,7 @@ def test_download_errors_are_one_line(tmp_path: Path) -> None:
 # --- loading through NeMo ---
 
 @pytest.mark.nemo
-def test_load_tiny_model_from_the_unpacked_copy(tmp_path: Path) -> None:
+def test_the_tiny_model_loads_in_eval_mode_from_one_unpacked_copy(tmp_path: Path) -> None:
     from tests.fakes.sortformer import tiny_model_path
 
     s = settings(tmp_path / "cache", nemo_diar_model_path=tiny_model_path(),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from edge.diarization.worker.numpy_features import FeatureConfig, NumpyFeatures
-from tests.diarization_helpers import SR, settings, speechlike
+from tests.helpers.diarization import SR, settings, speechlike
 
 pytestmark = pytest.mark.nemo
 
@@ -69,7 +69,7 @@ def test_numpy_features_equal_nemo(model: Any, tmp_path: Path, pieces: str) -> N
     assert diff <= 1e-4
 
 
-def test_bad_feature_config(tmp_path: Path) -> None:
+def test_a_bad_feature_config_is_refused_naming_the_problem(tmp_path: Path) -> None:
     np.savez(tmp_path / "features.npz", window=np.ones(10, np.float32), fb=np.ones((4, 257), np.float32))
     base = {"n_fft": 512, "hop_length": 160, "win_length": 400, "preemph": 0.97, "mag_power": 2.0,
             "log_zero_guard": 2**-24, "n_mels": 4}

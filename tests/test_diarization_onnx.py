@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from edge.diarization.model import ModelUnavailable
-from tests.diarization_helpers import (
+from tests.helpers.diarization import (
     SR,
     default_params,
     load_tiny_model,
@@ -28,7 +28,7 @@ from tests.diarization_helpers import (
     sizes,
     speechlike,
 )
-from tests.onnx_helpers import exported
+from tests.helpers.onnx import exported
 
 pytestmark = [pytest.mark.nemo, pytest.mark.timeout(900)]
 
@@ -158,7 +158,9 @@ def test_optimized_graph_is_cached_beside_the_export(tiny: Any, tmp_path: Path) 
     assert cached.stat().st_mtime_ns == mtime
 
 
-def test_runtime_choice_and_fallbacks(tiny: Any, tmp_path: Path) -> None:
+def test_the_runtime_plan_takes_a_valid_export_and_falls_back_with_the_reason(
+    tiny: Any, tmp_path: Path,
+) -> None:
     from edge.diarization.runtime import plan_runtime
 
     _, export, model_path = tiny

@@ -11,11 +11,12 @@ import pytest
 from edge.diarization.engine import DiarizationEngine
 from edge.health import Status
 from edge.metrics import Metrics
-from tests.diarization_helpers import settings, speechlike
-from tests.onnx_helpers import install_export
-from tests.test_diarization_worker import _no_orphans, ready, until  # noqa: F401 (autouse fixture)
+from tests.helpers.diarization import settings, speechlike
+from tests.helpers.onnx import install_export
+from tests.helpers.worker import ready, until
 
-pytestmark = [pytest.mark.nemo, pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.nemo, pytest.mark.slow, pytest.mark.timeout(600),
+              pytest.mark.usefixtures("no_orphans")]
 
 
 @pytest.fixture(scope="module")
@@ -121,9 +122,9 @@ async def test_auto_uses_the_export_and_int8(tiny: Path, tmp_path: Path) -> None
 async def test_daemon_on_onnx_labels_a_session_end_to_end(tiny: Path, tmp_path: Path) -> None:
     """fake Google, chirp_3 with language auto, speaker labels from sortformer (ONNX runtime)."""
     from edge.client import stream_audio
-    from tests.conftest import KEY
     from tests.fakes.google_speech import encode, fake_speech, utterances
-    from tests.test_session_e2e import (
+    from tests.helpers.daemon import (
+        KEY,
         SR,
         appliance,
         assert_words_on_the_session_clock,

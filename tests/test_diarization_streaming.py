@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.diarization_helpers import (
+from tests.helpers.diarization import (
     SR,
     default_params,
     load_tiny_model,
@@ -72,7 +72,7 @@ def test_presets_equal_offline(model: Any, audio: np.ndarray, preset: str) -> No
     assert np.abs(got - offline(model, clip, params)).max() <= 1e-4
 
 
-def test_short_and_empty_audio(model: Any) -> None:
+def test_short_and_empty_audio_match_offline_and_finish_cleanly(model: Any) -> None:
     for n in (0, 100, 255, 256, 1279, 1280, 1281, 16000):
         clip = speechlike(1.0, seed=n)[:n]
         got, session = live(model, clip, SMALL, sizes(0.05))
@@ -104,7 +104,7 @@ def test_sessions_are_independent(model: Any, audio: np.ndarray) -> None:
     assert 10_000 < a.state_bytes() < 5_000_000
 
 
-def test_fold_into_nearest_allowed_slot(model: Any, audio: np.ndarray) -> None:
+def test_slots_past_max_speakers_fold_into_the_nearest_allowed_slot(model: Any, audio: np.ndarray) -> None:
     full, _ = live(model, audio, SMALL, sizes(0.5))
     folded, session = live(model, audio, SMALL, sizes(0.5), max_speakers=2)
     assert set(session.fold_map) == {2, 3} and set(session.fold_map.values()) <= {0, 1}
@@ -115,7 +115,7 @@ def test_fold_into_nearest_allowed_slot(model: Any, audio: np.ndarray) -> None:
     assert np.array_equal(folded, want)
 
 
-def test_nearest_slot_rule() -> None:
+def test_nearest_slot_is_the_closest_voice_or_the_last_allowed_when_silent() -> None:
     import torch
 
     from edge.diarization.worker.streaming import nearest_slot
@@ -132,7 +132,7 @@ def test_nearest_slot_rule() -> None:
     assert nearest_slot(hsum, mass, k=3, allowed=1) == 0
 
 
-def test_rejects_bad_input(model: Any) -> None:
+def test_bad_speaker_counts_chunk_sizes_and_audio_shapes_are_refused(model: Any) -> None:
     from edge.diarization.worker.streaming import StreamingDiarizer
 
     with pytest.raises(ValueError):

@@ -1,4 +1,4 @@
-"""The worker protocol's framing, and the per-session feed (backlog, catch-up, clock mapping)."""
+"""The worker protocol's framing (edge/diarization/wire.py): round trips, raw audio, refused frames."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from edge.diarization import wire
-from edge.diarization.feed import FRAME_SAMPLES, SessionFeed
 from edge.diarization.wire import Kind
 
 
@@ -63,87 +62,3 @@ def test_malformed_frames_are_refused(data: bytes, error: str) -> None:
 def test_oversized_frames_cannot_be_built() -> None:
     with pytest.raises(wire.WireError, match="too large"):
         wire.encode(Kind.AUDIO, {}, np.zeros(wire.MAX_FRAME // 4 + 1, np.float32))
-
-
-# --- SessionFeed ---
-
-def ramp(start: int, n: int) -> np.ndarray:
-    """Samples whose value encodes their session sample index (exact in float32 up to 2**24)."""
-    return np.arange(start, start + n, dtype=np.float32)
-
-
-def test_feed_sends_whole_units_in_order() -> None:
-    feed = SessionFeed(unit_frames=2, max_backlog_s=10)
-    feed.start_stream()
-    for i in range(10):
-        feed.push(i * 1000, ramp(i * 1000, 1000))
-    units = []
-    while (u := feed.take_unit()) is not None:
-        units.append(u)
-    assert [len(u) for u in units] == [2560] * 3 and feed.pending_samples == 10000 - 7680
-    np.testing.assert_array_equal(np.concatenate(units), ramp(0, 7680))
-    last = feed.take_unit(final=True)
-    assert last is not None and len(last) == 10000 - 7680
-    assert feed.take_unit(final=True) is None
-
-
-def test_feed_trims_overlap_fills_gaps_and_drops_audio_while_inactive() -> None:
-    feed = SessionFeed(unit_frames=1, max_backlog_s=10)
-    feed.push(0, ramp(0, 5000))  # no stream yet: dropped
-    assert feed.pending_samples == 0
-    feed.start_stream()
-    assert feed.next_frame == 4  # 5000 rounded up to a frame boundary (5120)
-    feed.push(4000, ramp(4000, 2000))  # overlaps 1000 samples already seen
-    feed.push(6000, ramp(6000, 1000))
-    # the stream starts on a frame boundary: 5120
-    unit = feed.take_unit()
-    assert unit is not None and unit[0] == 5120
-    feed.push(9000, ramp(9000, 400))  # a 2000-sample gap becomes silence
-    parts = []
-    while (u := feed.take_unit(final=True)) is not None:
-        parts.append(u)
-    rest = np.concatenate(parts)
-    assert len(rest) == 7000 - 6400 + 2000 + 400 and len(parts[-1]) < FRAME_SAMPLES
-    assert rest[600:2600].max() == 0.0 and rest[-1] == 9399
-
-
-def test_feed_catch_up_skips_to_the_newest_audio_and_maps_frames_across_the_skip() -> None:
-    feed = SessionFeed(unit_frames=1, max_backlog_s=1.0, keep_s=0.24)  # 16000 samples bound
-    feed.start_stream()
-    feed.push(0, ramp(0, 3 * FRAME_SAMPLES))
-    sent = [feed.take_unit() for _ in range(3)]  # stream frames 0..2 = session frames 0..2
-    assert all(u is not None for u in sent)
-    skipped = 0
-    for i in range(30):  # the worker stalls: 30 frames arrive, more than the 1 s bound
-        skipped += feed.push((3 + i) * FRAME_SAMPLES, ramp((3 + i) * FRAME_SAMPLES, FRAME_SAMPLES))
-    assert skipped > 0 and feed.pending_samples <= 16000
-    assert feed.skipped_frames == skipped
-    a, b = feed.skipped[0][0], feed.skipped[-1][1]  # possibly several skips in a row
-    assert a == pytest.approx(3 * 0.08) and feed.is_skipped((a + b) / 2) and not feed.is_skipped(0.1)
-    nxt = feed.take_unit()
-    assert nxt is not None and nxt[0] == b * 16000 and nxt[0] % FRAME_SAMPLES == 0
-    # frames 0..3 of the stream come back: 0..2 in place, 3 lands after the skip
-    placed = feed.place(0, np.full((4, 4), 0.5, np.float32))
-    assert [(f, len(p)) for f, p in placed] == [(0, 3), (round(b / 0.08), 1)]
-
-
-def test_feed_maps_a_new_stream_onto_where_the_session_is() -> None:
-    feed = SessionFeed(unit_frames=2, max_backlog_s=10)
-    feed.start_stream()
-    feed.push(0, ramp(0, 4 * FRAME_SAMPLES))
-    feed.take_unit()
-    feed.take_unit()
-    feed.start_stream()  # the worker restarted: the new stream begins at the next audio
-    feed.push(4 * FRAME_SAMPLES, ramp(4 * FRAME_SAMPLES, 2 * FRAME_SAMPLES))
-    u = feed.take_unit()
-    assert u is not None and u[0] == 4 * FRAME_SAMPLES
-    assert [(f, len(p)) for f, p in feed.place(0, np.zeros((2, 4), np.float32))] == [(4, 2)]
-
-
-def test_feed_backlog_stays_bounded_over_a_long_stall() -> None:
-    feed = SessionFeed(unit_frames=4, max_backlog_s=2.0, keep_s=0.5)
-    feed.start_stream()
-    for i in range(3000):  # 10 minutes in 0.2 s blocks, nothing taken
-        feed.push(i * 3200, np.zeros(3200, np.float32))
-        assert feed.pending_samples <= 2 * 16000 + 3200
-    assert len(feed.skipped) == 32  # only the most recent spans are remembered

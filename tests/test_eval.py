@@ -21,7 +21,7 @@ from pyannote.core import Annotation, Segment
 from pyannote.metrics.diarization import DiarizationErrorRate, JaccardErrorRate
 
 from edge.cli import main
-from tests.conftest import KEY, ROOT
+from tests.helpers.daemon import KEY, ROOT
 
 pytestmark = pytest.mark.filterwarnings("ignore:.uem. was approximated")
 
@@ -196,8 +196,8 @@ def test_audio_through_the_engine_prints_a_row_per_preset(tmp_path: Path) -> Non
 @pytest.mark.slow
 async def test_url_scores_what_a_running_daemon_sends_back(tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
-    from tests.conftest import running_app
     from tests.fakes.sortformer import tiny_model_path
+    from tests.helpers.daemon import running_app
 
     wav = make_meeting(tmp_path, 12, seed=6)
     cache = tmp_path / "cache"

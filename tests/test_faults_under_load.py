@@ -56,7 +56,7 @@ def final_words(r: StreamResult) -> list[dict[str, Any]]:
     return [w for m in r.finals for w in m["channel"]["alternatives"][0]["words"]]
 
 
-async def test_step_faults_and_a_stuck_worker(tmp_path: Path) -> None:
+async def test_step_faults_and_a_stuck_worker_under_load_keep_transcripts_whole(tmp_path: Path) -> None:
     # ~60 s per session at 1.5x: 40 s of wall time, room for a worker restart (~10-20 s).
     audio, script = encode(utterances(23, words=4))
     sock = watchdog_socket(tmp_path)
@@ -93,7 +93,9 @@ async def test_step_faults_and_a_stuck_worker(tmp_path: Path) -> None:
     assert beats and max(gaps) < 1.5, gaps  # pings every 0.5 s, through every fault
 
 
-async def test_model_that_fails_to_load(tmp_path: Path) -> None:
+async def test_a_model_that_fails_to_load_leaves_words_unlabelled_and_the_watchdog_fed(
+    tmp_path: Path,
+) -> None:
     broken = tmp_path / "broken.nemo"
     broken.write_bytes(b"not a tar archive")
     audio, script = encode(utterances(3, words=3))

@@ -28,7 +28,7 @@ from edge.protocol import (
     parse_listen_query,
 )
 from edge.settings import Settings, SettingsError, load_settings
-from tests.conftest import KEY, running_app
+from tests.helpers.daemon import KEY, running_app
 
 PARAMS = ["encoding", "sample_rate", "channels", "language", "model", "diarize",
           "interim_results", "punctuate", "smart_format", "vad_events", "utterance_end_ms",

@@ -8,10 +8,8 @@ import time
 
 from websockets.asyncio.client import connect
 
-from tests.conftest import KEY, daemon_process, running_app
-from tests.test_listen import _healthy_second_session, listen_url, read_until_closed
-
-AUTH = {"Authorization": f"Token {KEY}"}
+from tests.helpers.daemon import AUTH, daemon_process, running_app, with_fake_google
+from tests.helpers.listen import listen_url, read_until_closed, second_session_unharmed
 
 
 async def test_client_that_stops_reading_is_dropped_1008() -> None:
@@ -32,7 +30,7 @@ async def test_client_that_stops_reading_is_dropped_1008() -> None:
             ws.transport.resume_reading()
             await read_until_closed(ws, timeout=15)
             assert ws.close_code == 1008 and ws.close_reason == "client not reading"
-        await _healthy_second_session(app, bad)
+        await second_session_unharmed(app, bad)
 
 
 async def test_trickled_handshake_is_cut_off() -> None:
@@ -112,7 +110,7 @@ async def test_deeply_nested_json_gets_an_error_and_the_stream_goes_on(app) -> N
         await ws.send(json.dumps({"type": "CloseStream"}))
         messages = await read_until_closed(ws)
         assert messages[-1]["type"] == "Metadata" and ws.close_code == 1000
-    await _healthy_second_session(app, bad)
+    await second_session_unharmed(app, bad)
 
 
 async def test_half_open_connections_cannot_use_up_file_descriptors() -> None:
@@ -146,12 +144,10 @@ async def test_half_open_connections_cannot_use_up_file_descriptors() -> None:
 async def test_one_sample_frames_lose_no_audio_on_the_way_to_google() -> None:
     # The audio queue to the upstream is bounded in blocks (10 s of >= 20 ms blocks): tiny
     # frames must be held together before it, or a burst of them overflows it in milliseconds.
-    from tests.fakes.google_speech import encode, fake_speech, utterances
+    from tests.fakes.google_speech import encode, utterances
 
     audio, script = encode(utterances(1))
-    async with fake_speech() as (_fake, endpoint), running_app(
-            edge_stt_endpoint=endpoint, edge_stt_insecure=True,
-            edge_max_frames_per_s=100000) as app, connect(
+    async with with_fake_google(edge_max_frames_per_s=100000) as app, connect(
                 listen_url(app, "diarize=false"), additional_headers=AUTH) as ws:
         for i in range(0, len(audio), 2):
             await ws.send(audio[i:i + 2])

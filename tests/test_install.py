@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import _OURS, ROOT
 from tests.fakes.machine import sd_card_jetson
+from tests.helpers.daemon import OURS, ROOT
 
 INSTALL = ROOT / "install.sh"
 UNIT = "etc/systemd/system/edge.service"
@@ -28,7 +28,7 @@ VENV = "opt/edge/venv"
 
 
 def run_install(*args: str, check: bool = True, **env: str) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if not _OURS.match(k)}
+    base = {k: v for k, v in os.environ.items() if not OURS.match(k)}
     proc = subprocess.run(
         ["bash", str(INSTALL), "--python", sys.executable, *args],
         env={**base, **env}, capture_output=True, text=True, timeout=600, check=False,
@@ -81,7 +81,7 @@ def shell_scripts() -> list[Path]:
     return sorted(found)
 
 
-def test_shellcheck_every_shell_script() -> None:
+def test_every_shell_script_passes_shellcheck() -> None:
     scripts = shell_scripts()
     names = {str(p.relative_to(ROOT)) for p in scripts}
     assert {"install.sh", "scripts/test.sh", "scripts/apt.sh", ".ci/run"} <= names
@@ -90,7 +90,7 @@ def test_shellcheck_every_shell_script() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_help_and_bad_usage() -> None:
+def test_install_prints_help_and_exits_2_on_an_unknown_option() -> None:
     help_ = run_install("--help")
     assert help_.stdout.startswith("Usage: sudo ./install.sh") and "--destdir DIR" in help_.stdout
     bad = run_install("--frobnicate", check=False)
@@ -142,7 +142,7 @@ def test_destdir_install_lays_out_venv_unit_env_and_user(installed: tuple[Path, 
 
 def test_the_installed_venv_runs_edge_check(installed: tuple[Path, str], tmp_path: Path) -> None:
     root, _ = installed
-    env = {k: v for k, v in os.environ.items() if not _OURS.match(k)}
+    env = {k: v for k, v in os.environ.items() if not OURS.match(k)}
     env.update(EDGE_ENV_FILE=str(root / ENV_FILE), EDGE_STT_API="none", EDGE_PORT="0")
     proc = subprocess.run([root / VENV / "bin/python", "-m", "edge", "check"], env=env,
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
@@ -218,7 +218,7 @@ def test_low_disk_is_a_clear_error(tmp_path: Path) -> None:
     (300, "/var/cache/edge (sd mmcblk1, 20000 MB free; NVMe /mnt/nvme has 300 MB free, "
           "1024 MB needed)"),
 ], ids=["nvme-present", "sd-only", "nvme-full"])
-def test_cache_dir_from_simulated_mount_tables(
+def test_install_picks_the_cache_dir_from_the_mount_tables(
     tmp_path: Path, nvme_free_mb: int | None, cache: str
 ) -> None:
     machine = sd_card_jetson(tmp_path / "machine", nvme_free_mb=nvme_free_mb)
@@ -257,7 +257,9 @@ def nvme_install(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp / "root"
 
 
-def test_systemd_analyze_verify(nvme_install: Path, tmp_path: Path) -> None:
+def test_the_installed_unit_passes_systemd_analyze_verify_silently(
+    nvme_install: Path, tmp_path: Path,
+) -> None:
     # verify wants ExecStart's binary on this machine: point it at the destdir's venv.
     check = tmp_path / "verify"
     shutil.copytree(nvme_install / DROPINS, check / "edge.service.d")
@@ -269,7 +271,7 @@ def test_systemd_analyze_verify(nvme_install: Path, tmp_path: Path) -> None:
     assert (proc.returncode, proc.stdout + proc.stderr) == (0, "")
 
 
-def test_security_exposure_at_most_2_5(nvme_install: Path) -> None:
+def test_the_units_security_exposure_is_at_most_2_5(nvme_install: Path) -> None:
     proc = _analyze("security", "--offline=yes", "--threshold=25", f"--root={nvme_install}",
                     "edge.service")
     m = re.search(r"Overall exposure level for edge\.service: (\d+\.\d)", proc.stdout)
@@ -310,7 +312,7 @@ def test_unit_survives_a_worker_oom_kill_and_has_fds_for_a_flood() -> None:
     assert m and int(m.group(1)) >= 16384
 
 
-def test_only_directives_systemd_249_knows(nvme_install: Path) -> None:
+def test_the_unit_uses_only_directives_systemd_249_knows(nvme_install: Path) -> None:
     files = [nvme_install / UNIT, *sorted((nvme_install / DROPINS).glob("*.conf"))]
     assert len(files) == 3
     used = {m.group(1) for f in files for m in re.finditer(r"^(\w+)=", f.read_text(), re.M)}

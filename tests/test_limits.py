@@ -37,7 +37,7 @@ def test_pending_cap_evicts_the_oldest() -> None:
     assert len(cap) == 3
 
 
-def test_auth_throttle_window() -> None:
+def test_auth_throttle_blocks_within_its_window_and_evicts_the_oldest_address() -> None:
     t = AuthThrottle(max_failures=3, window_s=10, max_addresses=2)
     for i in range(3):
         assert not t.blocked("a", i)

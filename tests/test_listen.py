@@ -10,35 +10,15 @@ import asyncio
 import hashlib
 import json
 import logging
-from typing import Any
 
 import httpx
-import numpy as np
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import InvalidStatus
 
 from edge.app import App
-from tests.conftest import KEY, running_app
-
-AUTH = {"Authorization": f"Token {KEY}"}
-
-
-def listen_url(app: App, query: str = "") -> str:
-    return f"ws://127.0.0.1:{app.server.port}/v1/listen" + (f"?{query}" if query else "")
-
-
-def pcm(seconds: float, rate: int = 16000) -> bytes:
-    t = np.arange(int(seconds * rate)) / rate
-    return (np.sin(2 * np.pi * 220 * t) * 8000).astype("<i2").tobytes()
-
-
-async def read_until_closed(ws: ClientConnection, timeout: float = 10) -> list[dict[str, Any]]:
-    messages = []
-    with pytest.raises(ConnectionClosed):
-        while True:
-            messages.append(json.loads(await asyncio.wait_for(ws.recv(), timeout)))
-    return messages
+from tests.helpers.daemon import AUTH, KEY, running_app
+from tests.helpers.listen import listen_url, pcm, read_until_closed, second_session_unharmed
 
 
 async def test_close_stream_sends_metadata_then_1000(app: App) -> None:
@@ -194,42 +174,13 @@ async def test_capacity_is_503_at_handshake() -> None:
             await read_until_closed(ws)
 
 
-async def _healthy_second_session(app: App, bad: Any) -> None:
-    """Run `bad(ws)` on one session while a second streams; the second must be unharmed."""
-    audio = pcm(1.0)
-    async with (
-        connect(listen_url(app), additional_headers=AUTH) as good,
-        connect(listen_url(app), additional_headers=AUTH) as victim,
-    ):
-        for i in range(0, 16000, 3200):
-            await good.send(audio[i:i + 3200])
-
-        async def keep_alive() -> None:
-            while True:
-                await good.send(json.dumps({"type": "KeepAlive"}))
-                await asyncio.sleep(0.2)
-
-        alive = asyncio.create_task(keep_alive())
-        try:
-            await bad(victim)
-        finally:
-            alive.cancel()
-        for i in range(16000, len(audio), 3200):
-            await good.send(audio[i:i + 3200])
-        await good.send(json.dumps({"type": "CloseStream"}))
-        messages = await read_until_closed(good)
-    assert good.close_code == 1000
-    assert messages[-1]["type"] == "Metadata"
-    assert messages[-1]["sha256"] == hashlib.sha256(audio).hexdigest()
-
-
 async def test_oversize_frame_closes_1008_others_unaffected() -> None:
     async with running_app(edge_max_frame_bytes=4096) as app:
         async def bad(ws: ClientConnection) -> None:
             await ws.send(b"\x00" * 5000)
             await read_until_closed(ws)
             assert ws.close_code == 1008 and ws.close_reason == "frame too large"
-        await _healthy_second_session(app, bad)
+        await second_session_unharmed(app, bad)
 
 
 async def test_garbage_text_frame_gets_error_and_stream_continues(app: App) -> None:
@@ -243,7 +194,7 @@ async def test_garbage_text_frame_gets_error_and_stream_continues(app: App) -> N
         await ws.send(json.dumps({"type": "CloseStream"}))
         messages = await read_until_closed(ws)
         assert messages[-1]["type"] == "Metadata" and ws.close_code == 1000
-    await _healthy_second_session(app, bad)
+    await second_session_unharmed(app, bad)
 
 
 async def test_odd_length_pcm_is_carried(app: App) -> None:
@@ -263,7 +214,7 @@ async def test_idle_timeout_closes_1011_net0001() -> None:
             await ws.send(pcm(0.1))
             await read_until_closed(ws, timeout=5)
             assert ws.close_code == 1011 and ws.close_reason == "NET-0001"
-        await _healthy_second_session(app, bad)
+        await second_session_unharmed(app, bad)
 
 
 async def test_keepalive_holds_an_idle_session_open() -> None:
@@ -286,7 +237,7 @@ async def test_client_vanishing_mid_stream_frees_its_slot(app: App) -> None:
                 break
             await asyncio.sleep(0.02)
         assert len(app.listen.sessions) == 1
-    await _healthy_second_session(app, bad)
+    await second_session_unharmed(app, bad)
     await asyncio.sleep(0.1)
     assert app.status.sessions["active"] == 0
 

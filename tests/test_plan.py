@@ -55,8 +55,9 @@ ROWS: list[tuple[str, dict[str, Any], Any, tuple[Any, ...]]] = [
 
 
 @pytest.mark.parametrize(("query", "overrides", "upstream", "expected"), ROWS)
-def test_plan_table(query: str, overrides: dict[str, Any], upstream: Any,
-                    expected: tuple[Any, ...]) -> None:
+def test_plan_follows_the_table_of_queries_settings_and_upstreams(
+    query: str, overrides: dict[str, Any], upstream: Any, expected: tuple[Any, ...],
+) -> None:
     plan = plan_session(parse_listen_query(query), load_settings(**overrides), upstream)
     google = None if plan.upstream is None else plan.upstream.diarize
     got = (plan.labels, plan.local, plan.send_turns, plan.wait_for_labels, plan.diarizer_errors,

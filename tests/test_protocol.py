@@ -23,11 +23,11 @@ from edge.protocol import key_matches, request_token
         ({}, None),
     ],
 )
-def test_request_token(headers: dict[str, str], token: str | None) -> None:
+def test_request_token_is_read_from_the_headers(headers: dict[str, str], token: str | None) -> None:
     assert request_token(Headers(headers)) == token
 
 
-def test_key_matches() -> None:
+def test_key_matches_only_an_exact_configured_key() -> None:
     assert key_matches("b", ["a", "b"])
     assert not key_matches("c", ["a", "b"])
     assert not key_matches(None, ["a"])

@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import KEY, ROOT
 from tests.fakes.google_speech import encode
-from tests.test_semantics import GROUPS, check_groups, daemon, end_of_speech_sequence
+from tests.helpers.daemon import KEY, ROOT, with_fake_google
+from tests.helpers.end_of_speech import GROUPS, check_groups, end_of_speech_sequence
 
 SDK = "@deepgram/sdk@5.13.0"  # the version notes/deepgram-compat.md was checked with
 CACHE = ROOT / ".cache" / "npm-deepgram"
@@ -59,11 +59,11 @@ async def run_js(port: int, audio: bytes, options: dict[str, str], tmp: Path
     return [json.loads(line) for line in out.decode().splitlines()]
 
 
-async def test_js_sdk_live_transcription(tmp_path: Path) -> None:
+async def test_the_js_sdk_gets_end_of_speech_interims_and_labels(tmp_path: Path) -> None:
     audio, script = encode(GROUPS)
     node_modules()  # install before the daemon starts (npm may take a while)
-    async with daemon(edge_stt_api="v1", edge_stt_language="en-US",
-                      edge_stt_model="latest_long") as app:
+    async with with_fake_google(edge_stt_api="v1", edge_stt_language="en-US",
+                                edge_stt_model="latest_long") as app:
         lines = await run_js(app.server.port, audio, {
             "diarize": "true", "interim_results": "true", "utterance_end_ms": "1000",
             "endpointing": "500"}, tmp_path)

@@ -8,17 +8,14 @@ arrive unless the client asked for it (SpeakerTurn with speaker_turns=true).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from edge.app import App
-from tests.conftest import KEY
 from tests.fakes.google_speech import encode, fake_speech, utterances
-from tests.test_session_e2e import appliance
+from tests.helpers.daemon import KEY, appliance, with_fake_google
 
 deepgram = pytest.importorskip("deepgram")
 SR = 16000
@@ -54,19 +51,10 @@ def check_parsed(received: list[Any], allowed: set[str] = PARSED) -> list[Any]:
     return [m for m in received if type(m).__name__ == "ListenV1Results"]
 
 
-@contextlib.asynccontextmanager
-async def google_only(**overrides: Any) -> AsyncIterator[App]:
-    from tests.conftest import running_app
-
-    async with fake_speech() as (_fake, endpoint), running_app(
-            edge_stt_endpoint=endpoint, edge_stt_insecure=True, **overrides) as app:
-        yield app
-
-
-async def test_sdk_google_labels() -> None:
+async def test_the_sdk_parses_google_speaker_labels() -> None:
     audio, script = encode(utterances(3, words=3, gap_s=1.2))
-    async with google_only(edge_stt_api="v1", edge_stt_language="en-US",
-                           edge_stt_model="latest_long") as app:
+    async with with_fake_google(edge_stt_api="v1", edge_stt_language="en-US",
+                                edge_stt_model="latest_long") as app:
         results = check_parsed(await sdk_stream(app, audio, diarize=True, **ASK))
     words = [w for r in results if r.is_final for w in r.channel.alternatives[0].words]
     assert [w.word for w in words] == [s.text for s in script]
@@ -79,9 +67,9 @@ async def test_sdk_google_labels() -> None:
     (True, {"edge_stt_diarization": "off", "edge_stt_api": "v1", "edge_stt_language": "en-US",
             "edge_stt_model": "latest_long"}),
 ])
-async def test_sdk_without_labels(diarize: bool, overrides: dict[str, Any]) -> None:
+async def test_the_sdk_parses_sessions_without_labels(diarize: bool, overrides: dict[str, Any]) -> None:
     audio, script = encode(utterances(2, words=3, gap_s=1.2))
-    async with google_only(**overrides) as app:
+    async with with_fake_google(**overrides) as app:
         received = await sdk_stream(app, audio, diarize=diarize, **ASK)
     results = check_parsed(received)
     names = {type(m).__name__ for m in received}
@@ -94,7 +82,7 @@ async def test_sdk_without_labels(diarize: bool, overrides: dict[str, Any]) -> N
 
 @pytest.mark.nemo
 @pytest.mark.slow
-async def test_sdk_sortformer_labels_and_diarization_only(tmp_path: Path) -> None:
+async def test_the_sdk_parses_sortformer_labels_and_diarization_only_sessions(tmp_path: Path) -> None:
     # Sent unpaced: under the diarizer's 8 s backlog in all, so nothing is skipped.
     audio, script = encode(utterances(3, words=2, gap_s=1.05))
     async with fake_speech() as (_fake, endpoint), appliance(tmp_path, upstream=endpoint) as app:

@@ -9,81 +9,24 @@ detector) is in test_semantics_diarizer.py (it needs NeMo).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
 import pytest
 from websockets.asyncio.client import connect
 
-from edge.app import App
 from edge.client import stream_audio
-from tests.conftest import KEY, running_app
-from tests.fakes.google_speech import ScriptWord, encode, fake_speech
+from tests.fakes.google_speech import encode, fake_speech
+from tests.helpers.daemon import KEY, running_app, url, with_fake_google, words_of
+from tests.helpers.end_of_speech import GROUPS, check_groups, end_of_speech_sequence
 
 SR = 16000
-SHORT, LONG = 0.4, 1.6  # pauses: shorter than endpointing=500, longer than utterance_end_ms
-# Three groups: finals come from the fake's own endpointer (0.3 s of silence), so groups 1
-# and 2 have several finals each, group 3 (a 0.2 s pause) one.
-GROUPS = [(0, 0.6), (1, 0.5), (0, SHORT), (2, 0.5), (0, SHORT), (3, 0.5), (0, LONG),
-          (4, 0.5), (0, SHORT), (5, 0.5), (0, LONG),
-          (6, 0.5), (0, 0.2), (7, 0.5), (0, 2.0)]
-GROUP_OF = {1: 0, 2: 0, 3: 0, 4: 1, 5: 1, 6: 2, 7: 2}
 
 
-@contextlib.asynccontextmanager
-async def daemon(**overrides: Any) -> AsyncIterator[App]:
-    """The daemon with the fake Google service, no local diarizer."""
-    async with fake_speech() as (_fake, endpoint), running_app(
-        edge_stt_endpoint=endpoint, edge_stt_insecure=True, **overrides
-    ) as app:
-        yield app
-
-
-def url(app: App) -> str:
-    return f"ws://127.0.0.1:{app.server.port}"
-
-
-def words_of(message: dict[str, Any]) -> list[dict[str, Any]]:
-    return message["channel"]["alternatives"][0]["words"]
-
-
-def end_of_speech_sequence(messages: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
-    """Finals with words as ("F", [word texts], speech_final), UtteranceEnds as ("UE", t)."""
-    out: list[tuple[Any, ...]] = []
-    for m in messages:
-        if m["type"] == "Results" and m["is_final"] and words_of(m):
-            out.append(("F", [w["word"] for w in words_of(m)], m["speech_final"]))
-        elif m["type"] == "UtteranceEnd":
-            out.append(("UE", m["last_word_end"]))
-    return out
-
-
-def check_groups(seq: list[tuple[Any, ...]], script: list[ScriptWord]) -> None:
-    """speech_final exactly on each group's last final; one UtteranceEnd per long pause (and
-    the trailing silence), after that group's finals and before the next group's, with the
-    group's last word's end."""
-    last_word = {GROUP_OF[w.id]: w for w in script}
-    group = 0
-    for i, item in enumerate(seq):
-        if item[0] == "UE":
-            assert item[1] == pytest.approx(last_word[group].end / SR, abs=0.002), (seq, i)
-            assert seq[i - 1][0] == "F" and seq[i - 1][2] is True, (seq, i)
-            group += 1
-            continue
-        ids = {GROUP_OF[int(w[1:])] for w in item[1]}
-        assert ids == {group}, (seq, i)  # never a final of the next group before the UE
-        closes = int(item[1][-1][1:]) == last_word[group].id
-        assert item[2] is closes, (seq, i)
-    assert group == 3, seq
-    assert sum(1 for s in seq if s[0] == "UE") == 3
-
-
-async def test_end_of_speech_word_groups_with_the_google_upstream() -> None:
+async def test_end_of_speech_marks_each_word_group_with_the_google_upstream() -> None:
     audio, script = encode(GROUPS)
-    async with daemon() as app:
+    async with with_fake_google() as app:
         result = await stream_audio(url(app), np.frombuffer(audio, "<i2"), SR, key=KEY, speed=4,
                                     query={"diarize": False, "endpointing": 500,
                                            "utterance_end_ms": 1000, "interim_results": True,
@@ -116,12 +59,14 @@ async def test_end_of_speech_word_groups_with_the_google_upstream() -> None:
 
 
 @pytest.mark.parametrize(("endpointing", "expected"), [(None, True), ("false", False)])
-async def test_default_endpointing_and_off(endpointing: str | None, expected: bool) -> None:
+async def test_speech_final_follows_default_endpointing_and_never_comes_when_off(
+    endpointing: str | None, expected: bool,
+) -> None:
     audio, _ = encode(GROUPS)
     query: dict[str, Any] = {"diarize": False}
     if endpointing is not None:
         query["endpointing"] = endpointing
-    async with daemon() as app:
+    async with with_fake_google() as app:
         result = await stream_audio(url(app), np.frombuffer(audio, "<i2"), SR, key=KEY, speed=8,
                                     query=query)
     finals = [m for m in result.finals if words_of(m)]
@@ -133,7 +78,7 @@ async def test_default_endpointing_and_off(endpointing: str | None, expected: bo
 
 async def test_finalize_answers_with_from_finalize() -> None:
     audio, _ = encode([(0, 0.3), (1, 0.5), (2, 0.5)])  # speech still going: no final yet
-    async with daemon() as app, connect(
+    async with with_fake_google() as app, connect(
             f"{url(app)}/v1/listen?diarize=false&endpointing=300",
             additional_headers={"Authorization": f"Token {KEY}"}) as ws:
         await ws.send(audio)
@@ -154,7 +99,7 @@ async def test_multichannel_stereo_gives_a_results_stream_per_channel() -> None:
     stereo = np.stack([np.frombuffer(left, "<i2")[:n], np.frombuffer(right, "<i2")[:n]], axis=1)
     messages: list[dict[str, Any]] = []
     # v1 with Google's diarization: the fake tags word wN as speaker N % 3 + 1.
-    async with daemon(edge_stt_api="v1", edge_stt_language="en-US",
+    async with with_fake_google(edge_stt_api="v1", edge_stt_language="en-US",
                       edge_stt_model="latest_long") as app, connect(
             f"{url(app)}/v1/listen?channels=2&multichannel=true&diarize=true&utterance_end_ms=1000",
             additional_headers={"Authorization": f"Token {KEY}"}) as ws:

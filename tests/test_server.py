@@ -12,9 +12,7 @@ from websockets.exceptions import InvalidStatus
 
 from edge.app import App
 from edge.server import STATUS_CLOSE_S
-from tests.conftest import KEY, running_app
-
-AUTH = {"Authorization": f"Token {KEY}"}
+from tests.helpers.daemon import AUTH, KEY, running_app
 
 
 def base(app: App) -> str:
@@ -69,7 +67,7 @@ async def test_metrics_is_prometheus_text(app: App) -> None:
     assert "process_resident_memory_bytes" in r.text
 
 
-async def test_unknown_path_and_method(app: App) -> None:
+async def test_an_unknown_path_is_404_and_a_wrong_method_405(app: App) -> None:
     async with httpx.AsyncClient() as c:
         r = await c.get(base(app) + "/nope", headers=AUTH)
         assert r.status_code == 404 and r.json()["err_code"] == "NOT_FOUND"
@@ -85,7 +83,7 @@ async def test_status_channel_refuses_without_key(app: App) -> None:
     assert json.loads(err.value.response.body)["err_code"] == "INVALID_AUTH"
 
 
-async def test_status_channel_snapshot_push_and_heartbeat() -> None:
+async def test_status_channel_sends_a_snapshot_pushes_changes_and_heartbeats() -> None:
     async with running_app(edge_status_heartbeat_s=0.3) as app:
         url = f"ws://127.0.0.1:{app.server.port}/v1/status"
         async with connect(url, additional_headers=AUTH) as ws:
@@ -100,7 +98,7 @@ async def test_status_channel_snapshot_push_and_heartbeat() -> None:
             assert beat["uptime_s"] > pushed["uptime_s"]
 
 
-async def test_status_channel_browser_subprotocol_auth(app: App) -> None:
+async def test_status_channel_authenticates_by_browser_subprotocol(app: App) -> None:
     url = f"ws://127.0.0.1:{app.server.port}/v1/status"
     async with connect(url, subprotocols=["token", KEY]) as ws:  # type: ignore[list-item]
         assert ws.subprotocol == "token"

@@ -10,75 +10,29 @@ times are exactly the scripted ones on the session clock.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import sys
-import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from edge.app import App
 from edge.client import stream_audio
-from tests.conftest import KEY, ROOT, running_app
-from tests.fakes.google_speech import ScriptWord, encode, fake_speech, utterances
-from tests.fakes.sortformer import tiny_model_path
+from tests.fakes.google_speech import encode, fake_speech, utterances
+from tests.helpers.daemon import (
+    KEY,
+    ROOT,
+    SR,
+    appliance,
+    assert_words_on_the_session_clock,
+    final_words,
+    samples,
+    url,
+    words_of,
+)
 
 pytestmark = [pytest.mark.nemo, pytest.mark.slow]
-SR = 16000
-
-
-@contextlib.asynccontextmanager
-async def appliance(tmp_path: Path, *, upstream: str | None, diarizer: bool = True,
-                    **overrides: Any) -> AsyncIterator[App]:
-    """The daemon with the fake Google service at `upstream` (None: no credentials at all)
-    and the tiny Sortformer; yields once the diarizer is ready."""
-    settings: dict[str, Any] = {
-        "stt_enable_nemo_diarization_fallback": diarizer,
-        "nemo_cache_dir": tmp_path / "cache",
-        "edge_model_download": False,
-        "edge_diarization_max_rtf": 0,
-    }
-    if diarizer:
-        settings["nemo_diar_model_path"] = tiny_model_path()
-    if upstream is not None:
-        settings.update(edge_stt_endpoint=upstream, edge_stt_insecure=True)
-    settings.update(overrides)
-    async with running_app(**settings) as app:
-        if diarizer:
-            deadline = time.monotonic() + 120
-            while app.status.diarizer["state"] != "ready":
-                assert time.monotonic() < deadline, app.status.snapshot()
-                assert app.status.diarizer["state"] in ("loading", "ready"), app.status.snapshot()
-                await asyncio.sleep(0.1)
-        yield app
-
-
-def url(app: App) -> str:
-    return f"ws://127.0.0.1:{app.server.port}"
-
-
-def samples(audio: bytes) -> np.ndarray:
-    return np.frombuffer(audio, dtype="<i2")
-
-
-def words_of(message: dict[str, Any]) -> list[dict[str, Any]]:
-    return message["channel"]["alternatives"][0]["words"]
-
-
-def final_words(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [w for m in messages if m.get("type") == "Results" and m.get("is_final")
-            for w in m["channel"]["alternatives"][0]["words"]]
-
-
-def assert_words_on_the_session_clock(words: list[dict[str, Any]], script: list[ScriptWord]) -> None:
-    assert [w["word"] for w in words] == [s.text for s in script]
-    for w, s in zip(words, script, strict=True):
-        assert w["start"] == pytest.approx(s.start / SR, abs=0.002)
-        assert w["end"] == pytest.approx(s.end / SR, abs=0.002)
 
 
 async def test_chirp3_auto_labels_every_final_word_from_sortformer(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from edge.settings import load_settings
-from tests.conftest import ROOT, daemon_env
+from tests.helpers.daemon import ROOT, daemon_env
 
 SEED_VALUES = {
     "STT_ENABLE_NEMO_DIARIZATION_FALLBACK": ("false", "stt_enable_nemo_diarization_fallback", False),
@@ -24,7 +24,7 @@ SEED_VALUES = {
 }
 
 
-def test_seed_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_defaults_are_the_seed_values_and_the_cache_follows_tmpdir(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TMPDIR", "/var/tmp")
     s = load_settings()
     assert s.stt_enable_nemo_diarization_fallback is True
@@ -39,13 +39,15 @@ def test_seed_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(SEED_VALUES))
-def test_read_from_env(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+def test_each_seed_variable_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     raw, field, expected = SEED_VALUES[name]
     monkeypatch.setenv(name, raw)
     assert getattr(load_settings(), field) == expected
 
 
-def test_read_from_env_file_and_env_wins(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_the_env_file_is_read_and_the_environment_wins_over_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
     model = tmp_path / "m.nemo"
     model.write_bytes(b"x")
     env_file = tmp_path / "edge.env"
@@ -63,7 +65,9 @@ def test_read_from_env_file_and_env_wins(monkeypatch: pytest.MonkeyPatch, tmp_pa
     assert load_settings().edge_port == 9100
 
 
-def test_api_keys_from_env_and_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_api_keys_are_merged_from_the_variable_and_the_keys_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
     keys = tmp_path / "keys"
     keys.write_text("# room keys\nkey-c\n\n key-d \n")
     monkeypatch.setenv("EDGE_API_KEYS", "key-a, key-b,")

@@ -22,7 +22,7 @@ from edge.settings import load_settings
 from edge.stt.base import FLUSH, SAMPLE_RATE, StreamConfig
 from edge.stt.google import GoogleUpstream, capabilities, check, create_upstream
 from edge.stt.google_api import V1, V2, api_endpoint, classify
-from tests.conftest import ROOT
+from tests.helpers.daemon import ROOT
 
 GOOGLE_ENV = ("GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT", "GCLOUD_PROJECT",
               "CLOUDSDK_CONFIG", "GCE_METADATA_HOST", "GCE_METADATA_IP", "NO_GCE_CHECK")
@@ -53,8 +53,9 @@ def authorized_user(tmp_path: Path) -> Path:
     ("v1", "latest_long", "en-US", True, None),
     ("v1", "phone_call", "auto", False, "auto"),
 ])
-def test_capabilities(api: str, model: str, language: str, diarizes: bool,
-                      why: str | None) -> None:
+def test_capabilities_say_which_api_model_and_language_diarize_and_why_not(
+    api: str, model: str, language: str, diarizes: bool, why: str | None,
+) -> None:
     caps = capabilities(api, model, language)
     assert caps.diarization is diarizes
     if why is None:
@@ -163,21 +164,23 @@ async def test_v2_needs_a_project(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
     ({"edge_stt_insecure": True}, "unconfigured: EDGE_STT_INSECURE needs EDGE_STT_ENDPOINT"),
     ({"edge_stt_endpoint": "127.0.0.1:1", "edge_stt_insecure": True}, "ok"),
 ])
-async def test_upstream_check_reasons(overrides: dict[str, Any], state: str) -> None:
+async def test_the_upstream_check_says_why_no_upstream_was_made(
+    overrides: dict[str, Any], state: str,
+) -> None:
     status = Status(max_sessions=1)
     upstream = await create_upstream(load_settings(**overrides), status)
     assert status.checks["upstream"].startswith(state)
     assert (upstream is not None) is (state == "ok")
 
 
-def test_endpoints() -> None:
+def test_api_endpoint_is_regional_or_global() -> None:
     assert api_endpoint("us") == "us-speech.googleapis.com"
     assert api_endpoint("europe-west4") == "europe-west4-speech.googleapis.com"
     assert api_endpoint("global") == "speech.googleapis.com"
 
 
 # --- request and response shapes ------------------------------------------------------------
-def test_v2_config_request() -> None:
+def test_the_v2_config_request_carries_the_stream_config() -> None:
     config = StreamConfig(language="auto", model="chirp_3", interim_results=True, punctuate=False,
                           vad_events=True, max_speakers=3)
     req = V2("p", "us").config_request(config, diarize=False)
@@ -197,7 +200,7 @@ def test_v2_config_request() -> None:
     assert len(speech_v2.StreamingRecognizeRequest.serialize(audio)) < 25600
 
 
-def test_v1_config_request() -> None:
+def test_the_v1_config_request_carries_the_stream_config_and_refuses_auto() -> None:
     config = StreamConfig(language="de-DE", model="latest_long", max_speakers=2)
     req = V1().config_request(config, diarize=True)
     c = req.streaming_config.config

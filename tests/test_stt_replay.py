@@ -208,7 +208,7 @@ def test_speech_events_alternate_and_replays_do_not_repeat_them() -> None:
     assert said("speech_started", 0.7, after) == [("speech_ended", 3.8), ("speech_started", 4.5)]
 
 
-def test_plain_word() -> None:
+def test_plain_word_lowercases_and_strips_trailing_punctuation() -> None:
     assert [plain_word(w) for w in ["Hello,", "it's", "U.S.", "?"]] == ["hello", "it's", "u.s", "?"]
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import daemon_process
+from tests.helpers.daemon import daemon_process
 
 
 def _collect(sock: socket.socket, until: float) -> list[tuple[float, str]]:
@@ -24,7 +24,7 @@ def _collect(sock: socket.socket, until: float) -> list[tuple[float, str]]:
     return out
 
 
-def test_ready_status_watchdog_stopping(tmp_path: Path) -> None:
+def test_the_daemon_notifies_ready_status_watchdog_and_stopping(tmp_path: Path) -> None:
     path = tmp_path / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(path))

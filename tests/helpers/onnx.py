@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from tests.diarization_helpers import settings
 from tests.fakes.sortformer import CACHE
+from tests.helpers.diarization import settings
 
 
 def exported(model_path: Path, quantize: str | None = "int8") -> Any:

@@ -1,0 +1,2 @@
+"""Harnesses shared by the test files: real daemons, the fake Google service set up for them,
+the diarization worker and its models, test audio. Fixtures stay in conftest.py."""
