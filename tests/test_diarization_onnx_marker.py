@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.diarization_helpers import offline, run, settings, sizes, speechlike
+from tests.helpers.diarization import offline, run, settings, sizes, speechlike
 
 pytestmark = [pytest.mark.nemo, pytest.mark.timeout(900)]
 
