@@ -20,7 +20,8 @@ D, T = 16, 12
 
 
 def block_graph(seed: int = 0) -> onnx.ModelProto:
-    """x [1,T,D] -> MatMul(W) -> MatMul(shared W via Identity) -> conv block -> x·xᵀ·x."""
+    """x [1,T,D] -> MatMul(W) -> MatMul(shared W via Identity) -> conv block -> x·xᵀ·x -> head,
+    named like the export's nodes (the head outside the encoder)."""
     rng = np.random.default_rng(seed)
 
     def weight(name: str, *shape: int) -> onnx.TensorProto:
@@ -28,22 +29,24 @@ def block_graph(seed: int = 0) -> onnx.ModelProto:
         return numpy_helper.from_array(values.astype(np.float32), name)
 
     inits = [weight("w", D, D), weight("pw1", 2 * D, D, 1), weight("pw1_b", 2 * D), weight("dw", D, 1, 3),
-             weight("pw2", D, D, 1), weight("pw2_b", D)]
+             weight("pw2", D, D, 1), weight("pw2_b", D), weight("head", D, D)]
     nodes = [
         helper.make_node("Identity", ["w"], ["w_shared"]),
-        helper.make_node("MatMul", ["x", "w"], ["a"]),
-        helper.make_node("MatMul", ["a", "w_shared"], ["b"]),
+        helper.make_node("MatMul", ["x", "w"], ["a"], name="/encoder/a/MatMul"),
+        helper.make_node("MatMul", ["a", "w_shared"], ["b"], name="/encoder/b/MatMul"),
         helper.make_node("Transpose", ["b"], ["bt"], perm=[0, 2, 1]),
-        helper.make_node("Conv", ["bt", "pw1", "pw1_b"], ["c1"], kernel_shape=[1]),
+        helper.make_node("Conv", ["bt", "pw1", "pw1_b"], ["c1"], kernel_shape=[1], name="/encoder/pw1/Conv"),
         helper.make_node("Split", ["c1"], ["g1", "g2"], axis=1),
         helper.make_node("Sigmoid", ["g2"], ["s"]),
         helper.make_node("Mul", ["g1", "s"], ["glu"]),
-        helper.make_node("Conv", ["glu", "dw"], ["c2"], kernel_shape=[3], pads=[1, 1], group=D),
-        helper.make_node("Conv", ["c2", "pw2", "pw2_b"], ["c3"], kernel_shape=[1]),
+        helper.make_node("Conv", ["glu", "dw"], ["c2"], kernel_shape=[3], pads=[1, 1], group=D,
+                         name="/encoder/dw/Conv"),
+        helper.make_node("Conv", ["c2", "pw2", "pw2_b"], ["c3"], kernel_shape=[1], name="/encoder/pw2/Conv"),
         helper.make_node("Transpose", ["c3"], ["y"], perm=[0, 2, 1]),
         helper.make_node("Transpose", ["y"], ["yt"], perm=[0, 2, 1]),
-        helper.make_node("MatMul", ["y", "yt"], ["scores"]),
-        helper.make_node("MatMul", ["scores", "y"], ["out"]),
+        helper.make_node("MatMul", ["y", "yt"], ["scores"], name="/encoder/scores/MatMul"),
+        helper.make_node("MatMul", ["scores", "y"], ["h"], name="/encoder/context/MatMul"),
+        helper.make_node("MatMul", ["h", "head"], ["out"], name="/transformer_encoder/head/MatMul"),
     ]
     graph = helper.make_graph(
         nodes, "block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "t", D])],
@@ -86,7 +89,8 @@ def test_quantized_graph_has_every_weight_product_in_int8(tmp_path: Path) -> Non
     weights = {t.name for t in model.graph.initializer}
     float_weight_products = [(n.op_type, n.input[1]) for n in model.graph.node
                              if n.op_type in ("MatMul", "Conv") and n.input[1] in weights]
-    assert float_weight_products == [("Conv", "dw")]  # only the depthwise convolution stays fp32
+    # The depthwise convolution and what lies outside the encoder's scope stay fp32.
+    assert float_weight_products == [("Conv", "dw"), ("MatMul", "head")]
     assert sum(n.op_type == "MatMulInteger" for n in model.graph.node) == 4  # w, w_shared, pw1, pw2
     x = np.random.default_rng(2).standard_normal((1, T, D)).astype(np.float32)
     want, got = run(tmp_path / "fp32.onnx", x), run(tmp_path / "int8.onnx", x)

@@ -302,7 +302,7 @@ def _quantize(tmp: Path, say: Progress) -> float:
         # which ignores a failed write: a full disk shows up as that copy failing to parse.
         raise ExportError(f"int8 quantization failed: {type(exc).__name__}: {first_line(exc)} "
                           f"(a full disk in {tmp.parent} shows up this way); nothing was changed") from exc
-    say(f"int8: {counts['identity_bypassed']} shared weights reached, "
+    say(f"int8: {counts['identity_bypassed']} Identity-shared weights bypassed, "
         f"{counts['pointwise_conv_as_matmul']} pointwise convolutions quantized as MatMul")
     return compare_onnx(fp32, int8)
 

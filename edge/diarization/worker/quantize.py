@@ -11,6 +11,11 @@ Before quantizing, the graph is rewritten so that the quantizer reaches every we
   (ONNX Runtime's `ConvInteger`, the quantizer's form for Conv, ran slower than fp32 here);
   ONNX Runtime's transpose optimizer cancels the transposes against the module's own.
 
+Only the FastConformer encoder's weight products are quantized (`QUANTIZED_SCOPE`, ~93 % of a
+step's multiply-adds); the Transformer and the speaker head stay fp32. Quantizing those too
+flipped one speaker slot's decision on every frame of the full random-weight model (decisions
+agreed with fp32 on 0 % of frames, against 100 % with them in fp32).
+
 Quantization is per tensor, signed int8 weights, activations quantized per call (no
 calibration data needed).
 """
@@ -23,6 +28,9 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+# The exporter names nodes by their NeMo module path: the FastConformer is `encoder`.
+QUANTIZED_SCOPE = "/encoder/"
 
 
 def prepare_for_int8(model: onnx.ModelProto) -> dict[str, int]:
@@ -58,18 +66,21 @@ def prepare_for_int8(model: onnx.ModelProto) -> dict[str, int]:
 
 def quantize_int8(fp32: Path, int8: Path) -> dict[str, int]:
     """Write `int8` from the fp32 graph at `fp32`: `prepare_for_int8`, then dynamic quantization
-    of every MatMul with a weight (QInt8). A scratch copy of the prepared graph is kept beside
-    `int8` while the quantizer runs. Returns `prepare_for_int8`'s counts. Raises what onnx and
-    the quantizer raise (an `OSError` for a failed write of the scratch copy)."""
+    of every MatMul with a weight (QInt8) whose node is in `QUANTIZED_SCOPE`. A scratch copy of
+    the prepared graph is kept beside `int8` while the quantizer runs. Returns
+    `prepare_for_int8`'s counts. Raises what onnx and the quantizer raise (an `OSError` for a
+    failed write of the scratch copy)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model = onnx.load(fp32)
     counts = prepare_for_int8(model)
+    scope = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name.startswith(QUANTIZED_SCOPE)]
     scratch = int8.with_name(f".{int8.stem}.prepared.onnx")
     try:
         onnx.save(model, scratch)
         del model
-        quantize_dynamic(scratch, int8, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+        quantize_dynamic(scratch, int8, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                         nodes_to_quantize=scope)
     finally:
         scratch.unlink(missing_ok=True)
     return counts
@@ -123,4 +134,4 @@ def _conv_as_matmul(node: onnx.NodeProto, weights: dict[str, onnx.TensorProto],
     return out
 
 
-__all__ = ["compare_onnx", "prepare_for_int8", "quantize_int8"]
+__all__ = ["QUANTIZED_SCOPE", "compare_onnx", "prepare_for_int8", "quantize_int8"]
