@@ -24,6 +24,7 @@ from collections import deque
 import numpy as np
 import soxr
 
+from edge.clock import SAMPLE_RATE, AudioBlock
 from edge.decode import FEED_TIMEOUT_S, StreamDecoder
 from edge.formats import (
     ALAW,
@@ -40,9 +41,10 @@ from edge.formats import (
     parse_wav_header,
     sniff,
 )
-from edge.stt.base import SAMPLE_RATE, AudioBlock
 
-BYTES_PER_SAMPLE = {"linear16": 2, "linear32": 4, "mulaw": 1, "alaw": 1}
+# Bytes per sample of each raw encoding a device may send (the session clock's own PCM is
+# `edge.clock.PCM_SAMPLE_BYTES`).
+RAW_SAMPLE_BYTES = {"linear16": 2, "linear32": 4, "mulaw": 1, "alaw": 1}
 # `encoding` values FFmpeg decodes -> (FFmpeg name, each frame is one packet of that codec).
 # A recognised container (sniff) wins over the raw form: clients send Ogg/WebM as "opus".
 FFMPEG_ENCODINGS = {
@@ -70,7 +72,7 @@ class SessionAudio:
     def __init__(self, encoding: str | None, sample_rate: int, history_s: float = 120.0,
                  channels: int = 1, split: bool = False,
                  decode_timeout_s: float = FEED_TIMEOUT_S) -> None:
-        if encoding is not None and encoding not in BYTES_PER_SAMPLE | FFMPEG_ENCODINGS:
+        if encoding is not None and encoding not in RAW_SAMPLE_BYTES | FFMPEG_ENCODINGS:
             raise ValueError(f"unsupported encoding {encoding!r}")
         if channels < 1:
             raise ValueError(f"channels must be >= 1, got {channels}")
@@ -85,7 +87,7 @@ class SessionAudio:
         self._sniffing = encoding is None or encoding in FFMPEG_ENCODINGS
         self._finished = False
         self._source_s = 0.0  # seconds of decoded audio at the source's rate
-        self._width = BYTES_PER_SAMPLE.get(encoding or "linear16", 2)
+        self._width = RAW_SAMPLE_BYTES.get(encoding or "linear16", 2)
         self._frame = self._width * channels  # bytes of one interleaved raw sample frame
         self._carry = b""
         self._rate = sample_rate  # the rate the resamplers convert from

@@ -13,10 +13,11 @@ What a channel does is its session's `Plan` (edge/plan.py). Its end-of-speech de
   run of speech (pauses under `SEGMENT_GAP_S` inside it) is one final with no words, and its
   end counts as the last word's end.
 
-Queue (bounded): the upstream queue holds `UPSTREAM_QUEUE_S` of audio; when the upstream task
-stalls the OLDEST audio is dropped, counted in `edge_queue_dropped{queue="upstream"}`, and the
-client gets an `Error` saying how many seconds went untranscribed. Held finals wait in the
-end-of-speech decisions, at most until the next result or `VOICE_LAG_S` of audio later.
+Queue (bounded): the upstream queue (edge/upstream_queue.py) holds `UPSTREAM_QUEUE_S` of audio;
+when the upstream task stalls the OLDEST audio is dropped, counted in
+`edge_queue_dropped{queue="upstream"}`, and the client gets an `Error` saying how many seconds
+went untranscribed. Held finals wait in the end-of-speech decisions, at most until the next
+result or `VOICE_LAG_S` of audio later. Speaker numbers for words: edge/speakers.py.
 """
 
 from __future__ import annotations
@@ -26,20 +27,23 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from edge import protocol
 from edge.audio import SessionAudio
-from edge.diarization.merge import FRAME_S, SpeakerTurn
+from edge.clock import FRAME_S, AudioBlock
+from edge.diarization.timeline import SpeakerTurn
 from edge.endpoint import EndOfSpeech, Final, UtteranceEnd, VoiceRuns
 from edge.health import Status
 from edge.metrics import Metrics
 from edge.plan import Plan
 from edge.protocol import ListenParams, ModelInfo
 from edge.settings import Settings
-from edge.stt.base import FLUSH, AudioBlock, AudioItem, TranscriptEvent, Upstream, Word
+from edge.speakers import SpeakerNumbers, label_words
+from edge.stt.base import TranscriptEvent, Upstream, Word
+from edge.upstream_queue import UpstreamQueue
 
 if TYPE_CHECKING:
     from edge.diarization.engine import DiarizationEngine
@@ -47,14 +51,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edge.session")
 
-UPSTREAM_QUEUE_S = 10.0
-MIN_QUEUED_SAMPLES = 320  # 20 ms: smaller blocks are joined before the upstream queue
 TICK_S = 0.25  # how often turns, diarizer voice activity and silence are looked at
 VOICE_LAG_S = 1.0  # the upstream reports speech within this long of receiving the audio
 SEGMENT_GAP_S = 0.32  # diarization-only: a shorter pause does not end a run of speech
 MAX_HELD_TURNS = 256  # turns of speakers the transcript has not named yet; oldest dropped
-
-_END_OF_AUDIO = object()
 
 
 @dataclass(frozen=True)
@@ -75,21 +75,6 @@ class ChannelContext:
     send: Callable[[dict[str, Any]], None]
 
 
-class SpeakerNumbers:
-    """A channel's speaker numbers: 0, 1, ... in order of first appearance in the transcript
-    (diarization-only, where there is none: in order of first turn). Keys are the labeller's
-    own ids (Google's label, the timeline's speaker)."""
-
-    def __init__(self) -> None:
-        self._numbers: dict[object, int] = {}
-
-    def number(self, key: object) -> int:
-        return self._numbers.setdefault(key, len(self._numbers))
-
-    def known(self, key: object) -> int | None:
-        return self._numbers.get(key)
-
-
 class Channel:
     def __init__(self, ctx: ChannelContext, index: int, count: int) -> None:
         self.ctx = ctx
@@ -104,9 +89,8 @@ class Channel:
         self.diar: DiarizerSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._upstream_task: asyncio.Task[None] | None = None
-        self._audio_q: asyncio.Queue[Any] = asyncio.Queue(max(4, int(UPSTREAM_QUEUE_S * 50)))
+        self._upstream_q = UpstreamQueue()
         self._upstream_alive = ctx.upstream is not None and ctx.plan.upstream is not None
-        self._held: AudioBlock | None = None  # audio under MIN_QUEUED_SAMPLES, not yet queued
         self._finalize_pending = 0
         self._finals_since_finalize = 0
         self._held_turns: deque[SpeakerTurn] = deque(maxlen=MAX_HELD_TURNS)
@@ -133,15 +117,7 @@ class Channel:
 
     def push(self, block: AudioBlock) -> None:
         if self._upstream_alive:
-            # The upstream queue is bounded in blocks: hold tiny ones until they make 20 ms,
-            # so its bound means seconds whatever the client's frame size.
-            if self._held is not None:
-                block = AudioBlock(self._held.start, self._held.pcm + block.pcm)
-                self._held = None
-            if block.samples < MIN_QUEUED_SAMPLES:
-                self._held = block
-            else:
-                self._put_audio(block)
+            self._dropped(self._upstream_q.push(block))
         if self.diar is not None:
             self.diar.push(block)
 
@@ -150,8 +126,7 @@ class Channel:
         if self._upstream_alive:
             self._finalize_pending += 1
             self._finals_since_finalize = 0
-            self._put_audio(self._take_held())
-            self._put_audio(FLUSH)
+            self._dropped(self._upstream_q.flush())
             return
         if self.ctx.plan.voice == "sortformer":
             self._read_voice()
@@ -164,8 +139,7 @@ class Channel:
     async def finish(self, timeout: float) -> None:
         """The audio ended: every final, turn and end-of-speech decision still owed."""
         if self._upstream_alive:
-            self._put_audio(self._take_held())
-            self._put_audio(_END_OF_AUDIO)
+            self._dropped(self._upstream_q.end())
         if self.diar is not None:
             with contextlib.suppress(Exception):
                 await self.diar.close()  # places the last frames and ends open turns
@@ -190,39 +164,21 @@ class Channel:
                 await self.diar.close()
 
     # --- the upstream ---
-    def _take_held(self) -> AudioBlock | None:
-        held, self._held = self._held, None
-        return held
-
-    def _put_audio(self, item: object) -> None:
-        if item is None:
-            return
-        try:
-            self._audio_q.put_nowait(item)
-        except asyncio.QueueFull:
-            # Overflow policy: drop the oldest audio, keep the newest (see module doc).
-            dropped = self._audio_q.get_nowait()
-            self._audio_q.put_nowait(item)
-            if isinstance(dropped, AudioBlock):
-                self.ctx.metrics.queue_dropped.labels("upstream").inc()
-                self._send(protocol.error_message(
-                    "AUDIO_DROPPED",
-                    f"upstream stalled: {dropped.end_s - dropped.start_s:.2f} s of audio at "
-                    f"{dropped.start_s:.2f} s were not transcribed",
-                ))
-
-    async def _upstream_audio(self) -> AsyncIterator[AudioItem]:
-        while True:
-            item = await self._audio_q.get()
-            if item is _END_OF_AUDIO:
-                return
-            yield item
+    def _dropped(self, blocks: list[AudioBlock]) -> None:
+        """Count and report audio the upstream queue dropped (its overflow policy)."""
+        for dropped in blocks:
+            self.ctx.metrics.queue_dropped.labels("upstream").inc()
+            self._send(protocol.error_message(
+                "AUDIO_DROPPED",
+                f"upstream stalled: {dropped.end_s - dropped.start_s:.2f} s of audio at "
+                f"{dropped.start_s:.2f} s were not transcribed",
+            ))
 
     async def _upstream_loop(self) -> None:
         ctx = self.ctx
         assert ctx.upstream is not None and ctx.plan.upstream is not None
         try:
-            async for event in ctx.upstream.stream(self._upstream_audio(), ctx.plan.upstream):
+            async for event in ctx.upstream.stream(self._upstream_q.items(), ctx.plan.upstream):
                 await self._on_event(event)
         except Exception as exc:  # an upstream bug must not take the session down
             log.exception("session %s: upstream failed", ctx.request_id)
@@ -343,28 +299,8 @@ class Channel:
 
     # --- messages ---
     def _label(self, words: tuple[Word, ...]) -> tuple[list[dict[str, Any]], str | None]:
-        """Words with speakers, and where the labels came from. Local labels count wherever
-        the timeline covers the words — also after the diarizer closed or degraded, since
-        frames already placed stay valid."""
-        plan = self.ctx.plan
-        source: str | None = None
-        if plan.labels == "google":
-            source = "google"
-        elif (plan.labels == "sortformer" and self.diar is not None and words
-              and self.diar.timeline.covered_until >= words[-1].end):
-            source = "sortformer"
-        out = []
-        for w in words:
-            speaker: int | None = None
-            conf: float | None = None
-            if source == "google" and w.speaker_label is not None:
-                speaker = self.speakers.number(w.speaker_label)
-            elif source == "sortformer" and self.diar is not None:
-                found, conf = self.diar.timeline.speaker_for(w.start, w.end)
-                speaker = None if found is None else self.speakers.number(found)
-            out.append(protocol.word_entry(w.word, w.start, w.end, w.confidence,
-                                           w.punctuated_word, speaker, conf))
-        return out, source
+        """Words with speakers, and where the speakers came from (edge/speakers.py)."""
+        return label_words(words, self.ctx.plan.labels, self.diar, self.speakers)
 
     def _results(self, ev: TranscriptEvent, labelled: tuple[list[dict[str, Any]], str | None],
                  from_finalize: bool = False) -> dict[str, Any]:
@@ -401,4 +337,4 @@ class Channel:
         self.ctx.send(message)
 
 
-__all__ = ["Channel", "ChannelContext", "SpeakerNumbers"]
+__all__ = ["Channel", "ChannelContext"]

@@ -9,13 +9,13 @@ as on `/ready`. Everything the checks read from the machine is a parameter, for 
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import os
 import socket
 import ssl
 import subprocess
-import threading
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -24,18 +24,20 @@ from typing import Literal
 
 from edge import device
 from edge.diarization import nemo_diarization_available, worker_runtime_available
+from edge.diarization.digests import file_sha256
 from edge.diarization.exports import export_status
-from edge.diarization.model import ModelUnavailable, file_sha256
+from edge.diarization.model import ModelUnavailable, cached_model_path
 from edge.diarization.runtime import plan_runtime
 from edge.health import REQUIRED_PACKAGES, UPSTREAM_PACKAGES, missing_packages
 from edge.plan import local_diarizer_used, plan_session
 from edge.protocol import ListenParams
-from edge.settings import Settings
+from edge.settings import Settings, load_settings
 
 Level = Literal["ok", "warn", "FAIL"]
 Systemctl = Callable[[Sequence[str]], str]
 GoogleDefault = Callable[[], str]
 UNIT = "edge.service"
+GOOGLE_TIMEOUT_S = 5.0  # off Google Cloud, the credential lookup may wait on the metadata server
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,8 @@ def run_checks(
         Check("export", *_export(settings, model)),
         Check("runtime", *_runtime(settings, model)),
         Check("nemo", *_nemo(settings, deep)),
-        Check("google", *_google(settings, environ, google_default or _google_default)),
+        Check("google", *_google(settings, environ,
+                                 google_default or (lambda: _google_default(settings=settings)))),
         Check("labels", *_labels(settings)),
         Check("port", *_port(settings, daemon_url)),
         Check("unit", *_unit(systemd_runs, systemctl or _systemctl)),
@@ -130,13 +133,13 @@ def _cache(
 
 
 def find_model(settings: Settings) -> Path | None:
-    """The configured `.nemo`, else the newest one for the configured repo in the cache."""
+    """The `.nemo` the daemon loads without a download, where `model.resolve_model` looks:
+    NEMO_DIAR_MODEL_PATH, else the pinned repo's file in the cache (`cached_model_path`);
+    None when that is not there."""
     if settings.nemo_diar_model_path is not None:
         return settings.nemo_diar_model_path
-    name = settings.edge_model_repo.rsplit("/", 1)[-1]
-    cache = settings.nemo_cache_dir
-    found = list(cache.rglob(f"{name}*.nemo")) if cache.is_dir() else []
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+    cached = cached_model_path(settings)
+    return cached if cached.is_file() else None
 
 
 def _diarization_off(settings: Settings) -> bool:
@@ -164,7 +167,7 @@ def _model(settings: Settings, model: Path | None) -> tuple[Level, str]:
         return "ok", "local diarization is off"
     if model is None:
         later = " (the daemon downloads it on first use)" if settings.edge_model_download else ""
-        return "warn", f"not in {settings.nemo_cache_dir}: run `edge model fetch`{later}"
+        return "warn", f"{cached_model_path(settings)} is not there: run `edge model fetch`{later}"
     size = f"{model.stat().st_size // device.MB} MB"
     pinned = settings.edge_model_sha256
     if pinned is None:
@@ -235,33 +238,21 @@ def _google(
         return "ok", f"GOOGLE_APPLICATION_CREDENTIALS={path}"
     try:
         return "ok", google_default()
-    except Exception as exc:  # google-auth raises several kinds; any means "none usable"
-        return "warn", (f"no Google credentials ({exc}): set GOOGLE_APPLICATION_CREDENTIALS; "
-                        "without them only speaker labels flow")
+    except Exception as exc:  # the lookup's reason, or a fake's
+        return "warn", f"{exc}; without Google only speaker labels flow"
 
 
-def _google_default(timeout: float = 5.0) -> str:
-    """google.auth.default(), bounded: off Google Cloud it may wait on the metadata server."""
-    result: list[str] = []
-    errors: list[BaseException] = []
+def _google_default(timeout: float = GOOGLE_TIMEOUT_S, settings: Settings | None = None) -> str:
+    """The daemon's own credential lookup (`edge.stt.google.resolve`: ADC in a daemon thread)
+    for `settings` (None: the environment's), bounded by `timeout` seconds. Returns what it
+    found; raises `RuntimeError` with the reason when nothing usable (or no answer in time)."""
+    from edge.stt.google import resolve
 
-    def probe() -> None:
-        try:
-            import google.auth
-
-            _creds, project = google.auth.default()
-            result.append("application default credentials" + (f", project {project}" if project else ""))
-        except Exception as exc:
-            errors.append(exc)
-
-    worker = threading.Thread(target=probe, daemon=True)
-    worker.start()
-    worker.join(timeout)
-    if result:
-        return result[0]
-    if errors:
-        raise RuntimeError(str(errors[0]).split(". ")[0]) from errors[0]
-    raise TimeoutError(f"google.auth.default() gave no answer in {timeout:g} s")
+    resolved = asyncio.run(resolve(settings or load_settings(), timeout=timeout))
+    if resolved.state != "ok":
+        raise RuntimeError(resolved.state.removeprefix("unconfigured: "))
+    return "application default credentials" + (
+        f", project {resolved.project}" if resolved.project else "")
 
 
 def _port(settings: Settings, daemon_url: str) -> tuple[Level, str]:

@@ -1,5 +1,5 @@
 """A small `/v1/listen` client: stream a file at real time (or as fast as accepted), collect
-what comes back, and render it as text lines, JSON lines or RTTM.
+what comes back, and render it as text lines (`show`), JSON lines or RTTM.
 
 Used by `edge stream`, the load benchmarks and the end-to-end tests: one client, one way to
 pace audio and read results.
@@ -10,21 +10,27 @@ from __future__ import annotations
 import asyncio
 import bisect
 import json
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 from urllib.parse import urlencode
 
 import numpy as np
 from websockets.asyncio.client import connect
 
-MIN_RATE, MAX_RATE = 8000, 48000
+from edge.diarization.files import segment_lines
+from edge.query import MAX_RATE, MIN_RATE
+
+# Consecutive labelled words of one speaker less than this apart make one RTTM segment.
+WORD_GAP_S = 0.5
 
 
 def read_audio(path: Path) -> tuple[np.ndarray, int]:
-    """A WAV/FLAC file as mono int16 samples and its sample rate (channels are averaged)."""
+    """A WAV/FLAC file as mono int16 samples and its sample rate (channels are averaged).
+    Raises `ValueError` for a rate `/v1/listen` does not take, soundfile's errors otherwise."""
     import soundfile as sf
 
     data, rate = sf.read(str(path), dtype="int16", always_2d=True)
@@ -185,12 +191,28 @@ def format_final(msg: dict[str, Any]) -> list[str]:
 
 
 def format_turn(msg: dict[str, Any]) -> str:
+    """`[1.0s-2.5s] speaker 0` for one SpeakerTurn."""
     return f"[{msg['start']:.1f}s-{msg['end']:.1f}s] speaker {msg['speaker']}"
 
 
-def rttm_lines(messages: list[dict[str, Any]], file_id: str) -> list[str]:
-    """RTTM segments: from final SpeakerTurns when present, else from labelled final words
-    (consecutive words of one speaker merged)."""
+def show(msg: dict[str, Any], out: TextIO | None = None, err: TextIO | None = None) -> None:
+    """Print one received message as `edge stream` does: final Results as `format_final`
+    lines and final SpeakerTurns as `format_turn` on `out` (default stdout), the daemon's
+    Error descriptions on `err` (default stderr), nothing for the rest."""
+    kind = msg.get("type")
+    if kind == "Results" and msg.get("is_final"):
+        for line in format_final(msg):
+            print(line, file=out or sys.stdout, flush=True)
+    elif kind == "SpeakerTurn" and msg.get("is_final"):
+        print(format_turn(msg), file=out or sys.stdout, flush=True)
+    elif kind == "Error":
+        print(f"edge: daemon says: {msg.get('description')}", file=err or sys.stderr, flush=True)
+
+
+def rttm_from_messages(messages: list[dict[str, Any]], file_id: str) -> list[str]:
+    """RTTM lines (`files.segment_lines`) of a session's speakers: from final SpeakerTurns
+    when present, else from labelled final words (consecutive words of one speaker less
+    than `WORD_GAP_S` apart merged)."""
     segments: list[tuple[float, float, int]] = [
         (m["start"], m["end"], m["speaker"])
         for m in messages if m.get("type") == "SpeakerTurn" and m.get("is_final")
@@ -202,23 +224,23 @@ def rttm_lines(messages: list[dict[str, Any]], file_id: str) -> list[str]:
             for w in m["channel"]["alternatives"][0]["words"]:
                 if w.get("speaker") is None:
                     continue
-                if segments and segments[-1][2] == w["speaker"] and w["start"] - segments[-1][1] < 0.5:
-                    segments[-1] = (segments[-1][0], w["end"], w["speaker"])
+                last = segments[-1] if segments else None
+                if last and last[2] == w["speaker"] and w["start"] - last[1] < WORD_GAP_S:
+                    segments[-1] = (last[0], w["end"], w["speaker"])
                 else:
                     segments.append((w["start"], w["end"], w["speaker"]))
-    return [
-        f"SPEAKER {file_id} 1 {s:.3f} {e - s:.3f} <NA> <NA> speaker_{spk} <NA> <NA>"
-        for s, e, spk in segments
-    ]
+    return segment_lines(segments, file_id)
 
 
 def write_outputs(result: StreamResult, path: Path, jsonl: Path | None, rttm: Path | None) -> None:
+    """Write what `edge stream` was asked for: every message as JSON lines to `jsonl`, the
+    speaker segments as RTTM (file id: the audio's stem) to `rttm`. Raises `OSError`."""
     if jsonl is not None:
         jsonl.write_text("".join(json.dumps(m) + "\n" for m in result.messages))
     if rttm is not None:
-        lines = rttm_lines(result.messages, path.stem)
+        lines = rttm_from_messages(result.messages, path.stem)
         rttm.write_text("".join(line + "\n" for line in lines))
 
 
-__all__ = ["StreamResult", "format_final", "read_audio", "rttm_lines", "stream_audio",
-           "stream_encoded", "timed_pieces"]
+__all__ = ["StreamResult", "format_final", "format_turn", "read_audio", "rttm_from_messages",
+           "show", "stream_audio", "stream_encoded", "timed_pieces", "write_outputs"]

@@ -16,8 +16,9 @@ from typing import Any
 
 from pyannote.core import Annotation
 
+from edge.clock import FRAME_S
 from edge.diarization.score import Report, Rttm, ScoreError, annotation_from_rttm_lines, score
-from edge.settings import DIARIZATION_PRESETS, FRAME_S, Settings
+from edge.settings import DIARIZATION_PRESETS, Settings
 
 CONFIGURED = "configured"  # the streaming parameters the settings give (hop/window or a preset)
 RUNTIMES = ("auto", "onnx", "nemo")  # EDGE_DIARIZATION_RUNTIME's values
@@ -208,7 +209,7 @@ async def run_daemon(
             raise ScoreError(f"{path}: the daemon closed the stream {result.close_code} "
                              f"{result.close_reason} {'; '.join(map(str, errors))}".rstrip())
         uri = path.stem
-        hypothesis[uri] = annotation_from_rttm_lines(client.rttm_lines(result.messages, uri), uri)
+        hypothesis[uri] = annotation_from_rttm_lines(client.rttm_from_messages(result.messages, uri), uri)
         audio_s += result.sent_audio_s
         for msg, at in zip(result.messages, result.received_at, strict=True):
             if msg.get("type") == "SpeakerTurn" and msg.get("is_final"):

@@ -1,7 +1,8 @@
 """The `/v1/listen` service: handshake checks, the session registry, idle reaping, drain.
 
 `Server` calls `accept()` before the upgrade (so bad queries get HTTP 400 and a full house
-HTTP 503, never an open-then-close) and `handle()` after it. One housekeeping task closes
+HTTP 503, never an open-then-close) and `handle()` after it; the query is parsed once, in
+`accept()`, and its `ListenParams` wait there for `handle()`. One housekeeping task closes
 sessions idle for `EDGE_IDLE_TIMEOUT_S` (1011 NET-0001) — one timer for all sessions
 instead of one per frame.
 """
@@ -13,6 +14,7 @@ import contextlib
 import logging
 import time
 import uuid
+import weakref
 from urllib.parse import urlsplit
 
 from websockets.asyncio.server import ServerConnection
@@ -30,6 +32,10 @@ class ListenService:
     def __init__(self, deps: SessionDeps) -> None:
         self.deps = deps
         self.sessions: dict[str, Session] = {}
+        # Accepted handshakes' parameters until their handler runs. Weak: a connection that
+        # dies between accept() and handle() takes its entry with it.
+        self._accepted: weakref.WeakKeyDictionary[ServerConnection, protocol.ListenParams] = (
+            weakref.WeakKeyDictionary())
         self._reaper: asyncio.Task[None] | None = None
         self._draining = False
         self._empty = asyncio.Event()
@@ -49,10 +55,11 @@ class ListenService:
                 await self._reaper
 
     # --- ListenService protocol (edge.server) ---
-    def accept(self, request: Request) -> Response | None:
-        """Validate the query and capacity before the upgrade."""
+    def accept(self, connection: ServerConnection, request: Request) -> Response | None:
+        """Validate the query and capacity before the upgrade: a refusal, or None (the
+        parameters are kept for `handle(connection)`)."""
         try:
-            protocol.parse_listen_query(urlsplit(request.path).query)
+            params = protocol.parse_listen_query(urlsplit(request.path).query)
         except protocol.QueryError as exc:
             self.deps.metrics.sessions_refused.labels("bad_query").inc()
             return protocol.bad_query(exc)
@@ -68,10 +75,13 @@ class ListenService:
                     "TOO_MANY_SESSIONS", f"at capacity: {self.max_sessions} sessions open"),
                 headers=[("Retry-After", "5")],
             )
+        self._accepted[connection] = params
         return None
 
     async def handle(self, connection: ServerConnection) -> None:
-        params = protocol.parse_listen_query(urlsplit(connection.request.path).query)
+        params = self._accepted.pop(connection, None)
+        if params is None:  # the server sends every /v1/listen handshake through accept()
+            raise RuntimeError("a /v1/listen connection that accept() did not accept")
         if len(self.sessions) >= self.max_sessions or self._draining:
             # Lost a race with another handshake after accept(): the documented 1013.
             self.deps.metrics.sessions_refused.labels("capacity").inc()

@@ -45,7 +45,7 @@ AUTH_LOG_PER_S, AUTH_LOG_BURST = 1.0, 10  # failed-key warnings; the rest are co
 class ListenService(Protocol):
     """What serves `/v1/listen` (the session manager)."""
 
-    def accept(self, request: Request) -> Response | None:
+    def accept(self, connection: ServerConnection, request: Request) -> Response | None:
         """Handshake checks after auth (query, capacity): a refusal, or None to go on."""
 
     async def handle(self, connection: ServerConnection) -> None:
@@ -190,7 +190,7 @@ class Server:
                 return protocol.json_response(
                     503, protocol.error_body("UNAVAILABLE", "sessions are not available yet")
                 )
-            return self.listen.accept(request)
+            return self.listen.accept(connection, request)
         if len(self._status_clients) >= self.settings.edge_max_status_clients:
             return protocol.json_response(
                 503, protocol.error_body(

@@ -34,13 +34,14 @@ from websockets.protocol import State
 from edge import __version__, protocol
 from edge.audio import DecodeError, SessionAudio
 from edge.channel import Channel, ChannelContext
+from edge.clock import SAMPLE_RATE, AudioBlock
 from edge.health import Status
 from edge.limits import TokenBucket
 from edge.metrics import Metrics
 from edge.plan import plan_session
 from edge.protocol import ListenParams, ModelInfo
 from edge.settings import Settings
-from edge.stt.base import AudioBlock, Upstream
+from edge.stt.base import Upstream
 
 if TYPE_CHECKING:
     from edge.diarization.engine import DiarizationEngine
@@ -247,7 +248,7 @@ class Session:
     def _on_audio(self, blocks: list[AudioBlock]) -> None:
         if not blocks:
             return
-        self.deps.metrics.audio_seconds.inc(blocks[0].samples / 16000)
+        self.deps.metrics.audio_seconds.inc(blocks[0].samples / SAMPLE_RATE)
         for channel, block in zip(self.channels, blocks, strict=True):
             channel.push(block)
 

@@ -21,6 +21,8 @@ import annotated_types
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from edge.clock import FRAME_S
+
 DEFAULT_ENV_FILE = Path("/etc/edge/edge.env")
 
 # The model card's latency presets: chunk_len / chunk_right_context / fifo_len /
@@ -35,7 +37,6 @@ DIARIZATION_PRESETS: dict[str, dict[str, int]] = {
     "ultra-low": {"chunk_len": 3, "chunk_right_context": 1, "fifo_len": 188,
                   "spkcache_update_period": 144, "spkcache_len": 188},
 }
-FRAME_S = 0.08  # one Sortformer output frame
 
 
 def _default_cache_dir() -> Path:
@@ -61,7 +62,7 @@ class Settings(BaseSettings):
     nemo_diar_model_path: Path | None = None
     nemo_cache_dir: Path = Field(default_factory=_default_cache_dir)
     stt_nemo_diarization_window_s: float = Field(12.0, gt=0, le=600)
-    stt_nemo_diarization_hop_s: float = Field(2.0, ge=0.08, le=60)
+    stt_nemo_diarization_hop_s: float = Field(2.0, ge=FRAME_S, le=60)
     stt_nemo_diarization_timeout_s: float = Field(10.0, gt=0, le=600)
     stt_nemo_diarization_max_speakers: int = Field(4, ge=1, le=4)
 
@@ -189,7 +190,7 @@ class Settings(BaseSettings):
         """Sortformer streaming parameters (NeMo `sortformer_modules` names, 80 ms frames).
 
         A preset wins; otherwise hop -> the chunk the model advances by, window -> chunk +
-        FIFO (the recent context it sees besides its speaker cache), as ARCHITECTURE.md says.
+        FIFO (the recent context it sees besides its speaker cache), as docs/ARCHITECTURE.md says.
         """
         if self.edge_diarization_preset is not None:
             params = dict(DIARIZATION_PRESETS[self.edge_diarization_preset])
@@ -299,7 +300,6 @@ def _allowed(field: str) -> str:
 
 __all__ = [
     "DIARIZATION_PRESETS",
-    "FRAME_S",
     "Settings",
     "SettingsError",
     "is_loopback",

@@ -75,9 +75,6 @@ class Notifier:
     def stopping(self, status: str = "draining sessions") -> bool:
         return self.notify(f"STOPPING=1\nSTATUS={status}")
 
-    def extend_timeout(self, seconds: float) -> bool:
-        return self.notify(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}")
-
 
 def _watchdog_interval(env: dict[str, str] | os._Environ[str]) -> float | None:
     """Seconds between pings (half of `WATCHDOG_USEC`), or None when no watchdog is asked.

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +22,7 @@ from edge import checks, cli
 from edge.checks import Check
 from edge.settings import load_settings
 from tests.fakes.machine import FakeMachine, sd_card_jetson
-from tests.helpers.daemon import running_app
+from tests.helpers.daemon import ROOT, daemon_env, running_app
 
 MODEL = "diar_streaming_sortformer_4spk-v2.1.nemo"
 
@@ -78,10 +82,15 @@ def test_cache_check_warns_on_the_sd_card_or_under_tmp_and_fails_without_room(tm
 def test_model_check_warns_when_missing_verifies_the_pin_and_fails_on_a_mismatch(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     missing = _run(tmp_path, nemo_cache_dir=cache)["model"]
-    assert missing.level == "warn" and "run `edge model fetch`" in missing.detail
-    snapshot = cache / "models--nvidia--x/snapshots/abc"  # Hugging Face's cache layout
+    assert (missing.level, missing.detail) == (
+        "warn", f"{cache / MODEL} is not there: run `edge model fetch` "
+        "(the daemon downloads it on first use)")
+    # Elsewhere in the cache (Hugging Face's own layout) the daemon does not look: neither do we.
+    snapshot = cache / "models--nvidia--x/snapshots/abc"
     snapshot.mkdir(parents=True)
     (snapshot / MODEL).write_bytes(b"weights")
+    assert _run(tmp_path, nemo_cache_dir=cache)["model"].level == "warn"
+    (snapshot / MODEL).rename(cache / MODEL)
     digest = hashlib.sha256(b"weights").hexdigest()
     assert _run(tmp_path, nemo_cache_dir=cache)["model"].level == "ok"
     verified = _run(tmp_path, nemo_cache_dir=cache, edge_model_sha256=digest.upper())["model"]
@@ -194,12 +203,77 @@ def test_google_check_is_ok_with_credentials_or_an_endpoint_and_warns_without(tm
     assert _run(tmp_path, edge_stt_api="none")["google"].level == "ok"
 
 
-def test_google_default_is_bounded() -> None:
-    # Whatever the machine has, the probe answers (ok or an exception) within its timeout.
-    try:
-        checks._google_default(timeout=0.001)
-    except Exception as exc:
-        assert isinstance(exc, TimeoutError | RuntimeError)
+@pytest.mark.parametrize("overrides", [
+    {"edge_stt_api": "v1", "edge_stt_language": "auto"},
+    {"edge_stt_api": "v2"},  # with a credentials file that is not there
+])
+def test_google_lookup_says_what_the_daemons_upstream_check_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overrides: dict[str, Any]
+) -> None:
+    from edge.stt import google
+
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "gone.json"))
+    settings = load_settings(**overrides)
+    daemon = asyncio.run(google.check(settings))
+    assert daemon.startswith("unconfigured: ")
+    with pytest.raises(RuntimeError) as err:
+        checks._google_default(settings=settings)
+    assert str(err.value) == daemon.removeprefix("unconfigured: ")
+    assert ("gone.json" in str(err.value)) is (overrides["edge_stt_api"] == "v2")
+
+
+@contextlib.contextmanager
+def _silent_metadata_server() -> Iterator[tuple[str, list[socket.socket]]]:
+    """A stand-in for the GCE metadata server that accepts connections and never answers, as
+    a firewalled link-local address can do: yields its `host:port` and the connections made."""
+    accepted: list[socket.socket] = []
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+
+        def accept() -> None:
+            with contextlib.suppress(OSError):  # the listening socket closed: done
+                while True:
+                    accepted.append(server.accept()[0])
+
+        thread = threading.Thread(target=accept, daemon=True)
+        thread.start()
+        try:
+            yield f"127.0.0.1:{server.getsockname()[1]}", accepted
+        finally:
+            for conn in accepted:
+                conn.close()
+
+
+def test_google_default_is_bounded(tmp_path: Path) -> None:
+    """With no credentials anywhere, google.auth.default() asks the GCE metadata server, and
+    one that never answers holds it for 3 s per try (3 tries). The probe gives up within its
+    bound instead, saying so. In a child process: google-auth reads the metadata address from
+    the environment when first imported."""
+    bound = 1.0
+    code = (
+        "import json, sys, time\n"
+        "import google.auth, google.auth.transport.requests\n"  # not timed: imports are slow
+        "from edge import checks\n"
+        "t0 = time.monotonic()\n"
+        "try:\n"
+        f"    outcome = 'answered: ' + checks._google_default(timeout={bound})\n"
+        "except Exception as exc:\n"
+        "    outcome = type(exc).__name__ + ': ' + str(exc)\n"
+        "print(json.dumps({'elapsed': time.monotonic() - t0, 'outcome': outcome}))\n"
+    )
+    with _silent_metadata_server() as (address, accepted):
+        env = {k: v for k, v in daemon_env().items()
+               if not k.startswith(("GOOGLE_", "GCE_", "CLOUDSDK_", "GAE_", "NO_GCE"))}
+        env.update(HOME=str(tmp_path), CLOUDSDK_CONFIG=str(tmp_path / "gcloud"),
+                   GCE_METADATA_HOST=address, GCE_METADATA_IP=address)
+        child = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
+                               capture_output=True, text=True, timeout=120)
+        assert child.returncode == 0, child.stderr
+        found = json.loads(child.stdout)
+        assert accepted, "the probe never reached the metadata stand-in: nothing was bounded"
+    assert not found["outcome"].startswith("answered") and f"{bound:g} s" in found["outcome"], found
+    assert bound <= found["elapsed"] < bound + 1.5, found
 
 
 def test_port_check_fails_when_another_process_holds_the_port() -> None:

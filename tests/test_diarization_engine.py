@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
+from edge.clock import AudioBlock
 from edge.diarization.engine import DiarizationEngine
 from edge.health import Status
 from edge.metrics import Metrics
-from edge.stt.base import AudioBlock
 from tests.helpers.daemon import ROOT
 from tests.helpers.diarization import SR, settings
 from tests.helpers.worker import Talker, engine_test, labels_flow, ready, restarts, until

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge.diarization.feed import FRAME_SAMPLES, SessionFeed
+from edge.clock import FRAME_SAMPLES
+from edge.diarization.feed import SessionFeed
 
 
 def ramp(start: int, n: int) -> np.ndarray:
@@ -24,9 +25,9 @@ def test_feed_sends_whole_units_in_order() -> None:
         units.append(u)
     assert [len(u) for u in units] == [2560] * 3 and feed.pending_samples == 10000 - 7680
     np.testing.assert_array_equal(np.concatenate(units), ramp(0, 7680))
-    last = feed.take_unit(final=True)
+    last = feed.take_unit(flush=True)
     assert last is not None and len(last) == 10000 - 7680
-    assert feed.take_unit(final=True) is None
+    assert feed.take_unit(flush=True) is None
 
 
 def test_feed_trims_overlap_fills_gaps_and_drops_audio_while_inactive() -> None:
@@ -42,7 +43,7 @@ def test_feed_trims_overlap_fills_gaps_and_drops_audio_while_inactive() -> None:
     assert unit is not None and unit[0] == 5120
     feed.push(9000, ramp(9000, 400))  # a 2000-sample gap becomes silence
     parts = []
-    while (u := feed.take_unit(final=True)) is not None:
+    while (u := feed.take_unit(flush=True)) is not None:
         parts.append(u)
     rest = np.concatenate(parts)
     assert len(rest) == 7000 - 6400 + 2000 + 400 and len(parts[-1]) < FRAME_SAMPLES

@@ -123,7 +123,8 @@ def test_diarization_only_runs_of_speech_from_the_timeline() -> None:
     long pause after that group's final and before the next one's."""
     import numpy as np
 
-    from edge.diarization.merge import FRAME_S, SpeakerTimeline
+    from edge.clock import FRAME_S
+    from edge.diarization.timeline import SpeakerTimeline
     from edge.endpoint import VoiceRuns
 
     # (speaker or None, frames): group 1 = two words with a short pause; group 2 one word.

@@ -264,3 +264,21 @@ async def test_sessions_counted_in_status_and_metrics(app: App) -> None:
         assert "edge_sessions_active 1.0" in text
         await ws.send(b"")
         await read_until_closed(ws)
+
+
+async def test_the_session_runs_with_the_parameters_its_handshake_was_accepted_with(app: App) -> None:
+    query = "encoding=linear16&sample_rate=8000&interim_results=true&foo=1"
+    async with connect(listen_url(app, query), additional_headers=AUTH) as ws:
+        await ws.send(pcm(0.1, rate=8000))
+        for _ in range(100):
+            if app.listen.sessions:
+                break
+            await asyncio.sleep(0.02)
+        (session,) = app.listen.sessions.values()
+        assert (session.params.encoding, session.params.sample_rate,
+                session.params.interim_results, session.params.ignored) == (
+            "linear16", 8000, True, ("foo",))
+        # Parsed once, at the handshake; handed over, not kept for the connection's life.
+        assert not app.listen._accepted
+        await ws.send(b"")
+        await read_until_closed(ws)

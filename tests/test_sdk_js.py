@@ -23,7 +23,7 @@ from tests.fakes.google_speech import encode
 from tests.helpers.daemon import KEY, ROOT, with_fake_google
 from tests.helpers.end_of_speech import GROUPS, check_groups, end_of_speech_sequence
 
-SDK = "@deepgram/sdk@5.13.0"  # the version notes/deepgram-compat.md was checked with
+SDK = "@deepgram/sdk@5.13.0"  # the version docs/notes/deepgram-compat.md was checked with
 CACHE = ROOT / ".cache" / "npm-deepgram"
 
 

@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 from google.cloud import speech_v1, speech_v2
 
+from edge.clock import SAMPLE_RATE
 from edge.health import Status
 from edge.settings import load_settings
-from edge.stt.base import FLUSH, SAMPLE_RATE, StreamConfig
+from edge.stt.base import FLUSH, StreamConfig
 from edge.stt.google import GoogleUpstream, capabilities, check, create_upstream
 from edge.stt.google_api import V1, V2, api_endpoint, classify
 from tests.helpers.daemon import ROOT

@@ -11,10 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge.stt.base import SAMPLE_RATE, AudioBlock
+from edge.clock import SAMPLE_RATE, AudioBlock, OffsetMap
 from edge.stt.replay import (
     Backoff,
-    CallMap,
     RawResult,
     RawSpeechEvent,
     RawWord,
@@ -110,20 +109,6 @@ def test_finalize_trims_inside_a_block() -> None:
     assert piece is not None and piece.start == 1234 and piece.pcm == pcm_of(range(1234, 3200))
 
 
-# --- CallMap ----------------------------------------------------------------------------------
-def test_call_offsets_map_across_gaps() -> None:
-    call = CallMap()
-    call.add(AudioBlock(48000, b"\0\0" * 16000))  # call 0..1 s = session 3..4 s
-    call.add(AudioBlock(64000, b"\0\0" * 8000))  # contiguous
-    call.add(AudioBlock(100000, b"\0\0" * 16000))  # after a gap: call 1.5 s = session 6.25 s
-    assert call.to_session(0.0) == 48000
-    assert call.to_session(1.2) == 48000 + 19200
-    assert call.to_session(1.5) == 100000  # a start on the boundary: the later piece
-    assert call.to_session(1.5, end=True) == 72000  # an end on the boundary: the earlier one
-    assert call.to_session(2.0, end=True) == 108000
-    assert call.audio_s == 2.5
-
-
 # --- Transcript -------------------------------------------------------------------------------
 def _final(words: list[tuple[str, float, float]], end: float, transcript: str | None = None,
            speaker: str | None = None) -> RawResult:
@@ -135,8 +120,8 @@ def test_v1_repeated_words_are_delivered_once() -> None:
     buf = ReplayBuffer(30)
     buf.push(AudioBlock(0, b"\0\0" * SAMPLE_RATE * 10))
     t = Transcript(buf)
-    call = CallMap()
-    call.add(AudioBlock(0, b"\0\0" * SAMPLE_RATE * 10))
+    call = OffsetMap()
+    call.add(0, SAMPLE_RATE * 10)
     first = t.on_result(_final([("Hello", 0.5, 1.0), ("there.", 1.0, 1.5)], 1.8, "Hello there."), call)
     assert first is not None and first.transcript == "Hello there."
     assert [w.word for w in first.words] == ["hello", "there"]
@@ -154,14 +139,14 @@ def test_after_a_cut_the_new_call_maps_from_its_replay_start() -> None:
     for b in blocks(b"\0\0" * SAMPLE_RATE * 20, [1600]):
         buf.push(b)
     t = Transcript(buf)
-    old = CallMap()
-    old.add(AudioBlock(0, b"\0\0" * SAMPLE_RATE * 12))
+    old = OffsetMap()
+    old.add(0, SAMPLE_RATE * 12)
     t.on_result(_final([("a", 9.0, 9.5)], 10.0), old)
     # New call replays from t_final = 10 s; it re-hears audio up to 10.0 and then new words.
-    new = CallMap()
+    new = OffsetMap()
     piece = buf.read(buf.t_final, SAMPLE_RATE * 5)
     assert piece is not None and piece.start == 10 * SAMPLE_RATE
-    new.add(piece)
+    new.add(piece.start, piece.samples)
     interim = t.on_result(RawResult(False, "a b", 0.0, (RawWord("a", 0.0, 0.0), RawWord("b", 0.2, 0.7)),
                                     0.7), new)
     assert interim is not None and not interim.is_final and interim.transcript == "b"
@@ -174,8 +159,8 @@ def test_a_word_never_starts_before_delivered_audio_ended() -> None:
     buf = ReplayBuffer(30)
     buf.push(AudioBlock(0, b"\0\0" * SAMPLE_RATE * 5))
     t = Transcript(buf)
-    call = CallMap()
-    call.add(AudioBlock(0, b"\0\0" * SAMPLE_RATE * 5))
+    call = OffsetMap()
+    call.add(0, SAMPLE_RATE * 5)
     t.on_result(_final([("a", 0.5, 1.0)], 1.0), call)
     ev = t.on_result(_final([("b", 0.9, 1.4)], 1.6), call)
     assert ev is not None and ev.words[0].start == 1.0 and ev.words[0].end == 1.4
@@ -186,16 +171,16 @@ def test_speech_events_alternate_and_replays_do_not_repeat_them() -> None:
     buf.push(AudioBlock(0, b"\0\0" * SAMPLE_RATE * 20))
     t = Transcript(buf)
 
-    def said(kind: str, offset: float, call: CallMap) -> list[tuple[str, float]]:
+    def said(kind: str, offset: float, call: OffsetMap) -> list[tuple[str, float]]:
         return [(e.kind, e.start) for e in t.on_speech_event(RawSpeechEvent(kind, offset), call)]
 
-    call = CallMap()
-    call.add(AudioBlock(16000, b"\0\0" * SAMPLE_RATE * 5))
+    call = OffsetMap()
+    call.add(16000, SAMPLE_RATE * 5)
     assert said("speech_started", 0.5, call) == [("speech_started", 1.5)]
     assert said("speech_started", 0.6, call) == []  # still the same utterance
     # Cut mid-utterance; the next call replays from t_final (0) and hears it begin again.
-    again = CallMap()
-    again.add(AudioBlock(0, b"\0\0" * SAMPLE_RATE * 5))
+    again = OffsetMap()
+    again.add(0, SAMPLE_RATE * 5)
     assert said("speech_started", 1.55, again) == []
     assert said("speech_ended", 2.5, again) == [("speech_ended", 2.5)]
     assert said("speech_ended", 2.6, again) == []
@@ -203,8 +188,8 @@ def test_speech_events_alternate_and_replays_do_not_repeat_them() -> None:
     # The utterance is finalized, then the call is cut before it says "ended": the next
     # begin first closes the finalized one at t_final.
     t.on_result(_final([("a", 3.0, 3.5)], 3.8), again)
-    after = CallMap()
-    after.add(AudioBlock(round(3.8 * SAMPLE_RATE), b"\0\0" * SAMPLE_RATE * 5))
+    after = OffsetMap()
+    after.add(round(3.8 * SAMPLE_RATE), SAMPLE_RATE * 5)
     assert said("speech_started", 0.7, after) == [("speech_ended", 3.8), ("speech_started", 4.5)]
 
 
@@ -260,11 +245,11 @@ def test_cuts_and_closes_deliver_every_word_once_in_place(
     marks = sorted([(c, "cut") for c in cuts] + [(c, "close") for c in closes if _silent(c)])
     delivered = []
 
-    def new_call() -> tuple[Recognizer, CallMap, int]:
+    def new_call() -> tuple[Recognizer, OffsetMap, int]:
         assert buf.take_lost() == 0
-        return Recognizer(endpoint_s=0.3, interim=True, vad=False), CallMap(), buf.t_final
+        return Recognizer(endpoint_s=0.3, interim=True, vad=False), OffsetMap(), buf.t_final
 
-    def apply(outs: list[Out], call: CallMap) -> None:
+    def apply(outs: list[Out], call: OffsetMap) -> None:
         for out in outs:
             ev = t.on_result(_raw(out), call)
             if ev is not None and ev.is_final:
@@ -285,7 +270,7 @@ def test_cuts_and_closes_deliver_every_word_once_in_place(
                 continue
             if mark is not None and piece.end > mark:
                 piece = AudioBlock(piece.start, piece.pcm[:(mark - piece.start) * 2])
-            call.add(piece)
+            call.add(piece.start, piece.samples)
             apply(rec.feed(piece.pcm), call)
             cursor = piece.end
     apply(rec.finish(), call)

@@ -19,12 +19,13 @@ from typing import Any
 import grpc
 import pytest
 
+from edge.clock import SAMPLE_RATE, AudioBlock
 from edge.health import Status
 from edge.metrics import Metrics
 from edge.plan import plan_session
 from edge.protocol import ListenParams
 from edge.settings import load_settings
-from edge.stt.base import FLUSH, SAMPLE_RATE, AudioBlock, AudioItem, StreamConfig, TranscriptEvent
+from edge.stt.base import FLUSH, AudioItem, StreamConfig, TranscriptEvent
 from edge.stt.google import GoogleUpstream, create_upstream
 from edge.stt.replay import Backoff
 from edge.stt.stream import RunParams

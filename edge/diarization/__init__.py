@@ -6,13 +6,19 @@ worker process does the real import.
 
 Daemon side (no torch, NeMo or onnxruntime):
 - `engine.py`: admission, routing of session audio to the worker, step timeouts, status.
-- `supervisor.py` / `process.py`: the worker's life (spawn, load, restart with backoff, memory).
+- `supervisor.py`: keeps one worker running (spawn, load, watch, restart with backoff, memory).
+- `process.py`: the worker process as the event loop sees it (spawn, framed send/receive, kill).
 - `wire.py`: the framed protocol the daemon and the worker speak.
-- `session.py` / `feed.py`: one session's diarizer stream and its audio units on the session clock.
-- `merge.py`: `SpeakerTimeline`, frames to speaker numbers for words.
-- `model.py`: resolve (path -> cache -> Hugging Face), verify, unpack once (`ModelUnavailable`).
+- `session.py`: `DiarizerSession`, what one client session holds of the local diarizer.
+- `feed.py`: one session's audio on its way to the worker, and its frames onto the session clock.
+- `timeline.py`: `SpeakerTimeline`, frames to speakers for words and turns.
+- `model.py`: resolve the checkpoint (path -> cache -> Hugging Face) and verify its pin, with
+  `cache.py` (the cache directory, `ModelUnavailable`, crash-safe writes), `download.py` (the
+  resumable download) and `unpack.py` (unpack once, check the copy on later starts).
+- `digests.py`: file SHA-256s, verified once per daemon life and handed from worker to worker.
 - `exports.py` / `runtime.py`: find and verify an ONNX export; decide the worker's runtime.
 - `files.py`: the live engine over an audio file (`edge diarize`), RTTM and probability output.
+- `score.py` / `plot.py`: `edge eval`'s DER/JER from RTTM files (pyannote.metrics), and its plot.
 
 Worker side: `worker/` (its own process; the only package that imports those libraries).
 """

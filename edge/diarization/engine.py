@@ -51,8 +51,9 @@ from typing import Any
 
 import numpy as np
 
+from edge.clock import FRAME_SAMPLES, SAMPLE_RATE, overlap
 from edge.diarization import wire, worker_runtime_available
-from edge.diarization.feed import FRAME_SAMPLES, SAMPLE_RATE, SessionFeed
+from edge.diarization.feed import SessionFeed
 from edge.diarization.session import DiarizerSession
 from edge.diarization.supervisor import WorkerSupervisor
 from edge.diarization.wire import Kind
@@ -300,7 +301,7 @@ class DiarizationEngine:
             return
         now = time.monotonic()
         while final or len(s.inflight) < MAX_INFLIGHT:
-            unit = s.feed.take_unit(final=final)
+            unit = s.feed.take_unit(flush=final)
             if unit is None:
                 return
             seq = s.next_seq()
@@ -333,7 +334,7 @@ class DiarizationEngine:
             return 0
         tl = s.timeline
         for frame, part in s.feed.place(first, probs):
-            cut = max(0, tl.frames_end - frame)  # never before what is placed (a new stream)
+            cut = overlap(frame, tl.frames_end)  # never before what is placed (a new stream)
             if cut < len(part):
                 tl.add(frame + cut, part[cut:])
         return len(probs)

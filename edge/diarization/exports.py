@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from edge.diarization.model import ModelUnavailable, _fsync_dir, _write_json, file_sha256
+from edge.diarization.cache import ModelUnavailable, fsync_dir, write_json
+from edge.diarization.digests import file_sha256
 from edge.settings import Settings
 
 Precision = Literal["fp32", "int8"]
@@ -167,8 +168,8 @@ def write_marker(folder: Path, marker: dict[str, Any]) -> None:
     for key, kind in MARKER_KEYS.items():
         if not isinstance(marker.get(key), kind):
             raise ValueError(f"marker key {key!r} missing or not a {kind.__name__}")
-    _write_json(folder / MARKER, marker)
-    _fsync_dir(folder)
+    write_json(folder / MARKER, marker)
+    fsync_dir(folder)
 
 
 # --- internals ---

@@ -3,11 +3,12 @@
 Sans-I/O: the engine pushes audio blocks in, takes fixed-size units out to send to the worker
 (as the worker's credit allows) and maps the frames that come back onto the session clock.
 
-Why a mapping at all: a worker stream sees one gap-free sequence of samples, but the session's
+Why a mapping at all: a diarizer stream sees one gap-free sequence of samples, but the session's
 audio is not always sent gap-free — the catch-up policy skips audio, and a new stream (after a
 worker restart or a failed step) starts wherever the session is by then. Every unit sent is
-recorded as (stream sample, session sample, length); units are whole 80 ms frames, and streams
-start on frame boundaries, so each output frame maps to exactly one session frame.
+recorded on the stream's `OffsetMap` (edge/clock.py, the same map a Google call uses); units are
+whole 80 ms frames and streams start on frame boundaries, so each output frame maps to exactly
+one session frame.
 
 Catch-up policy (the backlog bound): audio waits here until the worker has credit for it. When
 more than `max_backlog_s` waits (the worker is slower than real time, or restarting), the feed
@@ -19,25 +20,10 @@ bound: the backlog is at most `max_backlog_s` plus one block; `skipped` keeps th
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 
 import numpy as np
 
-SAMPLE_RATE = 16000
-FRAME_SAMPLES = 1280  # one 80 ms Sortformer frame
-
-
-@dataclass(frozen=True)
-class Unit:
-    """Audio sent on a stream: `n` samples at stream sample `stream` = session sample `session`."""
-
-    stream: int
-    session: int
-    n: int
-
-
-def _align_up(sample: int) -> int:
-    return -(-sample // FRAME_SAMPLES) * FRAME_SAMPLES
+from edge.clock import FRAME_SAMPLES, SAMPLE_RATE, OffsetMap, frame_ceil, overlap
 
 
 class SessionFeed:
@@ -50,14 +36,13 @@ class SessionFeed:
     def __init__(self, *, unit_frames: int = 4, max_backlog_s: float = 8.0, keep_s: float = 2.0) -> None:
         self.unit = unit_frames * FRAME_SAMPLES
         self.max_backlog = max(self.unit, int(max_backlog_s * SAMPLE_RATE))
-        self.keep = min(max(self.unit, _align_up(int(keep_s * SAMPLE_RATE))), self.max_backlog)
+        self.keep = min(max(self.unit, frame_ceil(int(keep_s * SAMPLE_RATE))), self.max_backlog)
         self.active = False  # a stream takes this session's audio; otherwise audio is dropped
-        self._chunks: deque[np.ndarray] = deque()
+        self._backlog: deque[np.ndarray] = deque()  # the pending audio, in arrival order
         self._pending = 0
         self._pend_start = 0  # session sample of the first pending sample
         self._expected: int | None = None  # session sample after the last pushed one
-        self._units: deque[Unit] = deque()
-        self._stream_sent = 0
+        self._map = OffsetMap()  # the current stream's offsets -> session samples
         self.skipped: deque[tuple[float, float]] = deque(maxlen=32)
         self.skipped_frames = 0
 
@@ -73,24 +58,23 @@ class SessionFeed:
         (or, if longer than the backlog bound, starts the backlog afresh after it). While the
         feed is not `active` the audio is dropped (the session has no stream).
         """
-        if self._expected is not None and start < self._expected:
-            samples = samples[self._expected - start:]
-            start = self._expected
+        cut = overlap(start, self._expected)
+        samples, start = samples[cut:], start + cut
         if len(samples) == 0:
             return 0
         self._expected = start + len(samples)
         if not self.active:
             return 0
         if self._pending == 0:
-            cut = _align_up(start) - start  # a stream's audio starts on a frame boundary
+            cut = frame_ceil(start) - start  # a stream's audio starts on a frame boundary
             samples, start = samples[cut:], start + cut
             self._pend_start = start
         elif start > self._pend_start + self._pending:
             gap = start - (self._pend_start + self._pending)
             if gap > self.max_backlog:
                 skipped = self._drop_front(self._pending)
-                self._chunks.clear()
-                cut = _align_up(start) - start
+                self._backlog.clear()
+                cut = frame_ceil(start) - start
                 samples, start = samples[cut:], start + cut
                 self._pend_start = start
                 self._append(samples)
@@ -98,7 +82,7 @@ class SessionFeed:
             self._append(np.zeros(gap, dtype=np.float32))
         self._append(samples)
         if self._pending > self.max_backlog:
-            keep_from = _align_up(self._pend_start + self._pending - self.keep)
+            keep_from = frame_ceil(self._pend_start + self._pending - self.keep)
             return self._drop_front(keep_from - self._pend_start)
         return 0
 
@@ -106,7 +90,7 @@ class SessionFeed:
     def next_frame(self) -> int:
         """The session frame where a stream started now would begin (at the earliest)."""
         first = self._pend_start if self._pending else (self._expected or 0)
-        return _align_up(first) // FRAME_SAMPLES
+        return frame_ceil(first) // FRAME_SAMPLES
 
     def is_skipped(self, t: float) -> bool:
         """Whether session time `t` lies in a span the catch-up policy skipped."""
@@ -116,36 +100,35 @@ class SessionFeed:
     def start_stream(self) -> None:
         """A new worker stream takes this session's audio from the next pending sample on."""
         self.active = True
-        self._units.clear()
-        self._stream_sent = 0
+        self._map = OffsetMap()
         if self._pending:
-            self._drop_front(_align_up(self._pend_start) - self._pend_start, record=False)
+            self._drop_front(frame_ceil(self._pend_start) - self._pend_start, record=False)
 
     def stop(self) -> None:
         """No stream any more (refused, worker gone): drop the backlog, take no more audio."""
         self.active = False
-        self._chunks.clear()
+        self._backlog.clear()
         self._pending = 0
-        self._units.clear()
+        self._map = OffsetMap()
 
-    def take_unit(self, final: bool = False) -> np.ndarray | None:
-        """The next unit to send, or None if less than a unit waits (any remainder if `final`)."""
-        n = self.unit if self._pending >= self.unit else (self._pending if final else 0)
+    def take_unit(self, flush: bool = False) -> np.ndarray | None:
+        """The next unit to send, or None if less than a unit waits (with `flush`, at the end of
+        the session's audio, whatever remains)."""
+        n = self.unit if self._pending >= self.unit else (self._pending if flush else 0)
         if n == 0:
             return None
         out = np.empty(n, dtype=np.float32)
         filled = 0
         while filled < n:
-            chunk = self._chunks[0]
-            take = min(len(chunk), n - filled)
-            out[filled:filled + take] = chunk[:take]
+            part = self._backlog[0]
+            take = min(len(part), n - filled)
+            out[filled:filled + take] = part[:take]
             filled += take
-            if take == len(chunk):
-                self._chunks.popleft()
+            if take == len(part):
+                self._backlog.popleft()
             else:
-                self._chunks[0] = chunk[take:]
-        self._units.append(Unit(self._stream_sent, self._pend_start, n))
-        self._stream_sent += n
+                self._backlog[0] = part[take:]
+        self._map.add(self._pend_start, n)
         self._pend_start += n
         self._pending -= n
         return out
@@ -153,33 +136,31 @@ class SessionFeed:
     def place(self, first: int, probs: np.ndarray) -> list[tuple[int, np.ndarray]]:
         """Map stream frames `first...` onto session frames: `[(session_frame, probs), ...]`.
 
-        Split wherever the stream's audio was not contiguous on the session clock. Units whose
-        frames have all come back are forgotten.
+        Split wherever the stream's audio was not contiguous on the session clock. Returns []
+        when nothing was sent on the stream. The map then forgets the pieces before these frames.
         """
+        if not self._map.pieces:  # frames beyond anything sent (cannot happen): drop them
+            return []
         out: list[tuple[int, np.ndarray]] = []
         i, n = 0, len(probs)
         while i < n:
-            s = (first + i) * FRAME_SAMPLES
-            while len(self._units) > 1 and self._units[0].stream + self._units[0].n <= s:
-                self._units.popleft()
-            if not self._units:  # frames beyond anything sent (cannot happen): drop them
-                break
-            u = self._units[0]
-            count = n - i
-            if len(self._units) > 1:  # stop at this unit's end; the next may be elsewhere
-                count = min(count, -(-(u.stream + u.n - s) // FRAME_SAMPLES))
-            frame = (s - u.stream + u.session) // FRAME_SAMPLES
+            session, left = self._map.locate((first + i) * FRAME_SAMPLES)
+            # Stop at this piece's end (a frame straddling it stays with it); the next piece
+            # may be elsewhere on the session clock.
+            count = n - i if left is None else min(n - i, -(-left // FRAME_SAMPLES))
+            frame = session // FRAME_SAMPLES
             if out and out[-1][0] + len(out[-1][1]) == frame:  # contiguous: one piece
                 out[-1] = (out[-1][0], probs[i - len(out[-1][1]):i + count])
             else:
                 out.append((frame, probs[i:i + count]))
             i += count
+        self._map.forget_before((first + n) * FRAME_SAMPLES)
         return out
 
     # --- internals ---
     def _append(self, samples: np.ndarray) -> None:
         if len(samples):
-            self._chunks.append(samples)
+            self._backlog.append(samples)
             self._pending += len(samples)
 
     def _drop_front(self, n: int, record: bool = True) -> int:
@@ -189,12 +170,12 @@ class SessionFeed:
         start = self._pend_start
         left = n
         while left:
-            chunk = self._chunks[0]
-            if len(chunk) <= left:
-                left -= len(chunk)
-                self._chunks.popleft()
+            part = self._backlog[0]
+            if len(part) <= left:
+                left -= len(part)
+                self._backlog.popleft()
             else:
-                self._chunks[0] = chunk[left:]
+                self._backlog[0] = part[left:]
                 left = 0
         self._pending -= n
         self._pend_start += n
@@ -205,4 +186,4 @@ class SessionFeed:
         return frames
 
 
-__all__ = ["FRAME_SAMPLES", "SAMPLE_RATE", "SessionFeed", "Unit"]
+__all__ = ["SessionFeed"]

@@ -7,22 +7,20 @@ so its output is what a session would have produced for the same audio.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edge.settings import FRAME_S, Settings
-
-SAMPLE_RATE = 16000
-THRESHOLD = 0.5  # a speaker is talking in a frame when its probability exceeds this
+from edge.clock import ACTIVE_THRESHOLD, FRAME_S, SAMPLE_RATE, SLOTS
+from edge.settings import Settings
 
 
 @dataclass
 class FileResult:
-    """Frame probabilities (frames x 4, 80 ms frames) and how they were made (`runtime` onnx |
+    """Frame probabilities (frames x `SLOTS`, 80 ms frames) and how they were made (`runtime` onnx |
     nemo, `precision` fp32 | int8 on onnx, None on nemo)."""
 
     probs: np.ndarray
@@ -96,23 +94,29 @@ def diarize_file(
     out.append(session.finish())
     compute_s = time.perf_counter() - start
     diarizer.close()
-    probs = np.concatenate(out) if out else np.zeros((0, 4), dtype=np.float32)
+    probs = np.concatenate(out) if out else np.zeros((0, SLOTS), dtype=np.float32)
     return FileResult(probs, params, device, path, total_s, compute_s, plan.runtime, plan.precision)
 
 
-def rttm_lines(probs: np.ndarray, file_id: str, threshold: float = THRESHOLD) -> list[str]:
-    """RTTM `SPEAKER` lines: one per run of frames where a slot's probability > `threshold`.
-
-    Speakers are named `speaker_<slot>`; times in seconds on the 80 ms frame grid.
-    """
-    lines = []
+def rttm_lines(probs: np.ndarray, file_id: str, threshold: float = ACTIVE_THRESHOLD) -> list[str]:
+    """RTTM `SPEAKER` lines: one per run of frames where a slot is active (probability at or
+    above `threshold`), in order of start. Speakers are named `speaker_<slot>`; times in
+    seconds on the 80 ms frame grid (2 decimals are exact)."""
+    segments = []
     for spk in range(probs.shape[1]):
-        active = np.concatenate(([False], probs[:, spk] > threshold, [False]))
+        active = np.concatenate(([False], probs[:, spk] >= threshold, [False]))
         edges = np.flatnonzero(active[1:] != active[:-1])
-        for a, b in zip(edges[::2], edges[1::2], strict=True):
-            start, dur = a * FRAME_S, (b - a) * FRAME_S
-            lines.append(f"SPEAKER {file_id} 1 {start:.2f} {dur:.2f} <NA> <NA> speaker_{spk} <NA> <NA>")
-    return sorted(lines, key=lambda line: float(line.split()[3]))
+        segments += [(a * FRAME_S, b * FRAME_S, spk)
+                     for a, b in zip(edges[::2], edges[1::2], strict=True)]
+    return segment_lines(sorted(segments, key=lambda s: s[0]), file_id, decimals=2)
+
+
+def segment_lines(segments: Iterable[tuple[float, float, int]], file_id: str,
+                  decimals: int = 3) -> list[str]:
+    """RTTM `SPEAKER` lines for (start s, end s, speaker) segments, in the order given, with
+    `decimals` places; speaker n is named `speaker_<n>`."""
+    return [f"SPEAKER {file_id} 1 {s:.{decimals}f} {e - s:.{decimals}f} <NA> <NA> speaker_{spk} "
+            "<NA> <NA>" for s, e, spk in segments]
 
 
 def write_rttm(probs: np.ndarray, path: Path, file_id: str) -> None:
@@ -139,4 +143,5 @@ def write_probs(result: FileResult, path: Path) -> Path:
     return json_path
 
 
-__all__ = ["FileResult", "diarize_file", "read_audio", "rttm_lines", "write_probs", "write_rttm"]
+__all__ = ["FileResult", "diarize_file", "read_audio", "rttm_lines", "segment_lines", "write_probs",
+           "write_rttm"]

@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edge.clock import SAMPLE_RATE, AudioBlock
 from edge.diarization.feed import SessionFeed
-from edge.diarization.merge import SpeakerTimeline
-from edge.stt.base import AudioBlock
+from edge.diarization.timeline import SpeakerTimeline
 
 if TYPE_CHECKING:
     from edge.diarization.engine import DiarizationEngine
@@ -132,7 +132,7 @@ class DiarizerSession:
     def describe(self) -> dict[str, Any]:
         return {"id": self.id, "state": self.state, "reason": self.reason,
                 "covered_until": round(self.timeline.covered_until, 3),
-                "backlog_s": self.feed.pending_samples / 16000, "at": time.monotonic()}
+                "backlog_s": self.feed.pending_samples / SAMPLE_RATE, "at": time.monotonic()}
 
 
 __all__ = ["DiarizerSession"]

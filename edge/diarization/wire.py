@@ -14,8 +14,10 @@ treats the worker as broken and restarts it).
 Daemon -> worker: LOAD {settings, generation, digests}, OPEN {sid}, AUDIO {sid, seq} + samples (n,),
 CLOSE {sid}, STATS, SHUTDOWN.
 Worker -> daemon: HELLO {version, pid}, PROGRESS {phase, done, total}, READY {figures},
-FATAL {reason}, OPENED {sid}, FRAMES {sid, seq, first, compute_s} + probs (n, 4),
+FATAL {reason}, FRAMES {sid, seq, first, compute_s} + probs (n, 4),
 CLOSED {sid, first} + probs, ERROR {sid, seq, reason}, STATS_REPLY {figures}.
+OPEN has no reply when it succeeds: the engine sends a stream's AUDIO right behind its OPEN
+without waiting, and a stream the worker could not open answers with ERROR {sid, seq: -1}.
 `sid` names one stream in the worker (the engine's `session/stream-number`), so replies for a
 stream that was dropped can be told from those of its successor.
 """
@@ -50,7 +52,7 @@ class Kind(IntEnum):
     PROGRESS = 17
     READY = 18
     FATAL = 19
-    OPENED = 20
+    # 20 was OPENED, a reply nothing waited for: not reused, so an older worker fails loudly.
     FRAMES = 21
     CLOSED = 22
     ERROR = 23

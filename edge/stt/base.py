@@ -5,9 +5,10 @@ An upstream turns a session's audio into transcript events:
     stream(audio, config) -> async iterator of TranscriptEvent
     capabilities(model, language) -> Capabilities(diarization: bool, reason)
 
-`audio` yields `AudioBlock`s (16 kHz mono linear16 on the session clock) and `FLUSH` markers.
-A `FLUSH` asks the upstream to finalize everything received so far (Deepgram's `Finalize`):
-it answers with the finals for that audio and then one `TranscriptEvent(kind="flushed")`.
+`audio` yields `AudioBlock`s (16 kHz mono linear16 on the session clock, edge/clock.py) and
+`FLUSH` markers. A `FLUSH` asks the upstream to finalize everything received so far
+(Deepgram's `Finalize`): it answers with the finals for that audio and then one
+`TranscriptEvent(kind="flushed")`.
 When `audio` ends (CloseStream), the upstream emits every remaining final and then ends.
 All times in events are seconds on the session clock (since the session's first sample).
 """
@@ -18,32 +19,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Final, Literal, Protocol
 
-SAMPLE_RATE: Final = 16000  # the session clock's sample rate
-BYTES_PER_SAMPLE: Final = 2
-
-
-@dataclass(frozen=True)
-class AudioBlock:
-    """Audio on the session clock: `pcm` is 16 kHz mono s16le starting at sample `start`."""
-
-    start: int
-    pcm: bytes
-
-    @property
-    def samples(self) -> int:
-        return len(self.pcm) // BYTES_PER_SAMPLE
-
-    @property
-    def end(self) -> int:
-        return self.start + self.samples
-
-    @property
-    def start_s(self) -> float:
-        return self.start / SAMPLE_RATE
-
-    @property
-    def end_s(self) -> float:
-        return self.end / SAMPLE_RATE
+# The audio an upstream takes is on the session clock; its types live with the clock.
+from edge.clock import SAMPLE_RATE, AudioBlock
 
 
 class _Flush:
@@ -128,8 +105,8 @@ class Upstream(Protocol):
 
 __all__ = [
     "FLUSH",
-    "SAMPLE_RATE",
-    "AudioBlock",
+    "SAMPLE_RATE",  # re-exported from edge.clock (its one definition)
+    "AudioBlock",  # re-exported from edge.clock (its one definition)
     "AudioItem",
     "Capabilities",
     "StreamConfig",

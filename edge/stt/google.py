@@ -38,7 +38,7 @@ T = TypeVar("T")
 
 def capabilities(api: str, model: str, language: str) -> Capabilities:
     """Whether Google labels speakers for `model`/`language` on `api` ("v1" | "v2"), as
-    verified (notes/google-speech.md): streaming diarization is unavailable for chirp_3 and
+    verified (docs/notes/google-speech.md): streaming diarization is unavailable for chirp_3 and
     for language `auto`, available for v1 models with enable_speaker_diarization. Whether it
     is used is the session plan's choice (edge/plan.py, EDGE_STT_DIARIZATION)."""
     if language == "auto":

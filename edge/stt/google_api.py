@@ -22,7 +22,8 @@ from google.cloud.speech_v2.services.speech.transports import (
     SpeechGrpcAsyncIOTransport as V2Transport,
 )
 
-from edge.stt.base import SAMPLE_RATE, StreamConfig
+from edge.clock import SAMPLE_RATE
+from edge.stt.base import StreamConfig
 from edge.stt.replay import RawResult, RawSpeechEvent, RawWord
 
 ErrorKind = Literal["retry", "unclear", "limit", "fatal"]
@@ -75,7 +76,7 @@ def _client(module: Any, transport_cls: Any, *, endpoint: str, insecure: bool,
     # Must run inside the event loop that will use it (grpc.aio channels bind to it).
     if insecure:
         # Tests and on-prem proxies: a plaintext channel; with a channel the transport never
-        # looks for credentials (notes/google-speech.md).
+        # looks for credentials (docs/notes/google-speech.md).
         channel = grpc.aio.insecure_channel(endpoint)
         return module.SpeechAsyncClient(transport=transport_cls(channel=channel))
     return module.SpeechAsyncClient(credentials=credentials,

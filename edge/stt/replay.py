@@ -1,13 +1,14 @@
 """Rotation and replay without loss or doubling, sans I/O.
 
-The invariant (see notes/google-speech.md): keep every audio block from the end of the last final
-result (`t_final`) onward. When a streaming call ends abnormally (our quiet-moment rotation, a
-retryable error, Google's duration limit) the next call's first audio is that retained audio;
-each call remembers where its offset 0 sits on the session clock (`CallMap`), every offset it
-returns is mapped through that, a final word is delivered only if it ends after `t_final`, and
-`t_final` then advances to the final's end, dropping the audio before it. When a call ends
-*cleanly* (we half-closed it and Google answered everything), all the audio it was sent is
-covered, so `t_final` advances to the end of what it was sent.
+The invariant (see docs/notes/google-speech.md): keep every audio block from the end of the last
+final result (`t_final`) onward. When a streaming call ends abnormally (our quiet-moment
+rotation, a retryable error, Google's duration limit) the next call's first audio is that
+retained audio; each call remembers where the audio it was sent sits on the session clock (an
+`OffsetMap`, edge/clock.py), every offset it returns is mapped through that, a final word is
+delivered only if it ends after `t_final`, and `t_final` then advances to the final's end,
+dropping the audio before it. When a call ends *cleanly* (we half-closed it and Google answered
+everything), all the audio it was sent is covered, so `t_final` advances to the end of what it
+was sent.
 
 Everything here is plain state and arithmetic on sample indices (16 kHz, the session clock):
 no sockets, no tasks, no clocks, so it is unit-tested without a server.
@@ -17,12 +18,13 @@ from __future__ import annotations
 
 import random
 import re
-from bisect import bisect_left, bisect_right
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from edge.stt.base import SAMPLE_RATE, AudioBlock, TranscriptEvent, Word
+from edge.clock import PCM_SAMPLE_BYTES, SAMPLE_RATE, AudioBlock, OffsetMap, to_samples
+from edge.stt.base import TranscriptEvent, Word
 
 MAX_LOST_SPANS = 256  # bound on remembered dropped spans; beyond it neighbours are merged
 
@@ -106,12 +108,8 @@ class ReplayBuffer:
 
     def push(self, block: AudioBlock) -> None:
         """Append audio. Overlap with audio already pushed is cut off (the clock never goes
-        backwards); a gap is kept as a gap (`CallMap` maps across it)."""
-        if block.start < self.end:
-            if block.end <= self.end:
-                return
-            cut = (self.end - block.start) * 2
-            block = AudioBlock(self.end, block.pcm[cut:])
+        backwards); a gap is kept as a gap (the call's `OffsetMap` maps across it)."""
+        block = block.since(self.end)
         if not block.samples:
             return
         last = self._blocks[-1] if self.blocks else None
@@ -144,8 +142,8 @@ class ReplayBuffer:
                 break
             a = max(cursor, block.start) if not parts else block.start
             n = min(block.end - a, max_samples - taken)
-            off = (a - block.start) * 2
-            parts.append(block.pcm[off:off + n * 2])
+            off = (a - block.start) * PCM_SAMPLE_BYTES
+            parts.append(block.pcm[off:off + n * PCM_SAMPLE_BYTES])
             if start < 0:
                 start = a
             pos, taken = a + n, taken + n
@@ -207,7 +205,7 @@ class ReplayBuffer:
     def _drop_front(self, n: int) -> None:
         oldest = self._blocks[self._head]
         if n < oldest.samples:
-            self._blocks[self._head] = AudioBlock(oldest.start + n, oldest.pcm[n * 2:])
+            self._blocks[self._head] = oldest.since(oldest.start + n)
             self._starts[self._head] = oldest.start + n
         else:
             self._head += 1
@@ -231,44 +229,6 @@ class ReplayBuffer:
             self._at_risk[0][0] = first[0]
 
 
-# --- one call's clock -----------------------------------------------------------------------
-class CallMap:
-    """Where a streaming call's offsets sit on the session clock.
-
-    Offsets restart at 0 on every call and count only the audio the call was sent, which may
-    skip session time (a gap in the session audio, dropped audio). So the map is piecewise:
-    one (call sample, session sample) anchor per contiguous piece sent.
-    """
-
-    def __init__(self) -> None:
-        self._call: list[int] = []
-        self._session: list[int] = []
-        self.sent = 0  # samples sent on this call
-        self.session_end: int | None = None  # session sample just past the last one sent
-
-    @property
-    def audio_s(self) -> float:
-        return self.sent / SAMPLE_RATE
-
-    def add(self, piece: AudioBlock) -> None:
-        """Record a piece of audio as sent (in order)."""
-        if piece.start != self.session_end:
-            self._call.append(self.sent)
-            self._session.append(piece.start)
-        self.sent += piece.samples
-        self.session_end = piece.end
-
-    def to_session(self, offset_s: float, *, end: bool = False) -> int:
-        """The session sample of call offset `offset_s` (seconds). An `end` offset that falls
-        exactly on a piece boundary belongs to the piece before it (a word ends there)."""
-        c = round(offset_s * SAMPLE_RATE)
-        if not self._call:
-            return c
-        i = (bisect_left(self._call, c) if end else bisect_right(self._call, c)) - 1
-        i = max(i, 0)
-        return self._session[i] + c - self._call[i]
-
-
 # --- turning a call's results into session events -------------------------------------------
 _EDGE_PUNCT = re.compile(r"^[^\w']+|[^\w']+$")
 
@@ -288,7 +248,7 @@ class Transcript:
         self._started = 0.0
         self._last_event = 0.0
 
-    def on_result(self, raw: RawResult, call: CallMap) -> TranscriptEvent | None:
+    def on_result(self, raw: RawResult, call: OffsetMap) -> TranscriptEvent | None:
         """The session event for `raw` (None when it adds nothing new). A final advances
         `t_final` and drops the retained audio before it."""
         t_final = self.buffer.t_final
@@ -296,8 +256,8 @@ class Transcript:
         seen: set[tuple[int, int, str]] = set()
         last_end = t_final
         for w in raw.words:
-            start = call.to_session(w.start)
-            end = call.to_session(w.end, end=True)
+            start = call.to_session(to_samples(w.start))
+            end = call.to_session(to_samples(w.end), end=True)
             key = (start, end, w.word)
             # Already delivered (before t_final) or repeated in this result (v1 resends every
             # word of the call with diarization on): skip.
@@ -311,7 +271,7 @@ class Transcript:
                 confidence=w.confidence, punctuated_word=w.word, speaker_label=w.speaker_label,
             ))
             last_end = max(last_end, end)
-        result_end = call.to_session(raw.end, end=True) if raw.end is not None else last_end
+        result_end = call.to_session(to_samples(raw.end), end=True) if raw.end is not None else last_end
         result_end = max(result_end, last_end)
         if raw.words and not mapped:
             transcript = ""
@@ -332,12 +292,12 @@ class Transcript:
             confidence=raw.confidence, words=tuple(mapped), language=raw.language or None,
         )
 
-    def on_speech_event(self, raw: RawSpeechEvent, call: CallMap) -> list[TranscriptEvent]:
+    def on_speech_event(self, raw: RawSpeechEvent, call: OffsetMap) -> list[TranscriptEvent]:
         """Voice activity, mapped. Replayed audio repeats events: one at or before the last
         one delivered is dropped, as is a begin while speech is on (unless the utterance it
         began has been finalized since: the call that would have said "ended" was cut, so
         that is said first, at `t_final`). Begin and end alternate."""
-        at = call.to_session(raw.offset or 0.0) / SAMPLE_RATE
+        at = call.to_session(to_samples(raw.offset or 0.0)) / SAMPLE_RATE
         t_final = self.buffer.t_final / SAMPLE_RATE
         out: list[TranscriptEvent] = []
         if at <= self._last_event and self._any:
@@ -399,7 +359,6 @@ class Backoff:
 
 __all__ = [
     "Backoff",
-    "CallMap",
     "RawResult",
     "RawSpeechEvent",
     "RawWord",

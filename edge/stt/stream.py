@@ -10,16 +10,15 @@
 - events go to the session through a bounded queue (`OUT_QUEUE`); when it is full the reader
   waits (backpressure onto Google's stream, never onto the audio pump).
 
-How a call ends decides where the next one starts:
+How a call ends (`policy.CallEnd`) decides where the next one starts; `policy.RetryPolicy`
+decides when, and why (the failures in a row, backoff, probing, giving up):
 - *clean* (we half-closed, Google answered everything): all audio it was sent is covered; the
   next call starts where it stopped. Used for FLUSH, for the end of the audio, and for a forced
   rotation when replaying would not be whole (long silence, mostly: see `_rotate_now`).
 - *cut* (rotation: at a quiet moment, right after a final past `rotate_s - quiet_s`, or forced
-  at `rotate_s`; or a drain that takes too long): cancelled; the next call replays the
-  unfinalized audio from `t_final`, so the utterance in progress is heard whole by the new call.
-- *failed*: `limit` (Google's duration limit) reconnects at once, `retry`/`unclear` after
-  exponential backoff with jitter, all replaying from `t_final`; `fatal` ends this session's
-  upstream with an `error` event (fatal=True). Other sessions have their own runs.
+  at `rotate_s`; or a drain that takes too long) and *failed* (`limit`, `retry`, `unclear`):
+  the next call replays the unfinalized audio from `t_final`, so the utterance in progress is
+  heard whole; `fatal` ends this session's upstream with an `error` event (fatal=True).
 
 Rotation clock: a call's age is max(audio it was sent, wall time it has been open)
 (`RotationPolicy`). Live, audio arrives in real time and the two agree; a stalled session
@@ -32,15 +31,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from edge.stt.base import SAMPLE_RATE, AudioBlock, AudioItem, StreamConfig, TranscriptEvent
+from edge.clock import SAMPLE_RATE, AudioBlock, OffsetMap
+from edge.stt.base import AudioItem, StreamConfig, TranscriptEvent
+from edge.stt.policy import ROTATE, CallEnd, CallState, Outcome, PendingFlushes, RetryPolicy, check_transition
 from edge.stt.replay import (
     Backoff,
-    CallMap,
     RawResult,
     RawSpeechEvent,
     ReplayBuffer,
@@ -52,8 +51,6 @@ log = logging.getLogger("edge.stt")
 
 OUT_QUEUE = 64  # events waiting for the session; full -> the call's reader waits
 REQUEST_SAMPLES = SAMPLE_RATE // 10  # 100 ms = 3200 bytes per request (Google's limit: 25 KB)
-# Pending FLUSHes kept apart; beyond it a FLUSH joins the newest (each FLUSH half-closes a call).
-MAX_PENDING_FLUSHES = 4
 
 
 class Api(Protocol):
@@ -92,37 +89,33 @@ class RunParams:
     replay_s: float = 30.0
     backoff: Backoff = field(default_factory=Backoff)
     drain_timeout_s: float = 10.0  # a half-closed call must finish within this, else cut
-    # After two calls in a row failed with INTERNAL right away (no response, within
-    # 2 x probe_s), the next one sends its config alone for this long before the audio: a
-    # config the service refuses then fails with its true status. (grpc.aio replaces a
-    # server's status with INTERNAL when it races one of our writes, grpc/grpc#36066, and a
-    # new call writes its replay back to back. One such failure is usually a transient error
-    # that raced: it does not pay the wait.)
+    # A probing call sends its config alone for this long before the audio (`RetryPolicy`).
     probe_s: float = 0.5
     end_timeout_s: float = 30.0  # after the audio ended, give up reconnecting after this
 
 
 @dataclass
 class _Call:
-    """One streaming call's state, shared by its request generator and its reader."""
+    """One streaming call, shared by its request generator and its reader. Its `state`
+    changes only through `to()`, which checks the transition (`policy.CallState`)."""
 
-    map: CallMap
+    map: OffsetMap
     opened: float
     ended: asyncio.Future[str]  # set (with a cause) to cut the call
     probe: bool = False  # hold the audio back for `probe_s` after the config
-    close: str | None = None  # set to half-close at the next chance ("rotate")
-    half_closed: bool = False
-    finished: bool = False
+    state: CallState = CallState.OPEN
+    close_cause: str | None = None  # why a half-close was asked (CLOSING): "rotate"
     responses: int = 0
     drain: asyncio.TimerHandle | None = None
     rpc: Any = None  # the client's streaming call, once connected
 
+    def to(self, state: CallState) -> None:
+        self.state = check_transition(self.state, state)
 
-@dataclass(frozen=True)
-class _Outcome:
-    kind: str  # clean | cut | closed | limit | retry | unclear | fatal
-    cause: str | None = None
-    error: BaseException | None = None
+    def close(self, cause: str) -> None:
+        """Ask the request generator to half-close at its next chance."""
+        self.to(CallState.CLOSING)
+        self.close_cause = cause
 
 
 _DONE = object()
@@ -138,10 +131,7 @@ class StreamRun:
         self.policy = RotationPolicy.for_limit(params.rotate_s)
         self.buffer = ReplayBuffer(params.replay_s)
         self.transcript = Transcript(self.buffer)
-        # Pending FLUSHes: [session sample, how many FLUSHes it answers]. A FLUSH with no audio
-        # since the newest one, or one past MAX_PENDING_FLUSHES, joins the newest (its sample
-        # moves up to the buffer's end): each still gets its `flushed`, but no extra call.
-        self.flushes: deque[list[int]] = deque()
+        self.flushes = PendingFlushes()
         self.ended = False
         self._changed = asyncio.Event()
         self._out: asyncio.Queue[Any] = asyncio.Queue(OUT_QUEUE)
@@ -167,22 +157,13 @@ class StreamRun:
                 if isinstance(item, AudioBlock):
                     self.buffer.push(item)
                 else:
-                    self._add_flush()
+                    self.flushes.add(self.buffer.end)
                 self._notify()
         except Exception:
             log.exception("stt[%d]: the audio source failed; ending the stream", self.run_id)
         finally:
             self.ended = True
             self._notify()
-
-    def _add_flush(self) -> None:
-        newest = self.flushes[-1] if self.flushes else None
-        if newest is not None and (newest[0] == self.buffer.end
-                                   or len(self.flushes) >= MAX_PENDING_FLUSHES):
-            newest[0] = self.buffer.end
-            newest[1] += 1
-        else:
-            self.flushes.append([self.buffer.end, 1])
 
     def _notify(self) -> None:
         # Wake every waiter once: each waits on the event current when it checked.
@@ -212,8 +193,7 @@ class StreamRun:
             self.hooks.call_failed(self.run_id, exc, "fatal")
             await self._emit(TranscriptEvent(kind="error", fatal=True, message=str(exc)))
             return
-        failures, cause, probe, unclear = 0, None, False, 0
-        ended_at: float | None = None
+        retry = RetryPolicy(self.params.backoff, self.params.probe_s, self.params.end_timeout_s)
         while True:
             await self._until_work()
             await self._answer_flushes()
@@ -221,46 +201,30 @@ class StreamRun:
                 if self.ended:
                     return
                 continue
-            if self.ended:
-                ended_at = ended_at if ended_at is not None else loop.time()
-                if failures and loop.time() - ended_at > self.params.end_timeout_s:
-                    await self._give_up()
-                    return
+            if retry.give_up(loop.time(), ended=self.ended):
+                await self._give_up()
+                return
             await self._report_lost(self.buffer.take_lost())
-            self.hooks.call_opened(self.run_id, cause)
-            call = _Call(CallMap(), loop.time(), loop.create_future(), probe=probe)
+            self.hooks.call_opened(self.run_id, retry.cause)
+            call = _Call(OffsetMap(), loop.time(), loop.create_future(), probe=retry.probe)
             outcome = await self._call(call)
-            if call.responses or outcome.kind == "clean" or outcome.cause == "rotate":
-                failures = unclear = 0  # it worked: the next failure starts a new streak
-            probe = False
-            if outcome.kind == "clean":
+            decision = retry.after(outcome, responded=call.responses > 0,
+                                   age_s=loop.time() - call.opened)
+            if outcome.kind is CallEnd.CLEAN:
                 if call.map.session_end is not None:
                     self.buffer.finalize(call.map.session_end)
                 await self._answer_flushes()
-                cause = outcome.cause
-                continue
-            if outcome.kind == "fatal":
+            if decision.failed:
+                self.hooks.call_failed(self.run_id, outcome.error or outcome.cause
+                                       or outcome.kind.value, outcome.kind.value)
+            if decision.stop:  # FATAL: always a classified error
                 assert outcome.error is not None
-                self.hooks.call_failed(self.run_id, outcome.error, "fatal")
                 await self._emit(TranscriptEvent(
                     kind="error", fatal=True, message=f"upstream refused the stream: "
                     f"{type(outcome.error).__name__}: {_message(outcome.error)}"))
                 return
-            if outcome.kind == "cut" and outcome.cause == "rotate":
-                cause = "rotate"
-                continue
-            failures += 1
-            # INTERNAL right at the start, again: maybe a refused config whose status keeps
-            # losing the race with our writes. The next call lets the config be answered first.
-            at_start = not call.responses and loop.time() - call.opened < 2 * self.params.probe_s
-            unclear = unclear + 1 if outcome.kind == "unclear" and at_start else 0
-            probe = unclear >= 2
-            self.hooks.call_failed(self.run_id, outcome.error or outcome.cause or outcome.kind,
-                                   outcome.kind)
-            cause = "limit" if outcome.kind == "limit" else "error"
-            if outcome.kind == "limit" and failures == 1:
-                continue  # "start a new stream": at once, the first time
-            await asyncio.sleep(self.params.backoff.delay(failures))
+            if decision.wait_s > 0:
+                await asyncio.sleep(decision.wait_s)
 
     def _pending(self) -> AudioBlock | None:
         """Retained audio not yet covered by a final: what the next call starts with."""
@@ -273,11 +237,9 @@ class StreamRun:
     async def _answer_flushes(self) -> None:
         """Emit `flushed` for each FLUSH with no unfinalized audio left before it."""
         pending = self._pending()
-        while self.flushes and (pending is None or pending.start >= self.flushes[0][0]):
-            sample, count = self.flushes.popleft()
+        for sample in self.flushes.answer(pending.start if pending is not None else None):
             pos = sample / SAMPLE_RATE
-            for _ in range(count):
-                await self._emit(TranscriptEvent(kind="flushed", start=pos, end=pos))
+            await self._emit(TranscriptEvent(kind="flushed", start=pos, end=pos))
 
     async def _report_lost(self, samples: int) -> None:
         if samples <= 0:
@@ -297,7 +259,7 @@ class StreamRun:
         await self._answer_flushes()
 
     # --- one call ---
-    async def _call(self, call: _Call) -> _Outcome:
+    async def _call(self, call: _Call) -> Outcome:
         loop = asyncio.get_running_loop()
         requests = self._requests(call)
         # Wall-time limit: a stalled session's call must still end before Google's limit.
@@ -307,12 +269,13 @@ class StreamRun:
         reader = asyncio.create_task(self._read(requests, call), name=f"stt-read-{self.run_id}")
         try:
             await asyncio.wait({reader, call.ended}, return_when=asyncio.FIRST_COMPLETED)
-            outcome = reader.result() if reader.done() else _Outcome("cut", call.ended.result())
+            outcome = (reader.result() if reader.done()
+                       else Outcome(CallEnd.CUT, call.ended.result()))
             log.debug("stt[%d]: call ended (%s, %s) after %.1f s of audio", self.run_id,
-                      outcome.kind, outcome.cause or outcome.error, call.map.audio_s)
+                      outcome.kind.value, outcome.cause or outcome.error, call.map.audio_s)
             return outcome
         finally:
-            call.finished = True
+            call.to(CallState.FINISHED)
             hard.cancel()
             if call.drain is not None:
                 call.drain.cancel()
@@ -321,7 +284,7 @@ class StreamRun:
                 await reader
             if call.rpc is not None:
                 call.rpc.cancel()
-            self._notify()  # let the request generator see `finished` and return
+            self._notify()  # let the request generator see FINISHED and return
 
     def _rotate_now(self, call: _Call) -> None:
         """The forced rotation at `rotate_s`. Cut and replay from `t_final` (the utterance in
@@ -329,20 +292,20 @@ class StreamRun:
         and that is at most half a call; otherwise (long silence, mostly) half-close: Google
         answers for all it got, and nothing is replayed or lost — at worst a word spanning
         the close is split in two."""
-        if call.half_closed or call.close is not None or call.ended.done():
+        if call.state is not CallState.OPEN or call.ended.done():
             return
         unfinalized_s = (self.buffer.end - self.buffer.t_final) / SAMPLE_RATE
         # A replay longer than half a call could keep the next call from making progress.
         if self.buffer.intact and unfinalized_s <= self.params.rotate_s / 2:
-            _cut(call, "rotate")
+            _cut(call, ROTATE)
         else:
-            call.close = "rotate"
+            call.close(ROTATE)
             self._notify()
 
-    async def _read(self, requests: AsyncIterator[Any], call: _Call) -> _Outcome:
+    async def _read(self, requests: AsyncIterator[Any], call: _Call) -> Outcome:
         loop = asyncio.get_running_loop()
         try:
-            # No `retry=`: with the service down it retries, then hangs (notes/google-speech.md).
+            # No `retry=`: with the service down it retries, then hangs (docs/notes/google-speech.md).
             call.rpc = await self.client.streaming_recognize(requests=requests)
             async for response in call.rpc:
                 call.responses += 1
@@ -356,23 +319,23 @@ class StreamRun:
                 for result in results:
                     await self._emit(self.transcript.on_result(result, call.map))
                     final = final or result.is_final
-                if (final and not call.half_closed and call.close is None
+                if (final and call.state is CallState.OPEN
                         and self.policy.due(call.map.audio_s, loop.time() - call.opened,
                                             after_final=True)
                         and not call.ended.done()):
-                    call.ended.set_result("rotate")  # a quiet moment: cut and replay the tail
-                    return _Outcome("cut", "rotate")
+                    call.ended.set_result(ROTATE)  # a quiet moment: cut and replay the tail
+                    return Outcome(CallEnd.CUT, ROTATE)
         except Exception as exc:
             return self._failed(exc)
-        if call.half_closed:
-            return _Outcome("clean", call.close)
-        return _Outcome("closed", "closed by the server")
+        if call.state is CallState.HALF_CLOSED:
+            return Outcome(CallEnd.CLEAN, call.close_cause)
+        return Outcome(CallEnd.CLOSED, "closed by the server")
 
-    def _failed(self, exc: BaseException) -> _Outcome:
-        kind = self.api.classify(exc)
-        if kind == "fatal" and not _is_api_error(exc):
+    def _failed(self, exc: BaseException) -> Outcome:
+        kind = CallEnd(self.api.classify(exc))
+        if kind is CallEnd.FATAL and not _is_api_error(exc):
             log.error("stt[%d]: unexpected upstream error", self.run_id, exc_info=exc)
-        return _Outcome(kind, error=exc)
+        return Outcome(kind, error=exc)
 
     async def _requests(self, call: _Call) -> AsyncIterator[Any]:
         """The call's requests: config, then audio from `t_final` on, then half-close."""
@@ -383,32 +346,34 @@ class StreamRun:
             await asyncio.sleep(self.params.probe_s)
         cursor = self.buffer.t_final
         rotate_samples = round(self.params.rotate_s * SAMPLE_RATE)
-        while not call.finished and call.close is None:
-            stop_at = self.flushes[0][0] if self.flushes else (self.buffer.end if self.ended else None)
+        while call.state is CallState.OPEN:
+            stop_at = self.flushes.first
+            if stop_at is None and self.ended:
+                stop_at = self.buffer.end
             room = rotate_samples - call.map.sent
             changed = self._changed
             if room <= 0:  # audio time reached the limit
                 self._rotate_now(call)
-                if call.close is None:  # cut: wait for the supervisor to cancel the call
+                if call.state is CallState.OPEN:  # cut: wait for the supervisor to end the call
                     await changed.wait()
                     continue
                 break
             piece = self.buffer.read(cursor, min(REQUEST_SAMPLES, room))
             if piece is not None and (stop_at is None or piece.start < stop_at):
                 if stop_at is not None and piece.end > stop_at:
-                    piece = AudioBlock(piece.start, piece.pcm[:(stop_at - piece.start) * 2])
+                    piece = piece.until(stop_at)
                 if piece.start > cursor:  # dropped before it was ever sent on this call
                     await self._report_lost(self.buffer.take_skipped(cursor, piece.start))
-                call.map.add(piece)
+                call.map.add(piece.start, piece.samples)
                 cursor = piece.end
                 yield self.api.audio_request(piece.pcm)
                 continue
             if stop_at is not None:
                 break  # everything up to the FLUSH / end is sent: half-close
             await changed.wait()
-        if call.finished:
+        if call.state is CallState.FINISHED:
             return
-        call.half_closed = True
+        call.to(CallState.HALF_CLOSED)
         call.drain = asyncio.get_running_loop().call_later(
             self.params.drain_timeout_s, _cut, call, "drain timeout")
 
@@ -426,4 +391,4 @@ def _message(exc: BaseException) -> str:
     return str(getattr(exc, "message", None) or exc)
 
 
-__all__ = ["MAX_PENDING_FLUSHES", "OUT_QUEUE", "REQUEST_SAMPLES", "Api", "Hooks", "RunParams", "StreamRun"]
+__all__ = ["OUT_QUEUE", "REQUEST_SAMPLES", "Api", "Hooks", "RunParams", "StreamRun"]

@@ -45,6 +45,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from scripts.bench.harness import portable  # noqa: E402
+
 SR = 16000
 LINES = [  # two voices take turns, as in a meeting
     ("en-us", "Good morning everyone, let's start with the quarterly numbers."),
@@ -504,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         print(json.dumps(report["seed_design"]), file=sys.stderr)
     def save() -> None:  # after each part: a run cut short still leaves what it measured
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        args.out.write_text(json.dumps(portable(report), indent=2) + "\n")
 
     if "export" in parts:
         report["export"] = run_export(args.model, cache, args.fresh_export)
@@ -520,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.model, cache, r, p, first_threads, args.worker_seconds or args.seconds, args.restarts)
             save()
     report["machine"]["loadavg_after"] = os.getloadavg()
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    save()
     print(table(report))
     return 0
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
 import signal
@@ -35,15 +34,16 @@ import psutil
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from edge.clock import FRAME_S, SAMPLE_RATE, AudioBlock  # noqa: E402
 from edge.diarization.engine import DiarizationEngine  # noqa: E402
 from edge.diarization.wire import Kind  # noqa: E402
 from edge.health import Status  # noqa: E402
 from edge.metrics import Metrics  # noqa: E402
 from edge.settings import Settings  # noqa: E402
-from edge.stt.base import AudioBlock  # noqa: E402
+from scripts.bench.harness import emit  # noqa: E402
 
 MB = 2**20
-SR = 16000
+SR = SAMPLE_RATE
 
 
 def model_path(which: str) -> Path:
@@ -123,7 +123,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         out["rtf_30s"] = engine.status.diarizer["rtf"]
         # If the machine was too busy the session degraded or skipped: the figures above are
         # then for a partly skipped stream. Say so rather than hide it.
-        out["stream_skipped_s"] = round(s.feed.skipped_frames * 0.08, 2)
+        out["stream_skipped_s"] = round(s.feed.skipped_frames * FRAME_S, 2)
         out["stream_states"] = [state for state, _ in s.history]
         await s.close()
         out["rss_mb"] = {
@@ -182,10 +182,7 @@ def main() -> int:
     args = ap.parse_args()
     result = asyncio.run(run(args))
     result["command"] = " ".join([Path(sys.executable).name, *sys.argv])
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
     return 0
 
 

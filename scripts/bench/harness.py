@@ -1,5 +1,6 @@
 """What the benchmarks share: child processes (the daemon, the fake Google service), their
-environment, and reading the daemon's /metrics and /ready."""
+environment, reading the daemon's /metrics and /ready, and writing results (`emit`) with no
+path that only means something on the machine that made them (`portable`)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import httpx
@@ -23,6 +24,10 @@ ROOT = Path(__file__).resolve().parents[2]
 KEY = "bench-key"
 ADMIN_KEY = "bench-admin-key"  # an operator key: /ready shows reasons and notices
 FAKE_ENDPOINT_S = 0.3  # the fake's endpointing: a final comes this long after the last word
+# Top-level folders whose paths mean the same on every machine: `portable` keeps them.
+SYSTEM_DIRS = frozenset({"bin", "dev", "etc", "lib", "proc", "sys", "usr"})
+# An absolute path inside a string: not right after a word, '.', '/', '-' or ':' (URLs).
+_ABSOLUTE = re.compile(r"(?<![\w./:-])/[\w.+-]+(?:/[\w.+@-]+)*/?")
 
 
 @contextmanager
@@ -112,9 +117,41 @@ async def metrics(http: str) -> dict[str, float]:
     return out
 
 
+def portable(value: Any, roots: Sequence[Path] = (ROOT,)) -> Any:
+    """`value` (JSON-like: dicts, lists, strings, numbers) with this machine's absolute paths
+    rewritten wherever they appear in a string or a key (command lines, `plan` texts): under a
+    repository checkout in `roots`, relative to it; elsewhere, by name, with the first 12 hex
+    digits of its SHA-256 when it is a file still there: `model.onnx (sha256 0123456789ab)`.
+    Paths under `SYSTEM_DIRS` and ones whose top folder does not exist here (`/v1/listen`)
+    stay as they are."""
+    if isinstance(value, dict):
+        return {portable(k, roots): portable(v, roots) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [portable(v, roots) for v in value]
+    if isinstance(value, str):
+        return _ABSOLUTE.sub(lambda m: _portable_path(m.group(0), roots), value)
+    return value
+
+
+def _portable_path(text: str, roots: Sequence[Path]) -> str:
+    path = PurePosixPath(text)
+    for root in roots:
+        if path.is_relative_to(root):
+            return str(path.relative_to(root)) + ("/" if text.endswith("/") else "")
+    top = path.parts[1]
+    if top in SYSTEM_DIRS or not Path("/", top).is_dir():
+        return text
+    if Path(path).is_file():
+        sys.path.insert(0, str(ROOT))
+        from edge.diarization.digests import file_sha256
+
+        return f"{path.name} (sha256 {file_sha256(Path(path))[:12]})"
+    return path.name
+
+
 def emit(result: dict[str, Any], out: Path | None) -> None:
-    """Print a benchmark's JSON (and write it to `out` when given)."""
-    text = json.dumps(result, indent=2)
+    """Print a benchmark's JSON (and write it to `out` when given), its paths `portable`."""
+    text = json.dumps(portable(result), indent=2)
     if out is not None:
         out.write_text(text + "\n")
     print(text)
@@ -137,4 +174,4 @@ async def wait_diarizer(http: str, timeout: float = 300) -> dict[str, Any]:
 
 
 __all__ = ["FAKE_ENDPOINT_S", "KEY", "ROOT", "daemon", "daemon_env", "diarizer_settings", "emit",
-           "fake_google", "metrics", "process", "status", "wait_diarizer"]
+           "fake_google", "metrics", "portable", "process", "status", "wait_diarizer"]

@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import bisect
 import itertools
-import json
 import platform
 import shlex
 import statistics
@@ -45,10 +44,12 @@ sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
 
+from edge.clock import SAMPLE_RATE, AudioBlock  # noqa: E402
 from edge.settings import load_settings  # noqa: E402
-from edge.stt.base import SAMPLE_RATE, AudioBlock, StreamConfig  # noqa: E402
+from edge.stt.base import StreamConfig  # noqa: E402
 from edge.stt.google import create_upstream  # noqa: E402
 from edge.stt.replay import Backoff  # noqa: E402
+from scripts.bench.harness import emit  # noqa: E402
 from tests.fakes.google_speech import encode, fake_speech, utterances  # noqa: E402
 
 
@@ -149,7 +150,7 @@ def main() -> None:
     p.add_argument("--gap-s", type=float, default=0.5, help="pause after each 2 s utterance")
     p.add_argument("--block-ms", type=float, default=100.0, help="session block size")
     p.add_argument("--faults", type=int, default=0, help="UNAVAILABLE faults to inject")
-    print(json.dumps(asyncio.run(run(p.parse_args())), indent=2))
+    emit(asyncio.run(run(p.parse_args())), None)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,10 @@ from typing import Any
 import psutil
 import pytest
 
+from edge.clock import AudioBlock
 from edge.diarization import nemo_diarization_available
 from edge.diarization.engine import DiarizationEngine
 from edge.diarization.session import DiarizerSession
-from edge.stt.base import AudioBlock
 from tests.helpers.diarization import SR, speechlike
 
 needs_nemo = pytest.mark.skipif(not nemo_diarization_available()[0], reason="NeMo not installed")

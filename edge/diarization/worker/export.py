@@ -5,7 +5,7 @@ The graph is NeMo's `forward_streaming_step` without the host-side cache update
 (`streaming_update`): pre-encode the chunk, join it to the speaker-cache and FIFO embeddings,
 run the FastConformer encoder, the Transformer and the speaker head (NeMo's own `frontend_encoder`
 and `forward_infer`), and mask. Its interface is `exports.INPUTS` / `exports.OUTPUTS`
-(ONNX_INTERFACE.md). NeMo's own `export()` / `streaming_export()` fail for this model
+(docs/notes/onnx-export.md). NeMo's own `export()` / `streaming_export()` fail for this model
 (NVIDIA-NeMo#15077, #15536, #15194), so the wrapper is exported with `torch.onnx.export`
 (TorchScript exporter, opset 17, dynamic batch and lengths).
 

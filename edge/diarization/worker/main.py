@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
+from edge.clock import FRAME_S, SLOTS
 from edge.diarization import wire
 from edge.diarization.model import rss_bytes, trim_memory
 from edge.diarization.wire import Kind
@@ -86,7 +87,6 @@ class Worker:
         elif msg.kind is Kind.OPEN:
             try:
                 self.streams[m["sid"]] = self.diarizer.new_session()
-                self.send(Kind.OPENED, {"sid": m["sid"]})
             except Exception as exc:
                 self.send(Kind.ERROR, {"sid": m["sid"], "seq": -1, "reason": _one_line(exc)})
         elif msg.kind is Kind.CLOSE:
@@ -127,21 +127,21 @@ class Worker:
     def _close(self, sid: str) -> None:
         stream = self.streams.pop(sid, None)
         if stream is None:
-            self.send(Kind.CLOSED, {"sid": sid, "first": 0}, np.zeros((0, 4), np.float32))
+            self.send(Kind.CLOSED, {"sid": sid, "first": 0}, np.zeros((0, SLOTS), np.float32))
             return
         try:
             before = stream.frames_emitted
             probs = stream.finish()
-            probs = np.zeros((0, 4), np.float32) if probs is None else probs
+            probs = np.zeros((0, SLOTS), np.float32) if probs is None else probs
         except Exception as exc:
             log.exception("finish failed on %s", sid)
             self.send(Kind.ERROR, {"sid": sid, "seq": -1, "reason": _one_line(exc)})
-            probs, before = np.zeros((0, 4), np.float32), 0
+            probs, before = np.zeros((0, SLOTS), np.float32), 0
         self.send(Kind.CLOSED, {"sid": sid, "first": before}, probs)
 
     def stats(self) -> dict[str, Any]:
         times = [t for t, _ in self.step_times] or [0.0]
-        audio_s = sum(n for _, n in self.step_times) * 0.08
+        audio_s = sum(n for _, n in self.step_times) * FRAME_S
         return {
             "rss": rss_bytes(), "streams": len(self.streams), "steps": self.steps,
             "step_median_s": statistics.median(times), "step_max_s": max(times),
@@ -202,7 +202,7 @@ class Worker:
         model_rss = rss_bytes()
         exact_peak = _reset_peak_rss()
         stream = self.diarizer.new_session()
-        chunk_s = params["chunk_len"] * 0.08
+        chunk_s = params["chunk_len"] * FRAME_S
         piece = np.random.default_rng(0).normal(0, 0.1, 5120).astype(np.float32)  # 0.32 s
         # Steps run on full caches, as a session's do after its first ~25 s (on empty ones the
         # full model's step looked 3x cheaper and admission promised too much). Two kinds: a

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from edge.clock import SLOTS
 from edge.diarization.exports import OUTPUTS, Export
 from edge.diarization.worker.numpy_features import FeatureConfig, NumpyFeatures
 from edge.diarization.worker.speaker_cache import (
@@ -33,7 +34,6 @@ from edge.diarization.worker.speaker_cache import (
     streaming_update,
 )
 from edge.diarization.worker.stream_core import (
-    N_SPK,
     STREAMING_PARAM_NAMES,
     SessionStreamBase,
     check_max_speakers,
@@ -152,7 +152,7 @@ class OnnxDiarizer:
 
     runtime = "onnx"
 
-    def __init__(self, export: Export, params: dict[str, int], max_speakers: int = N_SPK,
+    def __init__(self, export: Export, params: dict[str, int], max_speakers: int = SLOTS,
                  threads: int = 0, device: str = "cpu", cache_dir: Path | None = None) -> None:
         check_max_speakers(max_speakers)
         marker = export.marker
@@ -160,8 +160,8 @@ class OnnxDiarizer:
         unknown = set(params) - set(STREAMING_PARAM_NAMES)
         if unknown:
             raise ValueError(f"unknown streaming parameters: {sorted(unknown)}")
-        if int(streaming.get("n_spk", 0)) != N_SPK:
-            raise ValueError(f"export has {streaming.get('n_spk')} speaker slots, expected {N_SPK}")
+        if int(streaming.get("n_spk", 0)) != SLOTS:
+            raise ValueError(f"export has {streaming.get('n_spk')} speaker slots, expected {SLOTS}")
         merged = {**streaming, **{k: int(v) for k, v in params.items()}}
         missing = [k for k in (*STREAMING_PARAM_NAMES, "fc_d_model", "subsampling_factor") if k not in merged]
         if missing:
@@ -172,7 +172,7 @@ class OnnxDiarizer:
             log.warning("export %s predates recording the speaker-cache (AOSC) constants; using "
                         "NeMo's defaults for %s (`edge model export` again records the checkpoint's)",
                         export.folder, ", ".join(defaulted))
-        check_streaming_params(merged, N_SPK, self.cache_params.spkcache_sil_frames_per_spk)
+        check_streaming_params(merged, SLOTS, self.cache_params.spkcache_sil_frames_per_spk)
         self.params = {k: int(merged[k]) for k in STREAMING_PARAM_NAMES}
         self.max_speakers = max_speakers
         self.subsampling = int(merged["subsampling_factor"])
@@ -226,8 +226,8 @@ class OnnxSessionStream(SessionStreamBase):
 
         fifo = p["fifo_len"] if overflow else max(0, p["fifo_len"] - p["chunk_len"])
         st = self.state
-        st.spkcache, st.spkcache_preds = rand(1, p["spkcache_len"], d), rand(1, p["spkcache_len"], N_SPK)
-        st.fifo, st.fifo_preds = rand(1, fifo, d), rand(1, fifo, N_SPK)
+        st.spkcache, st.spkcache_preds = rand(1, p["spkcache_len"], d), rand(1, p["spkcache_len"], SLOTS)
+        st.fifo, st.fifo_preds = rand(1, fifo, d), rand(1, fifo, SLOTS)
 
     def _push_features(self, samples: np.ndarray) -> np.ndarray:
         return self.features.push(samples)

@@ -1,20 +1,21 @@
 """What both runtimes' session streams share (numpy only): chunk cutting and speaker folding.
 
 `SessionStreamBase` owns a session's feature-frame buffer, cuts it into chunks exactly as NeMo's
-`SortformerModules.streaming_feat_loader` cuts a whole file (a chunk starting at frame `stt`
-runs once `stt + chunk + right context` frames exist; left context `min(lc, stt)`; at the end
-the rest, with what right context exists), hands each chunk to its runtime's `_step`, and folds
-the result. The NeMo runtime (`streaming.py`) and the ONNX runtime (`onnx_streaming.py`) differ
-only in how features are computed and how a step runs, so their chunking and folding decisions
-are identical by construction.
+`SortformerModules.streaming_feat_loader` cuts a whole file (a chunk starting at feature frame
+`chunk_start` — NeMo's `stt` — runs once `chunk_start + chunk + right context` feature frames
+exist; left context `min(lc, chunk_start)`; at the end the rest, with what right context
+exists), hands each chunk to its runtime's `_step`, and folds the result. The NeMo runtime
+(`streaming.py`) and the ONNX runtime (`onnx_streaming.py`) differ only in how features are
+computed and how a step runs, so their chunking and folding decisions are identical by
+construction.
 
 Speaker folding (`max_speakers` < 4): an extra slot k >= max_speakers is folded into the
 *nearest* allowed slot, meaning the allowed slot whose voice is most similar: the cosine
 similarity between the slots' mean final hidden state (the transformer output that the speaker
-head reads) over the frames where each slot was active (p > 0.5). The choice is made the first
-time slot k becomes active and then fixed for the session, so a number never changes person;
-with no allowed slot active yet, k folds into the last allowed slot. Folding takes the max of the
-probabilities; folded columns are zero.
+head reads) over the frames where each slot was active (p >= the clock's `ACTIVE_THRESHOLD`).
+The choice is made the first time slot k becomes active and then fixed for the session, so a
+number never changes person; with no allowed slot active yet, k folds into the last allowed
+slot. Folding takes the max of the probabilities; folded columns are zero.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-N_SPK = 4
-ACTIVE = 0.5  # a slot is "active" in a frame above this probability
+from edge.clock import ACTIVE_THRESHOLD, SLOTS
+
 STREAMING_PARAM_NAMES = (
     "chunk_len", "chunk_left_context", "chunk_right_context", "fifo_len",
     "spkcache_len", "spkcache_update_period",
@@ -44,31 +45,31 @@ class ChunkCutter:
         self.rc = params["chunk_right_context"] * subsampling
         self.feats = np.zeros((0, n_mels), np.float32)
         self.base = 0  # feature-frame index of feats[0]
-        self.stt = 0  # feature frame where the next chunk starts
+        self.chunk_start = 0  # feature-frame index where the next chunk starts (NeMo's `stt`)
 
     def add(self, frames: np.ndarray) -> None:
-        """Append newly final feature frames (n, n_mels)."""
+        """Append newly complete feature frames (n, n_mels)."""
         if len(frames):
             self.feats = np.concatenate((self.feats, np.asarray(frames, np.float32)))
 
-    def chunks(self, final: bool) -> Iterator[tuple[np.ndarray, int, int]]:
+    def chunks(self, flush: bool) -> Iterator[tuple[np.ndarray, int, int]]:
         """Yield `(frames (left + chunk + right, n_mels), left, right)` for every complete chunk
-        (every remaining one when `final`), advancing past each as it is yielded."""
+        (every remaining one when `flush`: the audio ended), advancing past each as it is yielded."""
         while True:
             n_feat = self.base + len(self.feats)
-            if final:
-                if self.stt >= n_feat:
+            if flush:
+                if self.chunk_start >= n_feat:
                     return
-            elif n_feat < self.stt + self.chunk + self.rc:
+            elif n_feat < self.chunk_start + self.chunk + self.rc:
                 return
-            left = min(self.lc, self.stt)
-            end = min(self.stt + self.chunk, n_feat)
+            left = min(self.lc, self.chunk_start)
+            end = min(self.chunk_start + self.chunk, n_feat)
             right = min(self.rc, n_feat - end)
-            a, b = self.stt - left - self.base, end + right - self.base
+            a, b = self.chunk_start - left - self.base, end + right - self.base
             chunk = self.feats[a:b]
-            self.stt = end
+            self.chunk_start = end
             # The next chunk needs at most left-context frames before its start.
-            drop = max(0, self.stt - self.lc - self.base)
+            drop = max(0, self.chunk_start - self.lc - self.base)
             if drop:
                 self.feats = self.feats[drop:].copy()
                 self.base += drop
@@ -84,30 +85,30 @@ class Folding:
     def __init__(self, max_speakers: int) -> None:
         self.max_speakers = max_speakers
         self.fold_map: dict[int, int] = {}
-        self._mass = np.zeros(N_SPK, np.float64)  # per slot: activity mass
+        self._mass = np.zeros(SLOTS, np.float64)  # per slot: activity mass
         self._hsum: np.ndarray | None = None  # per slot: activity-weighted hidden-state sum
 
     @property
     def needs_hidden(self) -> bool:
-        return self.max_speakers < N_SPK
+        return self.max_speakers < SLOTS
 
     def observe(self, preds: np.ndarray, hidden: np.ndarray) -> None:
         """Accumulate one step's (n, 4) probabilities and (n, H) hidden states; fix the fold
         target of each extra slot the first time it is active."""
-        weights = (preds * (preds > ACTIVE)).astype(np.float64)
+        weights = (preds * (preds >= ACTIVE_THRESHOLD)).astype(np.float64)
         h = np.asarray(hidden, np.float64)
         if self._hsum is None:
-            self._hsum = np.zeros((N_SPK, h.shape[1]), np.float64)
+            self._hsum = np.zeros((SLOTS, h.shape[1]), np.float64)
         self._mass += weights.sum(0)
         self._hsum += weights.T @ h
-        for k in range(self.max_speakers, N_SPK):
+        for k in range(self.max_speakers, SLOTS):
             if k not in self.fold_map and self._mass[k] > 0:
                 self.fold_map[k] = nearest_slot(self._hsum, self._mass, k, self.max_speakers)
 
     def apply(self, probs: np.ndarray) -> np.ndarray:
         """Probabilities (n, 4) with the extra slots folded in and zeroed."""
         allowed = self.max_speakers
-        if allowed == N_SPK:
+        if allowed == SLOTS:
             return probs
         out = probs.copy()
         for k, target in self.fold_map.items():
@@ -144,15 +145,15 @@ def nearest_slot(hsum: np.ndarray, mass: np.ndarray, k: int, allowed: int) -> in
 
 def check_max_speakers(max_speakers: int) -> None:
     """Raise `ValueError` unless 1 <= max_speakers <= 4."""
-    if not 1 <= max_speakers <= N_SPK:
-        raise ValueError(f"max_speakers must be 1..{N_SPK}, got {max_speakers}")
+    if not 1 <= max_speakers <= SLOTS:
+        raise ValueError(f"max_speakers must be 1..{SLOTS}, got {max_speakers}")
 
 
 class SessionStreamBase(ABC):
     """One session: features -> chunks -> runtime steps -> folded probabilities.
 
-    `frames_emitted` counts frames returned so far; frame k covers [k·0.08, (k+1)·0.08) s of
-    the session's audio. Not thread-safe: one caller at a time (the worker's step loop).
+    `frames_emitted` counts frames returned so far; frame k covers [k, k + 1) · `FRAME_S`
+    (edge/clock.py) of the stream's audio. Not thread-safe: one caller at a time (the worker's step loop).
     Subclasses implement `_push_features`, `_finish_features`, `_step` and `_state_bytes`.
     """
 
@@ -170,7 +171,7 @@ class SessionStreamBase(ABC):
     def feed(self, samples: np.ndarray) -> np.ndarray:
         """Add audio: float32 mono 16 kHz in [-1, 1], any length (0 is fine).
 
-        Returns the newly final frames, shape (n, 4) float32 speaker probabilities (n may be 0).
+        Returns the newly complete frames, shape (n, `SLOTS`) float32 slot probabilities (n may be 0).
         Raises `ValueError` for non-1-D input, `RuntimeError` after `finish()`.
         """
         if self.finished:
@@ -179,14 +180,14 @@ class SessionStreamBase(ABC):
         if arr.ndim != 1:
             raise ValueError(f"samples must be 1-D mono, got shape {arr.shape}")
         self.cutter.add(self._push_features(arr))
-        return self._run(final=False)
+        return self._run(flush=False)
 
     def finish(self) -> np.ndarray:
         """End of audio: pads like the offline path, returns the remaining frames (n, 4)."""
         if self.finished:
-            return np.zeros((0, N_SPK), dtype=np.float32)
+            return np.zeros((0, SLOTS), dtype=np.float32)
         self.cutter.add(self._finish_features())
-        out = self._run(final=True)
+        out = self._run(flush=True)
         self.finished = True
         return out
 
@@ -194,22 +195,22 @@ class SessionStreamBase(ABC):
         """Memory held by this session: runtime state, feature and sample buffers, folding."""
         return self._state_bytes() + self.cutter.nbytes() + self.folding.nbytes()
 
-    def _run(self, final: bool) -> np.ndarray:
+    def _run(self, flush: bool) -> np.ndarray:
         outputs = []
-        for chunk, left, right in self.cutter.chunks(final):
+        for chunk, left, right in self.cutter.chunks(flush):
             preds, hidden = self._step(chunk, left, right)
             if hidden is not None and self.folding.needs_hidden:
                 self.folding.observe(preds, hidden)
             outputs.append(preds)
         if not outputs:
-            return np.zeros((0, N_SPK), dtype=np.float32)
+            return np.zeros((0, SLOTS), dtype=np.float32)
         probs = np.concatenate(outputs).astype(np.float32, copy=False)
         self.frames_emitted += probs.shape[0]
         return self.folding.apply(probs)
 
     @abstractmethod
     def _push_features(self, samples: np.ndarray) -> np.ndarray:
-        """Newly final feature frames (n, n_mels) for these samples."""
+        """Newly complete feature frames (n, n_mels) for these samples."""
 
     @abstractmethod
     def _finish_features(self) -> np.ndarray:
@@ -225,5 +226,5 @@ class SessionStreamBase(ABC):
         """Bytes of the runtime's own state (speaker cache, FIFO, feature front end)."""
 
 
-__all__ = ["ACTIVE", "N_SPK", "STREAMING_PARAM_NAMES", "ChunkCutter", "Folding", "SessionStreamBase",
-           "check_max_speakers", "nearest_slot"]
+__all__ = ["STREAMING_PARAM_NAMES", "ChunkCutter", "Folding", "SessionStreamBase", "check_max_speakers",
+           "nearest_slot"]

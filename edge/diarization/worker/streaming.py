@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from edge.clock import SLOTS
 from edge.diarization.worker.features import IncrementalFeatures
 from edge.diarization.worker.stream_core import (
-    N_SPK,
     STREAMING_PARAM_NAMES,
     SessionStreamBase,
     check_max_speakers,
@@ -50,11 +50,11 @@ class StreamingDiarizer:
     feature front end that cannot run live (`FeatureConfigError`).
     """
 
-    def __init__(self, model: Any, params: dict[str, int], max_speakers: int = N_SPK) -> None:
+    def __init__(self, model: Any, params: dict[str, int], max_speakers: int = SLOTS) -> None:
         if not getattr(model, "streaming_mode", False):
             raise ValueError("model is not a streaming Sortformer (streaming_mode is off)")
-        if model.sortformer_modules.n_spk != N_SPK:
-            raise ValueError(f"model has {model.sortformer_modules.n_spk} speaker slots, expected {N_SPK}")
+        if model.sortformer_modules.n_spk != SLOTS:
+            raise ValueError(f"model has {model.sortformer_modules.n_spk} speaker slots, expected {SLOTS}")
         check_max_speakers(max_speakers)
         self.model = model.eval()
         # Batch-1 sessions use NeMo's synchronous update (stock async seeding is buggy, see notes).
@@ -68,7 +68,7 @@ class StreamingDiarizer:
         IncrementalFeatures(model.preprocessor.featurizer, self.device)  # fail now, not per session
         self._hidden: torch.Tensor | None = None
         self._hook = None
-        if max_speakers < N_SPK:
+        if max_speakers < SLOTS:
             # Folding compares voices by the transformer's output; NeMo's step does not return
             # it, so capture it on its way to the speaker head.
             self._hook = model.transformer_encoder.register_forward_hook(self._keep_hidden)
@@ -97,7 +97,7 @@ class StreamingDiarizer:
         signal = torch.from_numpy(chunk).to(self.device)[None]
         length = torch.tensor([chunk.shape[0]], dtype=torch.long, device=self.device)
         # An empty total_preds each step: NeMo concatenates onto it (quadratic if kept).
-        empty = torch.zeros((1, 0, N_SPK), device=self.device)
+        empty = torch.zeros((1, 0, SLOTS), device=self.device)
         session.state, preds = self.model.forward_streaming_step(
             processed_signal=signal, processed_signal_length=length, streaming_state=state,
             total_preds=empty, left_offset=left, right_offset=right,
@@ -157,8 +157,8 @@ class SessionStream(SessionStreamBase):
 
         fifo = p["fifo_len"] if overflow else max(0, p["fifo_len"] - p["chunk_len"])
         st.spkcache = rand(1, p["spkcache_len"], d_model)
-        st.spkcache_preds = rand(1, p["spkcache_len"], N_SPK)
-        st.fifo, st.fifo_preds = rand(1, fifo, d_model), rand(1, fifo, N_SPK)
+        st.spkcache_preds = rand(1, p["spkcache_len"], SLOTS)
+        st.fifo, st.fifo_preds = rand(1, fifo, d_model), rand(1, fifo, SLOTS)
 
     def _state_bytes(self) -> int:
         total = self.features.state_bytes()

@@ -2,7 +2,8 @@
 
 Pure and sans-I/O: the engine adds frames as the worker returns them, the session asks
 `speaker_for(word.start, word.end)` and pops `SpeakerTurn`s. Everything is on one clock,
-seconds since the session's first sample; frame `f` covers `[f * 0.08, (f + 1) * 0.08)`.
+seconds since the session's first sample; frame `f` covers `[f * FRAME_S, (f + 1) * FRAME_S)`
+(edge/clock.py: 0.08 s).
 
 - Speaker numbers are 0-based in order of arrival: the first of Sortformer's output slots to
   be active for `min_turn_s` in this session is speaker 0, the next new one 1, and so on; a
@@ -30,8 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FRAME_S = 0.08  # one Sortformer output frame (8 x 10 ms feature frames)
-SPEAKERS = 4  # the model's output slots
+from edge.clock import ACTIVE_THRESHOLD, FRAME_S, SLOTS
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,8 @@ class SpeakerTurn:
 class SpeakerTimeline:
     """Frame probabilities placed by frame index on the session clock.
 
-    `threshold`: a speaker is active in a frame (and a span's winner counts) at or above it.
+    `threshold`: a slot is active in a frame (and a span's winner counts) at or above it
+    (default: the clock's `ACTIVE_THRESHOLD`).
     `horizon_s`: how much history is kept. `gap_s`: a silence shorter than this does not end
     a turn. `min_turn_s`: shorter turns are never reported.
     """
@@ -55,7 +56,7 @@ class SpeakerTimeline:
     def __init__(
         self,
         *,
-        threshold: float = 0.5,
+        threshold: float = ACTIVE_THRESHOLD,
         horizon_s: float = 600.0,
         gap_s: float = 0.32,
         min_turn_s: float = 0.16,
@@ -65,19 +66,19 @@ class SpeakerTimeline:
             raise ValueError(f"horizon_s must be >= {FRAME_S}")
         self.threshold = threshold
         self._cap = math.ceil(horizon_s / FRAME_S)
-        self._buf = np.full((self._cap, SPEAKERS), np.nan, dtype=np.float32)
+        self._buf = np.full((self._cap, SLOTS), np.nan, dtype=np.float32)
         self._end = 0  # frames [0, _end) have been placed (labelled or NaN)
         self._gap_frames = max(0, round(gap_s / FRAME_S))
         self._min_frames = max(1, round(min_turn_s / FRAME_S))
-        self._open: list[int | None] = [None] * SPEAKERS  # first frame of each open turn
-        self._last: list[int] = [0] * SPEAKERS  # last active frame of each open turn
-        self._reported: list[int] = [0] * SPEAKERS  # end of the open turn last popped
+        self._open: list[int | None] = [None] * SLOTS  # first frame of each open turn
+        self._last: list[int] = [0] * SLOTS  # last active frame of each open turn
+        self._reported: list[int] = [0] * SLOTS  # end of the open turn last popped
         self._pending: deque[SpeakerTurn] = deque(maxlen=max_pending_turns)
         self.turns_dropped = 0
         # Which stream placed each frame, and each stream's slot -> speaker number map: frames
         # keep the numbers of the stream that made them.
         self._stream = np.zeros(self._cap, dtype=np.int32)
-        self._streams: dict[int, list[int | None]] = {0: [None] * SPEAKERS}
+        self._streams: dict[int, list[int | None]] = {0: [None] * SLOTS}
         self._current = 0
         self._numbered = 0
 
@@ -93,15 +94,15 @@ class SpeakerTimeline:
         return self._end * FRAME_S
 
     def add(self, first_frame: int, probs: np.ndarray) -> None:
-        """Place `probs` (n x 4 speaker probabilities) at frames `first_frame...`.
+        """Place `probs` (n x `SLOTS` slot probabilities) at frames `first_frame...`.
 
         Frames between `frames_end` and `first_frame` become unlabelled. Raises `ValueError`
         if `first_frame` lies before `frames_end` (frames arrive in order, never twice) or
-        `probs` is not n x 4.
+        `probs` is not n x `SLOTS`.
         """
         probs = np.asarray(probs, dtype=np.float32)
-        if probs.ndim != 2 or probs.shape[1] != SPEAKERS:
-            raise ValueError(f"probs must be n x {SPEAKERS}, got {probs.shape}")
+        if probs.ndim != 2 or probs.shape[1] != SLOTS:
+            raise ValueError(f"probs must be n x {SLOTS}, got {probs.shape}")
         if first_frame < self._end:
             raise ValueError(f"frame {first_frame} is before the timeline's end {self._end}")
         self.skip_to(first_frame)
@@ -129,7 +130,7 @@ class SpeakerTimeline:
 
     def break_turns(self) -> None:
         """End every open turn now (a gap, or a new stream whose slots mean new people)."""
-        for s in range(SPEAKERS):
+        for s in range(SLOTS):
             self._close(s)
 
     def new_stream(self) -> None:
@@ -139,7 +140,7 @@ class SpeakerTimeline:
         live = {int(g) for g in np.unique(self._stream[~np.isnan(self._buf[:, 0])])}
         self._streams = {g: m for g, m in self._streams.items() if g in live}  # bounded
         self._current += 1
-        self._streams[self._current] = [None] * SPEAKERS
+        self._streams[self._current] = [None] * SLOTS
 
     @property
     def speakers(self) -> int:
@@ -207,7 +208,7 @@ class SpeakerTimeline:
         out = list(self._pending)
         self._pending.clear()
         if include_open:
-            for s in range(SPEAKERS):
+            for s in range(SLOTS):
                 first = self._open[s]
                 if first is None:
                     continue
@@ -223,7 +224,7 @@ class SpeakerTimeline:
         if np.isnan(p[0]):
             self.break_turns()
             return
-        for s in range(SPEAKERS):
+        for s in range(SLOTS):
             if p[s] >= self.threshold:
                 if self._open[s] is None:
                     self._open[s] = frame

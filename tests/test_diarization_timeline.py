@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge.diarization.merge import FRAME_S, SpeakerTimeline, SpeakerTurn
+from edge.clock import FRAME_S
+from edge.diarization.timeline import SpeakerTimeline, SpeakerTurn
 
 
 def frames(*rows: tuple[float, float, float, float], repeat: int = 1) -> np.ndarray:
