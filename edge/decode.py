@@ -11,7 +11,7 @@ says "end of file" when it is momentarily empty ends the stream (re-probing afte
 would re-parse headers and lose demuxer state), and a `read()` that blocks until bytes arrive
 cannot run on the event loop. So each decoder owns one thread that runs PyAV's ordinary
 `open -> demux -> decode` loop over a `_Pipe` whose `read()` blocks on a condition variable.
-The loop side (`StreamDecoder.feed`) hands the pipe one chunk and awaits the moment the
+The loop side (`StreamDecoder.feed`) hands the pipe one chunk and waits for the moment the
 thread has consumed every byte and asks for more: that hand-off returns exactly the audio
 the chunk completed, so results are as fresh as the bytes, and there is never more than one
 client frame buffered (`EDGE_MAX_FRAME_BYTES`): the receive loop does not read the next frame
@@ -23,25 +23,30 @@ ourselves, would mean writing Ogg, Matroska, MP4, ADTS and MP3 framing by hand; 
 only where there is no container (raw Opus/Speex packets, `packets=True`). A shared thread
 pool cannot serve demuxers that block in `read()`, hence one thread per session.
 
-Cost (scripts/bench/server.py --formats linear16,webm-opus; README "Limits (measured)"): a
-webm/opus session costs the daemon 1.6-1.9x a 16 kHz linear16 one, about 0.5 % of a core
-more: libavcodec's Opus decode at 48 kHz (~23 us per 20 ms frame), PyAV's objects per packet
-and frame, resampling, and four thread wake-ups a second. The loop pays only the hand-off
-and the resampling: PyAV runs `av_read_frame` and `avcodec_send_packet` with the GIL
-released (`with nogil` in its Cython source), so a decoder stuck inside FFmpeg does not hold
-the loop either. `AudioFrame.to_ndarray()` and a resampler call per codec frame each cost
-more than the decode and are avoided (`frame_pcm`, `SessionAudio._decoded`). Measured
-start-up delay before the first audio: none for WebM/Ogg/MP3 beyond one piece; FLAC's
-demuxer reads ~24 KB first (about 0.5 s of 48 kHz audio), FFmpeg's WAV demuxer 64 KB, which is
-why WAV is parsed in edge/formats.py instead.
+Cost, and why the loop waits for the thread blocking. PyAV releases the GIL around every
+FFmpeg call (`av_read_frame`, `avcodec_send_packet`, ... : `with nogil` in its Cython source)
+and takes it back after each, several times per 20 ms Opus packet. When the loop runs Python
+while a decoder thread decodes, each of those takes is contended: the two threads trade the
+GIL through futex waits and context switches, which cost more CPU than the decode itself and
+showed as loop lag (profiled: README "Limits (measured)"). So the loop waits for a chunk's
+decode blocking, with the GIL released (`HANDOFF_WAIT_S` at most; a 250 ms WebM/Opus piece
+takes ~0.5 ms); only a slower chunk is then awaited asynchronously. What remains per
+session is libavcodec's Opus decode at 48 kHz (~30 us per 20 ms packet, the floor), one copy
+of the decoded frames per hand-off (`frames_pcm`; `AudioFrame.to_ndarray()` per frame costs
+more than the decode), the resampling to 16 kHz on the loop (`SessionAudio._decoded`, one
+call per hand-off) and two thread switches per hand-off. Measured start-up delay before the
+first audio: none for WebM/Ogg/MP3 beyond one piece; FLAC's demuxer reads ~24 KB first
+(about 0.5 s of 48 kHz audio), FFmpeg's WAV demuxer 64 KB, which is why WAV is parsed in
+edge/formats.py instead.
 
 Failure policy: any FFmpeg error, a stream with no audio track, a codec FFmpeg cannot
 decode, or `max_bytes_without_audio` bytes that yield no audio raise `DecodeError` (the
 session answers Error + close 1008 DATA-0000). A chunk the thread has not finished within
-`feed_timeout_s` raises `DecodeError` too (a stalled decoder); the thread is told to stop at
-its next read and, being a daemon thread, cannot hold the process at exit. A thread stuck
-inside FFmpeg itself cannot be killed: it stays until FFmpeg returns (a leaked thread per
-such session, off the loop).
+`feed_timeout_s` raises `DecodeError` too (a stalled decoder: it holds the loop for
+`HANDOFF_WAIT_S` at most, and no other session's decoder); the thread is told to stop at its
+next read and, being a daemon thread, cannot hold the process at exit. A thread stuck inside
+FFmpeg itself cannot be killed: it stays until FFmpeg returns (a leaked thread per such
+session, off the loop).
 """
 
 from __future__ import annotations
@@ -61,6 +66,10 @@ from edge.formats import FORMAT_NAMES, DecodeError, Pcm
 log = logging.getLogger("edge.decode")
 
 MAX_BYTES_WITHOUT_AUDIO = 1 << 20  # garbage, or an MP4 whose index is at the end
+# How long the loop waits for a chunk's decode blocking (GIL released) before awaiting the
+# rest (module doc): a 250 ms WebM/Opus piece takes ~0.5 ms, so with a free core this is not
+# reached; it bounds what one hand-off costs the loop, far under the 20 ms loop-lag bound.
+HANDOFF_WAIT_S = 0.005
 FEED_TIMEOUT_S = 2.0  # default EDGE_DECODE_TIMEOUT_S: far above any real chunk (ms at most)
 
 
@@ -69,30 +78,45 @@ FEED_TIMEOUT_S = 2.0  # default EDGE_DECODE_TIMEOUT_S: far above any real chunk 
 _SCALE = {"s16": 1 / 32768, "s32": 1 / 2147483648, "flt": 1.0, "dbl": 1.0, "u8": 1 / 128}
 _DTYPES = {"s16": np.int16, "s32": np.int32, "flt": np.float32, "dbl": np.float64, "u8": np.uint8}
 
+# What one run of frames shares: (FFmpeg sample format, channels, rate).
+RunKey = tuple[str, int, int]
 
-def frame_pcm(frame: av.AudioFrame) -> np.ndarray:
-    """One decoded frame as float32 (samples, channels). Reads the planes' buffers directly:
-    `AudioFrame.to_ndarray()` costs more than the Opus decode itself (measured)."""
-    fmt = frame.format
-    name = fmt.name.rstrip("p")
-    if name not in _SCALE:
-        raise DecodeError(f"decoder produced unsupported sample format {fmt.name}")
-    channels = len(frame.layout.channels)
-    n = frame.samples
-    if fmt.is_planar and channels == 1:
-        data = np.frombuffer(frame.planes[0], dtype=_DTYPES[name], count=n).reshape(n, 1)
-    elif fmt.is_planar:
-        data = np.stack([np.frombuffer(p, dtype=_DTYPES[name], count=n) for p in frame.planes],
-                        axis=1)
+
+def run_key(frame: av.AudioFrame) -> RunKey:
+    """The frame's (sample format, channels, rate). Raises DecodeError for a sample format
+    `frames_pcm` does not convert."""
+    key = (frame.format.name, frame.layout.nb_channels, frame.sample_rate)
+    if key[0].rstrip("p") not in _SCALE:
+        raise DecodeError(f"decoder produced unsupported sample format {key[0]}")
+    return key
+
+
+def frames_pcm(frames: list[av.AudioFrame], key: RunKey) -> Pcm:
+    """Consecutive decoded frames sharing `key` (see `run_key`) as one float32 (samples,
+    channels) Pcm. The frames' bytes are joined first and converted once: numpy per 20 ms
+    frame, like `AudioFrame.to_ndarray()`, costs more than the Opus decode itself (measured)."""
+    fmt, channels, rate = key
+    name = fmt.rstrip("p")
+    dtype = np.dtype(_DTYPES[name])
+    if fmt.endswith("p") and channels > 1:  # planar: one plane per channel
+        data = np.stack([np.frombuffer(_join(frames, c, dtype.itemsize), dtype=dtype)
+                         for c in range(channels)], axis=1)
     else:
-        data = np.frombuffer(frame.planes[0], dtype=_DTYPES[name], count=n * channels)
-        data = data.reshape(n, channels)
-    out = data.astype(np.float32)  # a copy: the frame's buffer is reused by FFmpeg
+        data = np.frombuffer(_join(frames, 0, dtype.itemsize * channels), dtype=dtype)
+        data = data.reshape(-1, channels)
+    if name == "flt":
+        return Pcm(data, rate)  # already float32 in [-1, 1]: no copy (join made one)
+    out = data.astype(np.float32)
     if name == "u8":
         out -= 128.0
     if _SCALE[name] != 1.0:
         out *= np.float32(_SCALE[name])
-    return out
+    return Pcm(out, rate)
+
+
+def _join(frames: list[av.AudioFrame], plane: int, width: int) -> bytes:
+    # A plane's buffer may be padded past its samples: take exactly samples * width bytes.
+    return b"".join(memoryview(f.planes[plane])[:f.samples * width] for f in frames)
 
 
 # --- the streaming decoder ------------------------------------------------------------------
@@ -179,8 +203,11 @@ class StreamDecoder:
         self._rate, self._channels = rate, channels
         self._lock = threading.Lock()
         self._out: list[Pcm] = []  # decoded, handed over at the next wake (under _lock)
-        self._pending: list[Pcm] = []  # decoded by the thread since its last wake
+        # Frames decoded by the thread since its last wake, in runs of one RunKey (thread-only).
+        self._runs: list[tuple[RunKey, list[av.AudioFrame]]] = []
         self._error: DecodeError | None = None
+        self._busy = False  # the thread has bytes it has not used up (under _lock)
+        self._idle = threading.Lock()  # released by the thread when it stops being busy
         self._waiter: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pipe = _Pipe(self._hungry)
@@ -216,50 +243,71 @@ class StreamDecoder:
         self._pipe.close()
 
     async def _exchange(self, give: Callable[[], None]) -> list[Pcm]:
+        """Hand the thread one chunk (`give`) and return what it decoded from it. Waits up to
+        HANDOFF_WAIT_S blocking, with the GIL released, which is all a chunk normally takes;
+        only a slower chunk is awaited on the loop, up to `feed_timeout_s` in all."""
         if self._error is not None:
             raise self._error
-        loop = asyncio.get_running_loop()
-        self._loop = loop
-        waiter: asyncio.Future[None] = loop.create_future()
-        # Waiter and bytes go in together under the pipe's lock, so the thread's "hungry"
-        # for an earlier state cannot settle this chunk's waiter before it saw the chunk.
-        with self._pipe.lock:
-            with self._lock:
-                finished = self._done
-                if not finished:
-                    self._waiter = waiter
-            if not finished:
-                give()
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name=f"decode-{self.fmt}",
                                             daemon=True)
             self._thread.start()
-        if not finished:
-            try:
-                async with asyncio.timeout(self.feed_timeout_s):
-                    await waiter
-            except TimeoutError:
-                self.close()
-                self._error = DecodeError(
-                    f"the {self.name} decoder stalled: a {self.feed_timeout_s:g} s budget "
-                    "for one chunk ran out")
-                raise self._error from None
+        self._idle.acquire(blocking=False)  # held from here until the thread is hungry
+        # Busy flag and bytes go in together under the pipe's lock, so the thread's "hungry"
+        # for an earlier state cannot end this chunk's hand-off before it saw the chunk.
+        with self._pipe.lock:
+            with self._lock:
+                self._busy = not self._done
+            if self._busy:
+                give()
+        blocking = min(HANDOFF_WAIT_S, self.feed_timeout_s)
+        if self._busy and not self._idle.acquire(timeout=blocking):
+            await self._await_hungry(self.feed_timeout_s - blocking)
         with self._lock:
-            self._waiter = None
             out, self._out = self._out, []
         if self._error is not None:
             raise self._error
         return out
 
+    async def _await_hungry(self, budget_s: float) -> None:
+        """The rest of a slow hand-off, awaited for up to `budget_s`. Raises DecodeError
+        (stalled)."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        with self._lock:
+            if not self._busy:  # finished between the blocking wait and here
+                return
+            self._waiter, self._loop = waiter, loop
+        try:
+            async with asyncio.timeout(budget_s):
+                await waiter
+        except TimeoutError:
+            self.close()
+            self._error = DecodeError(
+                f"the {self.name} decoder stalled: a {self.feed_timeout_s:g} s budget "
+                "for one chunk ran out")
+            raise self._error from None
+        finally:
+            with self._lock:
+                self._waiter = None
+
     # --- decoder thread ---
     def _hungry(self) -> Callable[[], None] | None:
         """Called on the thread (pipe lock held) when it has used every byte given:
-        publishes what it decoded, and returns the wake-up to run once the lock is free."""
+        publishes what it decoded, and returns the loop's wake-up to run once the lock is
+        free (None when the loop is not awaiting)."""
+        pcm = [frames_pcm(frames, key) for key, frames in self._runs]
+        self._runs = []
         with self._lock:
+            self._out += pcm  # published once per hand-off, not per frame
+            if not self._busy:
+                return None
+            # Not busy and `_idle` released in one step: the loop, seeing `_busy` False,
+            # relies on this hand-off's release being done (see `_exchange`).
+            self._busy = False
+            self._idle.release()
             waiter, loop = self._waiter, self._loop
             self._waiter = None
-            self._out += self._pending  # published once per hand-off, not per frame
-        self._pending = []
         if waiter is None or loop is None:
             return None
         return lambda: _wake_loop(loop, waiter)
@@ -269,11 +317,16 @@ class StreamDecoder:
         if wake is not None:
             wake()
 
-    def _emit(self, frame: av.AudioFrame) -> None:
-        pcm = frame_pcm(frame)
-        if pcm.size:
-            self._pending.append(Pcm(pcm, frame.sample_rate))  # thread-only until _wake
-            self.decoded_samples += pcm.shape[0]
+    def _take(self, frame: av.AudioFrame) -> None:
+        """Keep one decoded frame for the next hand-off (thread-only): no conversion here."""
+        n = frame.samples
+        if not n:
+            return
+        key = run_key(frame)
+        if not self._runs or self._runs[-1][0] != key:
+            self._runs.append((key, []))
+        self._runs[-1][1].append(frame)
+        self.decoded_samples += n
 
     def _run(self) -> None:
         try:
@@ -315,10 +368,11 @@ class StreamDecoder:
             if stream.codec_context is None:
                 raise DecodeError(f"the {self.name} stream's audio codec is not one FFmpeg "
                                   "can decode")
-            self.codec = stream.codec_context.name
+            ctx = stream.codec_context
+            self.codec = ctx.name
             for packet in container.demux(stream):
-                for frame in packet.decode():
-                    self._emit(frame)
+                for frame in ctx.decode(packet):
+                    self._take(frame)
 
     def _run_packets(self) -> None:
         ctx: Any = av.CodecContext.create(self.fmt, "r")
@@ -330,9 +384,9 @@ class StreamDecoder:
             if not chunk:
                 break
             for frame in ctx.decode(av.Packet(chunk)):
-                self._emit(frame)
+                self._take(frame)
         for frame in ctx.decode(None):
-            self._emit(frame)
+            self._take(frame)
 
 
 def _wake_loop(loop: asyncio.AbstractEventLoop, waiter: asyncio.Future[None]) -> None:
@@ -345,4 +399,5 @@ def _settle(waiter: asyncio.Future[None]) -> None:
         waiter.set_result(None)
 
 
-__all__ = ["FEED_TIMEOUT_S", "MAX_BYTES_WITHOUT_AUDIO", "StreamDecoder", "frame_pcm"]
+__all__ = ["FEED_TIMEOUT_S", "HANDOFF_WAIT_S", "MAX_BYTES_WITHOUT_AUDIO", "StreamDecoder",
+           "frames_pcm", "run_key"]

@@ -2,7 +2,7 @@
 
 The channel puts decoded blocks in as they arrive; its upstream task reads them (`items()`).
 The bound is `UPSTREAM_QUEUE_S` of audio: the queue counts blocks, so blocks under
-`MIN_QUEUED_SAMPLES` (20 ms) are held back and joined with the next, which makes the bound mean
+`MIN_BLOCK_SAMPLES` (20 ms) are held back and joined with the next, which makes the bound mean
 seconds whatever the client's frame size. Overflow policy: when the upstream task stalls the
 OLDEST item is dropped and the newest kept (live transcription wants the present); every put
 returns the blocks it dropped, for the channel to count and report.
@@ -13,12 +13,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from edge.clock import SAMPLE_RATE, AudioBlock
+from edge.clock import MIN_BLOCK_S, MIN_BLOCK_SAMPLES, AudioBlock
 from edge.stt.base import FLUSH, AudioItem
 
 UPSTREAM_QUEUE_S = 10.0
-MIN_QUEUED_S = 0.02  # smaller blocks are joined before the upstream queue
-MIN_QUEUED_SAMPLES = round(SAMPLE_RATE * MIN_QUEUED_S)
 
 
 class UpstreamQueue:
@@ -26,10 +24,10 @@ class UpstreamQueue:
 
     def __init__(self, seconds: float = UPSTREAM_QUEUE_S) -> None:
         # None is the end of audio.
-        # Every block holds at least MIN_QUEUED_S, so this many hold at least `seconds`.
+        # Every block holds at least MIN_BLOCK_S, so this many hold at least `seconds`.
         self._queue: asyncio.Queue[AudioItem | None] = asyncio.Queue(
-            max(4, round(seconds / MIN_QUEUED_S)))
-        self._held: AudioBlock | None = None  # audio under MIN_QUEUED_SAMPLES, not yet queued
+            max(4, round(seconds / MIN_BLOCK_S)))
+        self._held: AudioBlock | None = None  # audio under MIN_BLOCK_SAMPLES, not yet queued
 
     def push(self, block: AudioBlock) -> list[AudioBlock]:
         """Queue `block` after any audio held back (itself held back while under 20 ms).
@@ -37,7 +35,7 @@ class UpstreamQueue:
         if self._held is not None:
             block = AudioBlock(self._held.start, self._held.pcm + block.pcm)
             self._held = None
-        if block.samples < MIN_QUEUED_SAMPLES:
+        if block.samples < MIN_BLOCK_SAMPLES:
             self._held = block
             return []
         return self._put(block)
@@ -74,4 +72,4 @@ class UpstreamQueue:
             return [dropped] if isinstance(dropped, AudioBlock) else []
 
 
-__all__ = ["MIN_QUEUED_SAMPLES", "UPSTREAM_QUEUE_S", "UpstreamQueue"]
+__all__ = ["UPSTREAM_QUEUE_S", "UpstreamQueue"]

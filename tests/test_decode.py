@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 
-from edge.decode import StreamDecoder
+from edge.decode import HANDOFF_WAIT_S, StreamDecoder, frames_pcm, run_key
 from edge.formats import (
     NEED_MORE,
     SNIFF_BYTES,
@@ -89,6 +91,85 @@ async def test_a_stall_raises_and_the_thread_stops(tmp_path: Path) -> None:
     assert not decoder._thread.is_alive()
     with pytest.raises(DecodeError, match="decoder stalled"):  # the session stays failed
         await decoder.feed(b"more")
+
+
+@needs_ffmpeg
+async def test_a_slow_chunk_is_awaited_without_holding_the_loop(tmp_path: Path) -> None:
+    """A chunk whose decode outlasts HANDOFF_WAIT_S (here 60 s of Opus at once, tens of ms)
+    is finished asynchronously: the loop keeps running meanwhile, and no audio is lost."""
+    data = make(tmp_path, "a.webm", "-c:a", "libopus", "-b:a", "32k", seconds=60.0)
+    decoder = StreamDecoder("matroska")
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0)
+            ticks += 1
+
+    tick = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    started = time.monotonic()
+    got = sum(p.samples.shape[0] for p in await decoder.feed(data))
+    took = time.monotonic() - started
+    tick.cancel()
+    got += sum(p.samples.shape[0] for p in await decoder.finish())
+    assert got == 60 * 48000
+    assert took > 2 * HANDOFF_WAIT_S  # else this test proves nothing: make the chunk longer
+    assert ticks >= 3, f"the loop ran {ticks} times during a {took:.3f} s decode"
+
+
+FRAME_CASES = [  # (FFmpeg sample format, channels, numpy dtype of from_ndarray, full scale)
+    ("s16", 1, np.int16, 32768), ("s16", 2, np.int16, 32768), ("s16p", 2, np.int16, 32768),
+    ("s32", 1, np.int32, 2**31), ("flt", 1, np.float32, 1), ("fltp", 2, np.float32, 1),
+    ("dbl", 1, np.float64, 1), ("u8", 1, np.uint8, 128),
+]
+
+
+@pytest.mark.parametrize(("fmt", "channels", "dtype", "scale"), FRAME_CASES)
+def test_frames_become_one_pcm_as_pyav_reads_them(fmt: str, channels: int, dtype: type,
+                                                   scale: float) -> None:
+    """Joined frames in every sample format give what PyAV's own `to_ndarray()` reads from
+    each frame, scaled to [-1, 1] and laid out (samples, channels)."""
+    rng = np.random.default_rng(len(fmt) + channels)
+    frames, want = [], []
+    for n in (7, 960, 1):  # uneven frame sizes, as codecs give at the start and the end
+        if np.issubdtype(dtype, np.floating):
+            values = rng.uniform(-1, 1, (channels, n)).astype(dtype)
+        else:
+            info = np.iinfo(dtype)
+            values = rng.integers(info.min, info.max, (channels, n), dtype=dtype,
+                                  endpoint=True)
+        packed = not fmt.endswith("p")
+        frame = av.AudioFrame.from_ndarray(values.T.reshape(1, -1) if packed else values,
+                                           format=fmt, layout="mono" if channels == 1 else "stereo")
+        frame.sample_rate = 24000
+        frames.append(frame)
+        read = frame.to_ndarray().astype(np.float64)
+        read = read.reshape(n, channels) if packed else read.T
+        want.append((read - (128 if fmt == "u8" else 0)) / scale)
+    key = run_key(frames[0])
+    assert key == (fmt, channels, 24000)
+    pcm = frames_pcm(frames, key)
+    assert pcm.rate == 24000 and pcm.samples.dtype == np.float32
+    assert pcm.samples.shape == (968, channels)
+    np.testing.assert_allclose(pcm.samples, np.concatenate(want), rtol=1e-6, atol=1e-7)
+
+
+def test_a_padded_plane_gives_only_its_samples() -> None:
+    frame = av.AudioFrame(format="s16", layout="mono", samples=5, align=32)
+    frame.sample_rate = 8000
+    assert frame.planes[0].buffer_size > 10  # FFmpeg's alignment: padding after 5 samples
+    frame.planes[0].update(np.arange(1, 17, dtype="<i2").tobytes())
+    pcm = frames_pcm([frame, frame], run_key(frame))
+    assert list(np.rint(pcm.samples[:, 0] * 32768)) == [1, 2, 3, 4, 5] * 2
+
+
+def test_an_unconvertible_sample_format_is_a_decode_error() -> None:
+    frame = av.AudioFrame(format="s64", layout="mono", samples=4)
+    frame.sample_rate = 8000
+    with pytest.raises(DecodeError, match="unsupported sample format s64"):
+        run_key(frame)
 
 
 def wav_header(tag: int, channels: int, rate: int, bits: int, *, riff: bytes = b"RIFF",

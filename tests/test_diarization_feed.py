@@ -90,3 +90,43 @@ def test_feed_backlog_stays_bounded_over_a_long_stall() -> None:
         feed.push(i * 3200, np.zeros(3200, np.float32))
         assert feed.pending_samples <= 2 * 16000 + 3200
     assert len(feed.skipped) == 32  # only the most recent spans are remembered
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_every_frame_lands_where_its_audio_was_across_gaps_and_skips(seed: int) -> None:
+    """A worker that stalls now and then (catch-up skips), audio with gaps, frames returned in
+    batches of any size: each stream frame is placed on the session frame its samples came
+    from, in order, none twice."""
+    rng = np.random.default_rng(seed)
+    feed = SessionFeed(unit_frames=2, max_backlog_s=0.5, keep_s=0.16)
+    feed.start_stream()
+    pos, sent, returned = 0, 0, 0
+    where: dict[int, int] = {}  # stream frame -> the session frame its audio came from
+    placed: list[int] = []  # session frame of each stream frame returned, as `place` says
+    for _ in range(400):
+        pos += int(rng.choice([0, 0, 0, 700, 3000, 20000]))  # sometimes a gap in the audio
+        n = int(rng.integers(100, 2500))
+        feed.push(pos, ramp(pos, n) + 1)  # value = session sample + 1; gap filler is 0
+        pos += n
+        for _ in range(int(rng.choice([0, 0, 1, 3]))):  # the worker takes 0..3 units
+            unit = feed.take_unit()
+            if unit is None:
+                break
+            for k in range(len(unit) // FRAME_SAMPLES):
+                frame = unit[k * FRAME_SAMPLES:(k + 1) * FRAME_SAMPLES]
+                audio = np.flatnonzero(frame)
+                if len(audio):  # a frame of gap filler says nothing about where it is
+                    first = int(frame[audio[0]]) - 1 - int(audio[0])
+                    where[sent // FRAME_SAMPLES + k] = first // FRAME_SAMPLES
+            sent += len(unit)
+        ready = sent // FRAME_SAMPLES - returned
+        if ready and rng.random() < 0.5:  # frames come back in batches of any size
+            count = int(rng.integers(1, ready + 1))
+            got = feed.place(returned, np.zeros((count, 4), np.float32))
+            assert sum(len(p) for _, p in got) == count
+            placed += [frame + i for frame, probs in got for i in range(len(probs))]
+            returned += count
+    assert feed.skipped_frames > 0 and len(where) > 100  # the case really happened
+    assert placed == sorted(set(placed))  # in order, none twice
+    assert {s: placed[s] for s in where if s < returned} == {s: f for s, f in where.items()
+                                                             if s < returned}

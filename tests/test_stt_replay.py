@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge.clock import SAMPLE_RATE, AudioBlock, OffsetMap
+from edge.clock import MIN_BLOCK_SAMPLES, SAMPLE_RATE, AudioBlock, OffsetMap
 from edge.stt.replay import (
     Backoff,
     RawResult,
@@ -79,7 +79,7 @@ def test_overflow_drops_oldest_and_counts_lost_only_at_a_call_boundary() -> None
     # The call that got the dropped audio may still finalize it: nothing lost then.
     buf.finalize(10000)
     assert buf.take_lost() == 24000 - 10000
-    assert buf.t_final == 24000 and buf.take_lost() == 0  # counted once
+    assert buf.delivered_until == 24000 and buf.take_lost() == 0  # counted once
 
 
 def test_dropped_audio_finalized_later_is_not_lost() -> None:
@@ -131,7 +131,7 @@ def test_v1_repeated_words_are_delivered_once() -> None:
                                 ("How", 2.0, 2.4), ("are", 2.4, 2.8)], 3.0, "How are"), call)
     assert again is not None and [w.word for w in again.words] == ["how", "are"]
     assert again.transcript == "How are" and again.start == 1.8 and again.end == 3.0
-    assert buf.t_final == 3 * SAMPLE_RATE
+    assert buf.delivered_until == 3 * SAMPLE_RATE
 
 
 def test_after_a_cut_the_new_call_maps_from_its_replay_start() -> None:
@@ -142,9 +142,9 @@ def test_after_a_cut_the_new_call_maps_from_its_replay_start() -> None:
     old = OffsetMap()
     old.add(0, SAMPLE_RATE * 12)
     t.on_result(_final([("a", 9.0, 9.5)], 10.0), old)
-    # New call replays from t_final = 10 s; it re-hears audio up to 10.0 and then new words.
+    # New call replays from delivered_until = 10 s; it re-hears audio up to 10.0 and then new words.
     new = OffsetMap()
-    piece = buf.read(buf.t_final, SAMPLE_RATE * 5)
+    piece = buf.read(buf.delivered_until, SAMPLE_RATE * 5)
     assert piece is not None and piece.start == 10 * SAMPLE_RATE
     new.add(piece.start, piece.samples)
     interim = t.on_result(RawResult(False, "a b", 0.0, (RawWord("a", 0.0, 0.0), RawWord("b", 0.2, 0.7)),
@@ -178,7 +178,7 @@ def test_speech_events_alternate_and_replays_do_not_repeat_them() -> None:
     call.add(16000, SAMPLE_RATE * 5)
     assert said("speech_started", 0.5, call) == [("speech_started", 1.5)]
     assert said("speech_started", 0.6, call) == []  # still the same utterance
-    # Cut mid-utterance; the next call replays from t_final (0) and hears it begin again.
+    # Cut mid-utterance; the next call replays from delivered_until (0) and hears it begin again.
     again = OffsetMap()
     again.add(0, SAMPLE_RATE * 5)
     assert said("speech_started", 1.55, again) == []
@@ -186,7 +186,7 @@ def test_speech_events_alternate_and_replays_do_not_repeat_them() -> None:
     assert said("speech_ended", 2.6, again) == []
     assert said("speech_started", 3.0, again) == [("speech_started", 3.0)]
     # The utterance is finalized, then the call is cut before it says "ended": the next
-    # begin first closes the finalized one at t_final.
+    # begin first closes the finalized one at delivered_until.
     t.on_result(_final([("a", 3.0, 3.5)], 3.8), again)
     after = OffsetMap()
     after.add(round(3.8 * SAMPLE_RATE), SAMPLE_RATE * 5)
@@ -247,7 +247,7 @@ def test_cuts_and_closes_deliver_every_word_once_in_place(
 
     def new_call() -> tuple[Recognizer, OffsetMap, int]:
         assert buf.take_lost() == 0
-        return Recognizer(endpoint_s=0.3, interim=True, vad=False), OffsetMap(), buf.t_final
+        return Recognizer(endpoint_s=0.3, interim=True, vad=False), OffsetMap(), buf.delivered_until
 
     def apply(outs: list[Out], call: OffsetMap) -> None:
         for out in outs:
@@ -266,7 +266,7 @@ def test_cuts_and_closes_deliver_every_word_once_in_place(
                     apply(rec.finish(), call)
                     if call.session_end is not None:
                         buf.finalize(call.session_end)
-                rec, call, cursor = new_call()  # a cut replays from t_final
+                rec, call, cursor = new_call()  # a cut replays from delivered_until
                 continue
             if mark is not None and piece.end > mark:
                 piece = AudioBlock(piece.start, piece.pcm[:(mark - piece.start) * 2])
@@ -289,7 +289,7 @@ def test_replay_bound_must_be_positive(bad: float) -> None:
 def test_one_sample_blocks_are_coalesced_and_a_replay_read_stays_cheap() -> None:
     # A hostile client's 2-byte frames arrive as 1-sample blocks: 30 s of them is 480k blocks.
     # The buffer must hold them as a few >= 20 ms blocks, and replaying the whole 30 s from
-    # `t_final` (300 reads of 100 ms, as a call after a rotation does) must stay cheap.
+    # `delivered_until` (300 reads of 100 ms, as a call after a rotation does) must stay cheap.
     import time
 
     buf = ReplayBuffer(30.0)
@@ -297,9 +297,9 @@ def test_one_sample_blocks_are_coalesced_and_a_replay_read_stays_cheap() -> None
     for i in range(total):
         buf.push(AudioBlock(i, b"\x01\x00"))
     assert buf.retained_s == pytest.approx(30.0)
-    assert buf.blocks <= total // ReplayBuffer.MIN_BLOCK_SAMPLES + 1
+    assert buf.blocks <= total // MIN_BLOCK_SAMPLES + 1
     started = time.perf_counter()
-    cursor, got = buf.t_final, 0
+    cursor, got = buf.delivered_until, 0
     while (piece := buf.read(cursor, SAMPLE_RATE // 10)) is not None:
         got += piece.samples
         cursor = piece.end

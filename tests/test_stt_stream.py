@@ -232,14 +232,14 @@ async def test_outage_longer_than_the_replay_buffer_is_reported_and_later_audio_
         await asyncio.wait_for(s.run(g.upstream, audio()), 60)
 
     before = [w for w in script if w.end < a]
-    t_final = max(e.end for e in s.finals if e.end <= p1)  # where the transcript stood
+    delivered_until = max(e.end for e in s.finals if e.end <= p1)  # where the transcript stood
     # Told as it is found out (increments: audio skipped while the call still looked alive,
     # then what the failed call had been sent), adding up to the whole gap.
     assert s.errors and not any(e.fatal for e in s.errors)
     for e in s.errors:
         assert f"{e.lost_s:.1f} s of audio not transcribed" in (e.message or "")
     lost = sum(e.lost_s for e in s.errors)
-    assert lost == pytest.approx(p2 - replay_s - t_final, abs=1e-6)
+    assert lost == pytest.approx(p2 - replay_s - delivered_until, abs=1e-6)
     after = [w for w in script if w.start >= b - replay_s * SAMPLE_RATE]
     assert_exact(s.words, before + after)
     assert g.counter("edge_upstream_lost_audio_seconds_total") == pytest.approx(lost)

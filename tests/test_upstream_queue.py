@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from edge.clock import AudioBlock
+from edge.clock import MIN_BLOCK_SAMPLES, AudioBlock
 from edge.stt.base import FLUSH, AudioItem
-from edge.upstream_queue import MIN_QUEUED_SAMPLES, UpstreamQueue
+from edge.upstream_queue import UpstreamQueue
 
 
 def block(start: int, samples: int) -> AudioBlock:
@@ -20,14 +20,14 @@ async def test_blocks_under_20_ms_are_joined_with_the_next() -> None:
     q = UpstreamQueue()
     first, second = block(0, 100), block(100, 100)
     assert q.push(first) == [] and q.push(second) == []  # 200 samples: still held
-    assert q.push(block(200, MIN_QUEUED_SAMPLES)) == []
+    assert q.push(block(200, MIN_BLOCK_SAMPLES)) == []
     assert q.end() == []
     items = await drain(q)
     assert len(items) == 1
     joined = items[0]
     assert isinstance(joined, AudioBlock)
-    assert (joined.start, joined.samples) == (0, 200 + MIN_QUEUED_SAMPLES)
-    assert joined.pcm == first.pcm + second.pcm + block(200, MIN_QUEUED_SAMPLES).pcm
+    assert (joined.start, joined.samples) == (0, 200 + MIN_BLOCK_SAMPLES)
+    assert joined.pcm == first.pcm + second.pcm + block(200, MIN_BLOCK_SAMPLES).pcm
 
 
 async def test_flush_and_end_send_what_is_held_first() -> None:
@@ -43,7 +43,7 @@ async def test_flush_and_end_send_what_is_held_first() -> None:
 
 async def test_overflow_drops_the_oldest_blocks_and_returns_them() -> None:
     q = UpstreamQueue(seconds=0.1)  # room for 5 blocks of 20 ms
-    blocks = [block(i * MIN_QUEUED_SAMPLES, MIN_QUEUED_SAMPLES) for i in range(7)]
+    blocks = [block(i * MIN_BLOCK_SAMPLES, MIN_BLOCK_SAMPLES) for i in range(7)]
     dropped = [d for b in blocks for d in q.push(b)]
     assert dropped == blocks[:2]
     assert q.end() == [blocks[2]]  # the end of audio also makes room
@@ -53,7 +53,7 @@ async def test_overflow_drops_the_oldest_blocks_and_returns_them() -> None:
 async def test_a_dropped_flush_is_not_reported_as_lost_audio() -> None:
     q = UpstreamQueue(seconds=0.1)
     q.flush()  # FLUSH is the oldest item
-    blocks = [block(i * MIN_QUEUED_SAMPLES, MIN_QUEUED_SAMPLES) for i in range(5)]
+    blocks = [block(i * MIN_BLOCK_SAMPLES, MIN_BLOCK_SAMPLES) for i in range(5)]
     assert [d for b in blocks for d in q.push(b)] == []
     q.end()
     assert await drain(q) == blocks[1:]

@@ -1,13 +1,13 @@
 """Rotation and replay without loss or doubling, sans I/O.
 
 The invariant (see docs/notes/google-speech.md): keep every audio block from the end of the last
-final result (`t_final`) onward. When a streaming call ends abnormally (our quiet-moment
+final result (`delivered_until`) onward. When a streaming call ends abnormally (our quiet-moment
 rotation, a retryable error, Google's duration limit) the next call's first audio is that
 retained audio; each call remembers where the audio it was sent sits on the session clock (an
 `OffsetMap`, edge/clock.py), every offset it returns is mapped through that, a final word is
-delivered only if it ends after `t_final`, and `t_final` then advances to the final's end,
+delivered only if it ends after `delivered_until`, and `delivered_until` then advances to the final's end,
 dropping the audio before it. When a call ends *cleanly* (we half-closed it and Google answered
-everything), all the audio it was sent is covered, so `t_final` advances to the end of what it
+everything), all the audio it was sent is covered, so `delivered_until` advances to the end of what it
 was sent.
 
 Everything here is plain state and arithmetic on sample indices (16 kHz, the session clock):
@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from edge.clock import PCM_SAMPLE_BYTES, SAMPLE_RATE, AudioBlock, OffsetMap, to_samples
+from edge.clock import MIN_BLOCK_SAMPLES, PCM_SAMPLE_BYTES, SAMPLE_RATE, AudioBlock, OffsetMap, to_samples
 from edge.stt.base import TranscriptEvent, Word
 
 MAX_LOST_SPANS = 256  # bound on remembered dropped spans; beyond it neighbours are merged
@@ -59,7 +59,7 @@ class RawSpeechEvent:
 
 # --- the retained audio ---------------------------------------------------------------------
 class ReplayBuffer:
-    """Audio from `t_final` onward, at most `max_s` seconds of it.
+    """Audio from `delivered_until` onward, at most `max_s` seconds of it.
 
     Overflow policy: drop the oldest samples. Dropped samples that are not yet finalized are
     remembered as *at risk*: if the call they were sent on later completes or finalizes past
@@ -69,8 +69,6 @@ class ReplayBuffer:
     `MIN_BLOCK_SAMPLES` (20 ms) joins it, so the block count is bounded by the retained audio,
     not by how small the client's frames are. Reads find their block by bisection.
     """
-
-    MIN_BLOCK_SAMPLES = SAMPLE_RATE // 50  # 20 ms
 
     def __init__(self, max_s: float) -> None:
         """`max_s`: the replay bound in seconds (EDGE_STT_REPLAY_S). Raises ValueError if <= 0."""
@@ -84,7 +82,7 @@ class ReplayBuffer:
         self._head = 0
         self._samples = 0
         self.end = 0  # session sample just past the newest audio pushed
-        self.t_final = 0  # session sample before which everything is delivered (or given up)
+        self.delivered_until = 0  # session sample before which everything is delivered (or given up)
         self._at_risk: deque[list[int]] = deque()  # [start, end) spans dropped before finalizing
 
     @property
@@ -98,7 +96,7 @@ class ReplayBuffer:
 
     @property
     def intact(self) -> bool:
-        """True while nothing unfinalized has been dropped: a replay from `t_final` is whole."""
+        """True while nothing unfinalized has been dropped: a replay from `delivered_until` is whole."""
         return not self._at_risk
 
     @property
@@ -113,7 +111,7 @@ class ReplayBuffer:
         if not block.samples:
             return
         last = self._blocks[-1] if self.blocks else None
-        if last is not None and last.end == block.start and last.samples < self.MIN_BLOCK_SAMPLES:
+        if last is not None and last.end == block.start and last.samples < MIN_BLOCK_SAMPLES:
             self._blocks[-1] = AudioBlock(last.start, last.pcm + block.pcm)
         else:
             self._blocks.append(block)
@@ -152,10 +150,10 @@ class ReplayBuffer:
         return AudioBlock(start, b"".join(parts)) if parts else None
 
     def finalize(self, until: int) -> None:
-        """Everything before session sample `until` is delivered: advance `t_final`, drop it."""
-        if until <= self.t_final:
+        """Everything before session sample `until` is delivered: advance `delivered_until`, drop it."""
+        if until <= self.delivered_until:
             return
-        self.t_final = until
+        self.delivered_until = until
         while self.blocks and (first := self._blocks[self._head]).start < until:
             self._drop_front(min(first.samples, until - first.start))
         while self._at_risk and self._at_risk[0][1] <= until:
@@ -166,11 +164,11 @@ class ReplayBuffer:
     def take_lost(self) -> int:
         """At a call boundary: the dropped, never-finalized samples are lost for good.
 
-        Returns how many samples; `t_final` moves past them so they are counted once.
+        Returns how many samples; `delivered_until` moves past them so they are counted once.
         """
         lost = sum(b - a for a, b in self._at_risk)
         if self._at_risk:
-            self.t_final = max(self.t_final, self._at_risk[-1][1])
+            self.delivered_until = max(self.delivered_until, self._at_risk[-1][1])
             self._at_risk.clear()
         return lost
 
@@ -215,7 +213,7 @@ class ReplayBuffer:
         self._samples -= n
 
     def _note_at_risk(self, a: int, b: int) -> None:
-        a = max(a, self.t_final)
+        a = max(a, self.delivered_until)
         if b <= a:
             return
         if self._at_risk and self._at_risk[-1][1] == a:
@@ -239,7 +237,7 @@ def plain_word(text: str) -> str:
 
 
 class Transcript:
-    """Applies results to the session: maps, de-duplicates, advances `t_final`."""
+    """Applies results to the session: maps, de-duplicates, advances `delivered_until`."""
 
     def __init__(self, buffer: ReplayBuffer) -> None:
         self.buffer = buffer
@@ -250,22 +248,22 @@ class Transcript:
 
     def on_result(self, raw: RawResult, call: OffsetMap) -> TranscriptEvent | None:
         """The session event for `raw` (None when it adds nothing new). A final advances
-        `t_final` and drops the retained audio before it."""
-        t_final = self.buffer.t_final
+        `delivered_until` and drops the retained audio before it."""
+        delivered_until = self.buffer.delivered_until
         mapped: list[Word] = []
         seen: set[tuple[int, int, str]] = set()
-        last_end = t_final
+        last_end = delivered_until
         for w in raw.words:
             start = call.to_session(to_samples(w.start))
             end = call.to_session(to_samples(w.end), end=True)
             key = (start, end, w.word)
-            # Already delivered (before t_final) or repeated in this result (v1 resends every
+            # Already delivered (before delivered_until) or repeated in this result (v1 resends every
             # word of the call with diarization on): skip.
-            if end <= t_final or key in seen:
+            if end <= delivered_until or key in seen:
                 continue
             seen.add(key)
             # A word cannot begin before audio that is already delivered ended.
-            start = min(max(start, t_final), end)
+            start = min(max(start, delivered_until), end)
             mapped.append(Word(
                 word=plain_word(w.word), start=start / SAMPLE_RATE, end=end / SAMPLE_RATE,
                 confidence=w.confidence, punctuated_word=w.word, speaker_label=w.speaker_label,
@@ -280,14 +278,14 @@ class Transcript:
         else:
             transcript = " ".join(w.punctuated_word or w.word for w in mapped)
         if raw.is_final:
-            fresh = result_end > t_final
+            fresh = result_end > delivered_until
             self.buffer.finalize(result_end)
             if not transcript.strip() or not fresh:
                 return None
         elif not transcript.strip():
             return None
         return TranscriptEvent(
-            kind="result", start=t_final / SAMPLE_RATE, end=result_end / SAMPLE_RATE,
+            kind="result", start=delivered_until / SAMPLE_RATE, end=result_end / SAMPLE_RATE,
             is_final=raw.is_final, transcript=transcript,
             confidence=raw.confidence, words=tuple(mapped), language=raw.language or None,
         )
@@ -296,17 +294,17 @@ class Transcript:
         """Voice activity, mapped. Replayed audio repeats events: one at or before the last
         one delivered is dropped, as is a begin while speech is on (unless the utterance it
         began has been finalized since: the call that would have said "ended" was cut, so
-        that is said first, at `t_final`). Begin and end alternate."""
+        that is said first, at `delivered_until`). Begin and end alternate."""
         at = call.to_session(to_samples(raw.offset or 0.0)) / SAMPLE_RATE
-        t_final = self.buffer.t_final / SAMPLE_RATE
+        delivered_until = self.buffer.delivered_until / SAMPLE_RATE
         out: list[TranscriptEvent] = []
         if at <= self._last_event and self._any:
             return out
         if raw.kind == "speech_started":
             if self._in_speech:
-                if self._started >= t_final:
+                if self._started >= delivered_until:
                     return out  # the same utterance, heard again after a replay
-                out.append(self._event("speech_ended", max(t_final, self._last_event)))
+                out.append(self._event("speech_ended", max(delivered_until, self._last_event)))
             out.append(self._event("speech_started", at))
             self._started = at
         elif self._in_speech:

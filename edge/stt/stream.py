@@ -17,7 +17,7 @@ decides when, and why (the failures in a row, backoff, probing, giving up):
   rotation when replaying would not be whole (long silence, mostly: see `_rotate_now`).
 - *cut* (rotation: at a quiet moment, right after a final past `rotate_s - quiet_s`, or forced
   at `rotate_s`; or a drain that takes too long) and *failed* (`limit`, `retry`, `unclear`):
-  the next call replays the unfinalized audio from `t_final`, so the utterance in progress is
+  the next call replays the unfinalized audio from `delivered_until`, so the utterance in progress is
   heard whole; `fatal` ends this session's upstream with an `error` event (fatal=True).
 
 Rotation clock: a call's age is max(audio it was sent, wall time it has been open)
@@ -228,7 +228,7 @@ class StreamRun:
 
     def _pending(self) -> AudioBlock | None:
         """Retained audio not yet covered by a final: what the next call starts with."""
-        return self.buffer.read(self.buffer.t_final, 1)
+        return self.buffer.read(self.buffer.delivered_until, 1)
 
     async def _until_work(self) -> None:
         while not (self.ended or self.flushes or self._pending() is not None):
@@ -287,14 +287,14 @@ class StreamRun:
             self._notify()  # let the request generator see FINISHED and return
 
     def _rotate_now(self, call: _Call) -> None:
-        """The forced rotation at `rotate_s`. Cut and replay from `t_final` (the utterance in
+        """The forced rotation at `rotate_s`. Cut and replay from `delivered_until` (the utterance in
         progress is heard whole by the next call) while the buffer holds all unfinalized audio
         and that is at most half a call; otherwise (long silence, mostly) half-close: Google
         answers for all it got, and nothing is replayed or lost — at worst a word spanning
         the close is split in two."""
         if call.state is not CallState.OPEN or call.ended.done():
             return
-        unfinalized_s = (self.buffer.end - self.buffer.t_final) / SAMPLE_RATE
+        unfinalized_s = (self.buffer.end - self.buffer.delivered_until) / SAMPLE_RATE
         # A replay longer than half a call could keep the next call from making progress.
         if self.buffer.intact and unfinalized_s <= self.params.rotate_s / 2:
             _cut(call, ROTATE)
@@ -338,13 +338,13 @@ class StreamRun:
         return Outcome(kind, error=exc)
 
     async def _requests(self, call: _Call) -> AsyncIterator[Any]:
-        """The call's requests: config, then audio from `t_final` on, then half-close."""
+        """The call's requests: config, then audio from `delivered_until` on, then half-close."""
         yield self._config_request
         if call.probe:
             log.debug("stt[%d]: holding the audio %.1f s for the config's answer", self.run_id,
                       self.params.probe_s)
             await asyncio.sleep(self.params.probe_s)
-        cursor = self.buffer.t_final
+        cursor = self.buffer.delivered_until
         rotate_samples = round(self.params.rotate_s * SAMPLE_RATE)
         while call.state is CallState.OPEN:
             stop_at = self.flushes.first

@@ -166,6 +166,7 @@ async def step(n: int, seconds: float, ws: str, http: str, pid: int, query: dict
         "rss_peak_mb": round(rss_peak / 2**20, 1),
         "full_gc_pauses_over_10ms": round(gc_full.get(f"{FULL_GC}+Inf\"}}", 0)
                                           - gc_full.get(f"{FULL_GC}0.01\"}}", 0)),
+        "load_avg_1m": round(os.getloadavg()[0], 2),  # other work on the machine meanwhile
     }
 
 

@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""Where a webm/opus session's decode CPU goes, one layer at a time, in ms of CPU per second
+of audio (process CPU time, one session at a time, no daemon):
+
+- `demux_decode`: FFmpeg's Matroska demuxer and Opus decoder through PyAV, nothing else;
+- `plus_frames_pcm`: and the decoded frames joined and converted once per 250 ms piece;
+- `stream_decoder`: `StreamDecoder.feed()` per piece (its thread, pipe and hand-off);
+- `session_audio`: `SessionAudio.decode()` per piece (adds resampling to 16 kHz);
+- `linear16`: `SessionAudio.decode()` on the same audio as 16 kHz linear16 in 100 ms frames.
+
+    python scripts/bench/decode.py --seconds 20 --rounds 7
+
+The audio is the server benchmark's (tone-coded words, libopus 32 kb/s, 250 ms pieces).
+Medians over rounds, the variants alternating within each round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import av
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script, too
+from edge.audio import SessionAudio
+from edge.client import timed_pieces
+from edge.decode import StreamDecoder, frames_pcm, run_key
+from scripts.bench.harness import emit
+from scripts.bench.server import tone_signal
+
+
+def variants(webm: bytes, pieces: list[bytes], frames: list[bytes]) -> dict[str, Callable[[], None]]:
+    def decode(take: Callable[[av.AudioFrame], None]) -> None:
+        with av.open(io.BytesIO(webm), format="matroska") as container:
+            stream = container.streams.audio[0]
+            ctx = stream.codec_context
+            for packet in container.demux(stream):
+                for frame in ctx.decode(packet):
+                    take(frame)
+
+    def converted() -> None:
+        batch: list[av.AudioFrame] = []
+
+        def take(frame: av.AudioFrame) -> None:
+            batch.append(frame)
+            if len(batch) == 12:  # ~250 ms of 20 ms packets: one hand-off's worth
+                frames_pcm(batch, run_key(batch[0]))
+                batch.clear()
+
+        decode(take)
+
+    async def streamed() -> None:
+        decoder = StreamDecoder("matroska")
+        for piece in pieces:
+            await decoder.feed(piece)
+        await decoder.finish()
+        decoder.close()
+
+    async def session(chunks: list[bytes]) -> None:
+        audio = SessionAudio(None, 16000)
+        for chunk in chunks:
+            await audio.decode(chunk)
+        await audio.finish()
+        audio.close()
+
+    return {
+        "demux_decode": lambda: decode(lambda _frame: None),
+        "plus_frames_pcm": converted,
+        "stream_decoder": lambda: asyncio.run(streamed()),
+        "session_audio": lambda: asyncio.run(session(pieces)),
+        "linear16": lambda: asyncio.run(session(frames)),
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    pcm, webm, _words = tone_signal(args.seconds)
+    audio_s = len(pcm) / 16000
+    pieces = [piece for piece, _ in timed_pieces(webm, 0.25)]
+    frames = [pcm[i:i + 1600].tobytes() for i in range(0, len(pcm), 1600)]
+    cases = variants(webm, pieces, frames)
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    load = [os.getloadavg()[0]]
+    for _ in range(args.rounds):
+        for name, fn in cases.items():
+            started = time.process_time()
+            fn()
+            times[name].append((time.process_time() - started) / audio_s * 1000)
+        load.append(os.getloadavg()[0])
+    return {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": {"cpus": os.cpu_count(), "load_avg_1m": [round(x, 2) for x in load]},
+        "audio_s": round(audio_s, 1),
+        "cpu_ms_per_audio_s": {name: {"median": round(statistics.median(v), 3),
+                                      "min": round(min(v), 3)} for name, v in times.items()},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=20.0, help="audio per round")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    emit(run(args), args.out)
+
+
+if __name__ == "__main__":
+    main()
