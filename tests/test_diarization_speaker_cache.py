@@ -85,7 +85,7 @@ def test_numpy_update_equals_nemo(case: str, context: tuple[int, int]) -> None:
 
 
 def test_params_from_values_needs_the_sizes() -> None:
-    with pytest.raises(TypeError):
+    with pytest.raises(KeyError, match="fifo_len"):
         CacheParams.from_values({"n_spk": 4, "spkcache_len": 188})
     p = CacheParams.from_values({"n_spk": 4, "spkcache_len": 188, "fifo_len": 0,
                                  "spkcache_update_period": 188, "chunk_len": 9, "sil_threshold": 0.3})

@@ -232,6 +232,7 @@ def run_child(job: dict[str, Any]) -> dict[str, Any]:
 def runtime_child(job: dict[str, Any]) -> dict[str, Any]:
     """One runtime at one thread count: load through the worker's `load_diarizer` (the ONNX one
     never imports torch), then stream the audio through a session in pieces, `repeats` times."""
+    import numpy as np
     import soundfile
 
     from edge.diarization.model import rss_bytes, trim_memory
@@ -257,13 +258,15 @@ def runtime_child(job: dict[str, Any]) -> dict[str, Any]:
     runs = []
     for _ in range(job["repeats"]):
         session = diarizer.new_session()
+        out = []
         t, cpu = time.perf_counter(), time.process_time()
         for i in range(0, audio.size, piece):
-            session.feed(audio[i : i + piece])
-        session.finish()
+            out.append(session.feed(audio[i : i + piece]))
+        out.append(session.finish())
         took = time.perf_counter() - t
         runs.append({"seconds": took, "cpu_s": time.process_time() - cpu,
                      "s_per_audio_s": took / (audio.size / SR)})
+        result["probs"] = np.concatenate(out).tolist()
     result.update(runs=runs, peak_rss=_peak_rss(), audio_s=audio.size / SR)
     return result
 
@@ -333,22 +336,52 @@ def compare_runtimes(args: argparse.Namespace, common: dict[str, Any]) -> dict[s
                   f"{res['runs'][0]['s_per_audio_s']:.4f} s per audio s, "
                   f"load {res['load_s']:.1f} s, RSS {res['rss_after_load'] / 2**20:.0f} MiB", file=sys.stderr)
     med = statistics.median
+    agreement = decisions_agreement(rows)
     summary = {}
     for key, rs in rows.items():
         t = key.rsplit(" ", 1)[1]
         nemo = {x["round"]: x for x in rows.get(f"nemo {t}", [])}
         per = [x["runs"][0]["s_per_audio_s"] for x in rs]
+        cpu = [x["runs"][0]["cpu_s"] / x["audio_s"] for x in rs]
         summary[key] = {
             "s_per_audio_s": med(per), "s_per_audio_s_all": per,
             "ratio_to_nemo": (med(x["runs"][0]["seconds"] / nemo[x["round"]]["runs"][0]["seconds"]
                                   for x in rs) if nemo else None),
+            # CPU seconds of the process: at 1 thread the work itself, less shaken by a loaded
+            # machine than wall time (which also counts waiting for a core).
+            "cpu_s_per_audio_s": med(cpu),
+            "cpu_ratio_to_nemo": (med(x["runs"][0]["cpu_s"] / nemo[x["round"]]["runs"][0]["cpu_s"]
+                                      for x in rs) if nemo else None),
             "load_s": med(x["load_s"] for x in rs),
             "rss_after_load_mib": max(x["rss_after_load"] for x in rs) / 2**20,
             "peak_rss_mib": max(x["peak_rss"] for x in rs) / 2**20,
             "torch_imported": any(x["torch_imported"] for x in rs), "plan": rs[0]["plan"],
         }
     return {"params": rows[next(iter(rows))][0]["params"], "rounds": args.rounds, "summary": summary,
-            "runs": rows}
+            "agreement": agreement, "runs": rows}
+
+
+def decisions_agreement(rows: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Each runtime's probabilities against onnx fp32's at the same thread count (first round):
+    the share of frames whose four decisions (p > 0.5) all agree, of frame-slots that agree,
+    and the max abs difference. Removes the probabilities from `rows`."""
+    import numpy as np
+
+    out: dict[str, Any] = {}
+    for key, rs in rows.items():
+        name, t = key.rsplit(" ", 1)
+        base = rows.get(f"onnx fp32 {t}")
+        probs = np.array(rs[0]["probs"])
+        if base is not None and name != "onnx fp32":
+            ref = np.array(base[0]["probs"])
+            same = (probs > 0.5) == (ref > 0.5)
+            out[f"{key} vs onnx fp32"] = {"frames": float(same.all(axis=1).mean()),
+                                          "frame_slots": float(same.mean()),
+                                          "max_abs_diff": float(np.abs(probs - ref).max())}
+    for rs in rows.values():
+        for x in rs:
+            x.pop("probs", None)
+    return out
 
 
 # --- parent ---
@@ -510,14 +543,18 @@ def table(report: dict[str, Any]) -> str:
         lines.append(f"| seed: 12 s window every 2 s | {s['rtf']:.3f} | — | — | — | — | — | "
                      f"{s['peak_rss_mib']:.0f} | — |")
     if "runtimes" in report:
-        lines += ["", "| runtime | threads | s per audio s | vs NeMo (paired) | load s | "
-                  "RSS after load MiB |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += ["", "| runtime | threads | s per audio s | vs NeMo (paired) | CPU s per audio s | "
+                  "CPU vs NeMo | load s | RSS after load MiB |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+        def ratio(x: float | None) -> str:
+            return f"{x:.2f}x" if x is not None else "—"
+
         for key, v in report["runtimes"]["summary"].items():
             name, t = key.rsplit(" ", 1)
-            ratio = f"{v['ratio_to_nemo']:.2f}x" if v["ratio_to_nemo"] is not None else "—"
-            lines.append(f"| {name} | {t[:-1]} | {v['s_per_audio_s']:.4f} | {ratio} | {v['load_s']:.1f} | "
-                         f"{v['rss_after_load_mib']:.0f} |")
+            lines.append(f"| {name} | {t[:-1]} | {v['s_per_audio_s']:.4f} | {ratio(v['ratio_to_nemo'])} | "
+                         f"{v['cpu_s_per_audio_s']:.4f} | {ratio(v['cpu_ratio_to_nemo'])} | "
+                         f"{v['load_s']:.1f} | {v['rss_after_load_mib']:.0f} |")
     for name, w in report.get("worker", {}).items():
         lines.append(f"\nworker {name}: RSS {w['rss_mb']['worker']} MB, cold start {w['cold_start_s']} s, "
                      f"SIGKILL to ready {w.get('restart_s', {}).get('kill_to_ready_median')} s")

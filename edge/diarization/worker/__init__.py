@@ -13,5 +13,6 @@ speaks `edge.diarization.wire` with it. Nothing outside this package imports tho
 - `features.py`: log-mel features computed incrementally with torch (NeMo runtime).
 - `numpy_features.py`: the same in numpy, from the export's window and filterbank (ONNX runtime).
 - `export.py`: `edge model export`, the streaming step to ONNX (torch, NeMo).
+- `quantize.py`: the int8 export: graph preparation and ONNX Runtime dynamic quantization.
 - `faults.py`: test-only fault injection, imported only when `EDGE_DIARIZATION_FAULTS` is set.
 """

@@ -23,7 +23,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -48,10 +48,13 @@ from edge.diarization.model import (
     ModelUnavailable,
     file_sha256,
     first_line,
+    remove_dead_temporaries,
     replace_folder,
 )
 from edge.diarization.worker.features import IncrementalFeatures
 from edge.diarization.worker.loading import load_model
+from edge.diarization.worker.quantize import compare_onnx, quantize_int8
+from edge.diarization.worker.speaker_cache import AOSC_NAMES, CacheParams
 from edge.diarization.worker.stream_core import STREAMING_PARAM_NAMES
 from edge.settings import Settings
 
@@ -59,8 +62,9 @@ Progress = Callable[[str], None]
 # The fp32 graph must reproduce the torch wrapper this closely on the check step, or the export
 # is refused (measured: ~1e-6 on the tiny and full random-weight models).
 MAX_VERIFY_DIFF = 1e-4
-# With int8: the quantizer's scratch copy of model.onnx (1x) and the int8 file (~0.3x).
-INT8_SPACE_FACTOR = 1.4
+# With int8: the prepared graph (1x), the quantizer's shape-inferred copy of it (1x) and the
+# int8 file (~0.3x), beside model.onnx.
+INT8_SPACE_FACTOR = 2.4
 
 
 class ExportError(Exception):
@@ -256,6 +260,9 @@ def _build_fp32(settings: Settings, model_path: Path, sha: str, tmp: Path, say: 
         streaming = {k: int(getattr(mods, k)) for k in STREAMING_PARAM_NAMES}
         streaming.update(fc_d_model=int(mods.fc_d_model), hidden_size=int(mods.tf_d_model),
                          n_spk=int(mods.n_spk), subsampling_factor=int(model.encoder.subsampling_factor))
+        # The AOSC constants the host-side cache update reads: the checkpoint's, not the port's defaults.
+        aosc = asdict(CacheParams.from_module(mods))
+        streaming.update({k: aosc[k] for k in AOSC_NAMES})
     finally:
         graph.close()
     return {
@@ -282,47 +289,34 @@ def _features(model: Any, npz: Path) -> dict[str, Any]:
 
 
 def _quantize(tmp: Path, say: Progress) -> float:
-    """Write model.int8.onnx from model.onnx (ONNX Runtime dynamic quantization of the MatMul
-    weights); returns its max abs diff from fp32 on a zero-cache step, as a load check."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
+    """Write model.int8.onnx from model.onnx (`quantize.quantize_int8`); returns its max abs
+    diff from fp32 on a short random step, as a load check."""
     say("quantizing to int8 (onnxruntime dynamic quantization)")
     fp32, int8 = tmp / ONNX_FILES["fp32"], tmp / ONNX_FILES["int8"]
     try:
-        quantize_dynamic(fp32, int8, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+        counts = quantize_int8(fp32, int8)
     except OSError:
         raise
     except Exception as exc:
-        # The quantizer first writes a shape-inferred copy of model.onnx beside it from C++,
+        # The quantizer first writes a shape-inferred copy of the graph beside it from C++,
         # which ignores a failed write: a full disk shows up as that copy failing to parse.
         raise ExportError(f"int8 quantization failed: {type(exc).__name__}: {first_line(exc)} "
                           f"(a full disk in {tmp.parent} shows up this way); nothing was changed") from exc
-    return _compare_onnx(fp32, int8)
-
-
-def _compare_onnx(a: Path, b: Path) -> float:
-    """Max abs diff of `preds` between two ONNX files on a short random step (loads both)."""
-    import onnxruntime as ort
-
-    sa = ort.InferenceSession(str(a), providers=["CPUExecutionProvider"])
-    sb = ort.InferenceSession(str(b), providers=["CPUExecutionProvider"])
-    shapes = {i.name: i.shape for i in sa.get_inputs()}
-    n_mels, d = shapes["chunk"][2], shapes["spkcache"][2]
-    rng = np.random.default_rng(0)
-    feed = {"chunk": rng.standard_normal((1, 64, n_mels), dtype=np.float32),
-            "chunk_lengths": np.array([64]), "spkcache": rng.standard_normal((1, 16, d), dtype=np.float32),
-            "spkcache_lengths": np.array([16]), "fifo": rng.standard_normal((1, 8, d), dtype=np.float32),
-            "fifo_lengths": np.array([8])}
-    return float(np.abs(sa.run(["preds"], feed)[0] - sb.run(["preds"], feed)[0]).max())
+    say(f"int8: {counts['identity_bypassed']} Identity-shared weights bypassed, "
+        f"{counts['pointwise_conv_as_matmul']} pointwise convolutions quantized as MatMul")
+    return compare_onnx(fp32, int8)
 
 
 def _valid_precisions(settings: Settings, model_path: Path, folder: Path) -> dict[str, dict[str, Any]]:
-    """{precision: marker} for each precision the export in `folder` verifiably has."""
+    """{precision: marker} for each precision the export in `folder` verifiably has. An export
+    whose marker predates the AOSC constants counts as none: it is made again."""
     found = {}
     for precision in ONNX_FILES:
         with contextlib.suppress(ModelUnavailable):
-            found[precision] = find_export(settings, model_path, precision,  # type: ignore[arg-type]
-                                           folder=folder).marker
+            marker = find_export(settings, model_path, precision,  # type: ignore[arg-type]
+                                 folder=folder).marker
+            if all(k in marker["streaming"] for k in AOSC_NAMES):
+                found[precision] = marker
     return found
 
 
@@ -333,7 +327,7 @@ def _writing(folder: Path, tmp: Path, model_path: Path, quantize: str | None) ->
     parent = folder.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale(folder)
+        remove_dead_temporaries(parent)  # of export runs that were killed
         need = int(model_path.stat().st_size * (1 + (INT8_SPACE_FACTOR if quantize else 0))) + SPACE_MARGIN
         free = shutil.disk_usage(parent).free
         if free < need:
@@ -357,24 +351,6 @@ def _writing(folder: Path, tmp: Path, model_path: Path, quantize: str | None) ->
         raise ExportError(f"export failed: {type(exc).__name__}: {first_line(exc)}") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _remove_stale(folder: Path) -> None:
-    """Delete temp folders of export runs that were killed (their pid is gone)."""
-    for stale in folder.parent.glob(f".tmp-{folder.name}-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -28,7 +28,12 @@ import onnxruntime as ort
 from edge.clock import SLOTS
 from edge.diarization.exports import OUTPUTS, Export
 from edge.diarization.worker.numpy_features import FeatureConfig, NumpyFeatures
-from edge.diarization.worker.speaker_cache import CacheParams, CacheState, streaming_update
+from edge.diarization.worker.speaker_cache import (
+    AOSC_NAMES,
+    CacheParams,
+    CacheState,
+    streaming_update,
+)
 from edge.diarization.worker.stream_core import (
     STREAMING_PARAM_NAMES,
     SessionStreamBase,
@@ -90,6 +95,28 @@ def optimized_path(onnx: Path, device: str) -> Path:
     return onnx.with_name(f"{onnx.stem}.opt-ort{ort.__version__}-{device}") / "model.onnx"
 
 
+def session_options(threads: int, save_to: Path | None = None) -> ort.SessionOptions:
+    """The runtime's ONNX Runtime options: `threads` intra-op threads (0: ORT's default), one
+    sequential inter-op thread, all graph optimizations; with `save_to`, the level that is
+    saved there (EXTENDED) and the path to save the optimized graph to, with its weights in
+    `OPTIMIZED_WEIGHTS` beside it."""
+    o = ort.SessionOptions()
+    if threads > 0:
+        o.intra_op_num_threads = threads
+    o.inter_op_num_threads = 1
+    o.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # EXTENDED, not ALL, is what gets saved: ALL adds layout changes for this very CPU,
+    # which ORT applies again at load from the saved graph (cheap).
+    o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if save_to is not None:
+        o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        o.optimized_model_filepath = str(save_to)
+        o.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                   OPTIMIZED_WEIGHTS)
+    o.log_severity_level = 3
+    return o
+
+
 def open_session(onnx: Path, threads: int, providers: list[Any], device: str) -> ort.InferenceSession:
     """An `InferenceSession` for `onnx`: optimized graph from the cache when there is one, else
     optimize now and save it atomically beside the export (a read-only folder only logs).
@@ -100,26 +127,9 @@ def open_session(onnx: Path, threads: int, providers: list[Any], device: str) ->
 
     cached = optimized_path(onnx, device)
 
-    def options(save_to: Path | None) -> ort.SessionOptions:
-        o = ort.SessionOptions()
-        if threads > 0:
-            o.intra_op_num_threads = threads
-        o.inter_op_num_threads = 1
-        o.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        # EXTENDED, not ALL, is what gets saved: ALL adds layout changes for this very CPU,
-        # which ORT applies again at load from the saved graph (cheap).
-        o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if save_to is not None:
-            o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-            o.optimized_model_filepath = str(save_to)
-            o.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                       OPTIMIZED_WEIGHTS)
-        o.log_severity_level = 3
-        return o
-
     if cached.is_file() and cached.stat().st_mtime >= onnx.stat().st_mtime:
         try:
-            return ort.InferenceSession(str(cached), options(None), providers=providers)
+            return ort.InferenceSession(str(cached), session_options(threads), providers=providers)
         except Exception as exc:  # a damaged cache file: build it again from the export
             log.warning("optimized graph %s unusable (%s); optimizing again", cached, _first(exc))
     # Built in a temporary folder and renamed into place, never written over: a running worker
@@ -128,17 +138,18 @@ def open_session(onnx: Path, threads: int, providers: list[Any], device: str) ->
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        ort.InferenceSession(str(onnx), options(tmp / cached.name), providers=providers)
+        ort.InferenceSession(str(onnx), session_options(threads, tmp / cached.name),
+                             providers=providers)
         replace_folder(tmp, cached.parent)
         # The single-file cache of earlier versions (weights inside: ~0.5 GB) is not used now.
         onnx.with_name(f"{cached.parent.name}.onnx").unlink(missing_ok=True)
-        return ort.InferenceSession(str(cached), options(None), providers=providers)
+        return ort.InferenceSession(str(cached), session_options(threads), providers=providers)
     except Exception as exc:
         save_error = _first(exc)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     try:  # not saved (read-only folder, full disk) or not loadable: the export itself decides
-        session = ort.InferenceSession(str(onnx), options(None), providers=providers)
+        session = ort.InferenceSession(str(onnx), session_options(threads), providers=providers)
     except Exception as exc:
         raise ModelUnavailable(f"{onnx.name}: onnxruntime cannot load it: {_first(exc)}") from exc
     log.warning("optimized graph not kept beside %s (%s): every start optimizes again", onnx, save_error)
@@ -173,9 +184,11 @@ class OnnxDiarizer:
         if missing:
             raise ValueError(f"export marker's streaming section lacks {missing}")
         self.cache_params = CacheParams.from_values(merged)
-        defaulted = [k for k in CacheParams.__dataclass_fields__ if k not in merged]
+        defaulted = [k for k in AOSC_NAMES if k not in merged]
         if defaulted:
-            log.info("export marker has no %s: using NeMo's defaults", ", ".join(defaulted))
+            log.warning("export %s predates recording the speaker-cache (AOSC) constants; using "
+                        "NeMo's defaults for %s (`edge model export` again records the checkpoint's)",
+                        export.folder, ", ".join(defaulted))
         check_streaming_params(merged, SLOTS, self.cache_params.spkcache_sil_frames_per_spk)
         self.params = {k: int(merged[k]) for k in STREAMING_PARAM_NAMES}
         self.max_speakers = max_speakers
@@ -258,4 +271,4 @@ def _first(exc: BaseException) -> str:
 
 
 __all__ = ["OnnxDiarizer", "OnnxSessionStream", "check_streaming_params", "choose_providers",
-           "open_session", "optimized_path"]
+           "open_session", "optimized_path", "session_options"]

@@ -14,7 +14,7 @@ Arrays carry NeMo's batch axis (size 1) so every shape reads as in the original.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -40,15 +40,37 @@ class CacheParams:
 
     @classmethod
     def from_values(cls, values: dict[str, Any]) -> CacheParams:
-        """Build from a mapping holding at least every field without a default (extra keys are
-        ignored). Raises `KeyError` naming a missing one."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
+        """Build from a mapping (an export marker's `streaming` section) holding at least every
+        field without a default; fields it lacks keep NeMo's defaults, extra keys are ignored.
+
+        Raises `KeyError` naming a missing required field and `ValueError` naming a field whose
+        value is not an integer (int fields) or a finite number (float fields).
+        """
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in values:
+                if f.default is MISSING:
+                    raise KeyError(f.name)
+                continue
+            value = values[f.name]
+            integer = f.type == "int"
+            number = isinstance(value, (int, float)) and math.isfinite(value)
+            ok = isinstance(value, int) if integer else number
+            if isinstance(value, bool) or not ok:
+                raise ValueError(f"speaker-cache parameter {f.name} must be "
+                                 f"{'an integer' if integer else 'a finite number'}, got {value!r}")
+            kwargs[f.name] = int(value) if integer else float(value)
+        return cls(**kwargs)
 
     @classmethod
     def from_module(cls, modules: Any) -> CacheParams:
         """Read them from a NeMo `SortformerModules` (or anything with those attributes)."""
         return cls(**{f.name: getattr(modules, f.name) for f in fields(cls)})
+
+
+# The AOSC constants: what a checkpoint's `sortformer_modules` config may set beyond the
+# streaming parameters; the export marker records them (`streaming` section).
+AOSC_NAMES = tuple(f.name for f in fields(CacheParams) if f.default is not MISSING)
 
 
 @dataclass
@@ -362,4 +384,4 @@ def _compress_spkcache(
     return _gather_spkcache_and_preds(emb_seq, preds, topk_indices, is_disabled, mean_sil_emb)
 
 
-__all__ = ["CacheParams", "CacheState", "streaming_update"]
+__all__ = ["AOSC_NAMES", "CacheParams", "CacheState", "streaming_update"]
