@@ -42,7 +42,7 @@ from edge.plan import Plan
 from edge.protocol import ListenParams, ModelInfo
 from edge.settings import Settings
 from edge.speakers import SpeakerNumbers, label_words
-from edge.stt.base import TranscriptEvent, Upstream, Word
+from edge.stt.base import TranscriptEvent, Upstream
 from edge.upstream_queue import UpstreamQueue
 
 if TYPE_CHECKING:
@@ -104,7 +104,7 @@ class Channel:
             if ctx.engine.final:  # off or broken for good: hold nothing
                 # Broken is news to a client that asked for labels; switched off is not.
                 if ctx.engine.state != "disabled" and plan.diarizer_errors:
-                    self._send(protocol.error_message(
+                    self.ctx.send(protocol.error_message(
                         "DIARIZATION_UNAVAILABLE",
                         f"local speaker labels unavailable: {ctx.engine.reason}"))
             else:
@@ -168,7 +168,7 @@ class Channel:
         """Count and report audio the upstream queue dropped (its overflow policy)."""
         for dropped in blocks:
             self.ctx.metrics.queue_dropped.labels("upstream").inc()
-            self._send(protocol.error_message(
+            self.ctx.send(protocol.error_message(
                 "AUDIO_DROPPED",
                 f"upstream stalled: {dropped.end_s - dropped.start_s:.2f} s of audio at "
                 f"{dropped.start_s:.2f} s were not transcribed",
@@ -182,7 +182,7 @@ class Channel:
                 await self._on_event(event)
         except Exception as exc:  # an upstream bug must not take the session down
             log.exception("session %s: upstream failed", ctx.request_id)
-            self._send(protocol.error_message("UPSTREAM_FAILED", f"transcription stopped: {exc}"))
+            self.ctx.send(protocol.error_message("UPSTREAM_FAILED", f"transcription stopped: {exc}"))
         finally:
             self._upstream_alive = False
 
@@ -197,12 +197,12 @@ class Channel:
             else:
                 self._release(eos.ready())
                 if p.interim_results:
-                    self._send(self._results(ev, self._label(ev.words)))
+                    self.ctx.send(self._results(ev))
         elif ev.kind == "speech_started":
             eos.speech(ev.start, ev.start)
             self._release(eos.ready())
             if p.vad_events:
-                self._send(protocol.speech_started_message(ev.start, self.ref))
+                self.ctx.send(protocol.speech_started_message(ev.start, self.ref))
         elif ev.kind == "speech_ended":
             eos.heard(ev.start)
             self._release(eos.ready())
@@ -214,7 +214,7 @@ class Channel:
                 self._send_empty_final(from_finalize=True)
         elif ev.kind == "error":
             variant = "UPSTREAM_AUDIO_LOST" if ev.lost_s else "UPSTREAM_ERROR"
-            self._send(protocol.error_message(variant, ev.message or "upstream error",
+            self.ctx.send(protocol.error_message(variant, ev.message or "upstream error",
                                               lost_s=round(ev.lost_s, 3)))
             if ev.lost_s:
                 self.ctx.metrics.upstream_lost_seconds.inc(ev.lost_s)
@@ -227,8 +227,7 @@ class Channel:
             wait = self.ctx.settings.edge_label_wait_ms / 1000
             await self.diar.wait_covered(ev.words[-1].end, wait)
         self._finals_since_finalize += 1
-        message = self._results(ev, self._label(ev.words),
-                                from_finalize=self._finalize_pending > 0)
+        message = self._results(ev, from_finalize=self._finalize_pending > 0)
         if ev.words:
             received = self.ctx.audio.received_at(ev.words[-1].end)
             if received is not None:
@@ -258,7 +257,7 @@ class Channel:
         for kind, start, end in self.voice.feed(first, voiced.tolist(), self.eos):
             if kind == "started":
                 if self.ctx.params.vad_events:
-                    self._send(protocol.speech_started_message(start, self.ref))
+                    self.ctx.send(protocol.speech_started_message(start, self.ref))
             else:
                 self._run_final(start, end, from_finalize=False)
         self.eos.heard(timeline.covered_until)
@@ -293,19 +292,17 @@ class Channel:
             if number is None:
                 waiting.append(turn)
                 continue
-            self._send(protocol.speaker_turn_message(number, turn.start, turn.end,
+            self.ctx.send(protocol.speaker_turn_message(number, turn.start, turn.end,
                                                      turn.is_final, self.ref))
         self._held_turns = waiting
 
     # --- messages ---
-    def _label(self, words: tuple[Word, ...]) -> tuple[list[dict[str, Any]], str | None]:
-        """Words with speakers, and where the speakers came from (edge/speakers.py)."""
-        return label_words(words, self.ctx.plan.labels, self.diar, self.speakers)
-
-    def _results(self, ev: TranscriptEvent, labelled: tuple[list[dict[str, Any]], str | None],
-                 from_finalize: bool = False) -> dict[str, Any]:
+    def _results(self, ev: TranscriptEvent, from_finalize: bool = False,
+                 labelled: tuple[list[dict[str, Any]], str | None] | None = None) -> dict[str, Any]:
+        """The Results message for `ev`, its words labelled with speakers (edge/speakers.py)
+        unless `labelled` gives the word entries and their source already."""
         ctx, plan = self.ctx, self.ctx.plan
-        words, source = labelled
+        words, source = labelled or label_words(ev.words, plan.labels, self.diar, self.speakers)
         message = protocol.results_message(
             request_id=ctx.request_id, model=ctx.model, start=ev.start, end=ev.end,
             is_final=ev.is_final, speech_final=False, from_finalize=from_finalize,
@@ -323,18 +320,15 @@ class Channel:
     def _send_empty_final(self, from_finalize: bool) -> None:
         now = self.ctx.audio.clock
         ev = TranscriptEvent(kind="result", start=now, end=now, is_final=True)
-        self._send(self._results(ev, ([], None), from_finalize=from_finalize))
+        self.ctx.send(self._results(ev, from_finalize, labelled=([], None)))
 
     def _release(self, decided: list[Final[dict[str, Any]] | UtteranceEnd]) -> None:
         for item in decided:
             if isinstance(item, UtteranceEnd):
-                self._send(protocol.utterance_end_message(item.last_word_end, self.ref))
+                self.ctx.send(protocol.utterance_end_message(item.last_word_end, self.ref))
             else:
                 item.item["speech_final"] = item.speech_final
-                self._send(item.item)
-
-    def _send(self, message: dict[str, Any]) -> None:
-        self.ctx.send(message)
+                self.ctx.send(item.item)
 
 
 __all__ = ["Channel", "ChannelContext"]

@@ -38,7 +38,11 @@ class UpstreamQueue:
         if block.samples < MIN_BLOCK_SAMPLES:
             self._held = block
             return []
-        return self._put(block)
+        try:  # the usual case inline; `_put` handles overflow
+            self._queue.put_nowait(block)
+            return []
+        except asyncio.QueueFull:
+            return self._put(block)
 
     def flush(self) -> list[AudioBlock]:
         """Queue the audio held back, then FLUSH (Deepgram's Finalize). Returns what was dropped."""

@@ -28,7 +28,7 @@ from edge.metrics import Metrics
 from edge.session import End, Session, SessionDeps
 from edge.settings import load_settings
 from edge.stt.google import create_upstream
-from edge.stt.replay import Backoff
+from edge.stt.policy import Backoff
 from tests.fakes.google_speech import FakeSpeech, ScriptWord, encode, fake_speech, utterances
 from tests.helpers.daemon import SR, final_words
 from tests.helpers.listen import read_until_closed

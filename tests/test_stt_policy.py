@@ -6,6 +6,7 @@ import pytest
 
 from edge.stt.policy import (
     ROTATE,
+    Backoff,
     CallEnd,
     CallState,
     Decision,
@@ -14,7 +15,6 @@ from edge.stt.policy import (
     RetryPolicy,
     check_transition,
 )
-from edge.stt.replay import Backoff
 
 BACKOFF = Backoff(initial=1.0, maximum=8.0)
 PROBE_S = 0.5

@@ -12,13 +12,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edge.clock import MIN_BLOCK_SAMPLES, SAMPLE_RATE, AudioBlock, OffsetMap
+from edge.stt.policy import Backoff, RotationPolicy
 from edge.stt.replay import (
-    Backoff,
     RawResult,
     RawSpeechEvent,
     RawWord,
     ReplayBuffer,
-    RotationPolicy,
     Transcript,
     plain_word,
 )

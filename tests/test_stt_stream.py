@@ -27,7 +27,7 @@ from edge.protocol import ListenParams
 from edge.settings import load_settings
 from edge.stt.base import FLUSH, AudioItem, StreamConfig, TranscriptEvent
 from edge.stt.google import GoogleUpstream, create_upstream
-from edge.stt.replay import Backoff
+from edge.stt.policy import Backoff
 from edge.stt.stream import RunParams
 from tests.fakes.google_speech import FakeSpeech, ScriptWord, encode, fake_speech, utterances
 

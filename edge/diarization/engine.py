@@ -46,8 +46,6 @@ from collections import deque
 from enum import StrEnum
 from typing import Any
 
-import numpy as np
-
 from edge.clock import FRAME_SAMPLES, SAMPLE_RATE
 from edge.device import MB
 from edge.diarization import wire
@@ -263,7 +261,11 @@ class DiarizationEngine:
     def on_message(self, msg: wire.Message) -> None:
         m = msg.meta
         if msg.kind is Kind.FRAMES:
-            self._on_frames(m, msg.array)
+            s = self._streams.get(m["sid"])
+            if s is not None:  # else a stream dropped meanwhile
+                now = time.monotonic()
+                n, samples = s.on_frames(m["seq"], m["first"], msg.array, now)
+                self.report.step(now, m["compute_s"], samples / SAMPLE_RATE, n)
         elif msg.kind is Kind.CLOSED:
             s = self._streams.pop(m["sid"], None)
             if s is not None:
@@ -311,14 +313,6 @@ class DiarizationEngine:
         sid = f"{s.id}/{next(self._stream_no)}"
         self._streams[sid] = s
         s.admit(sid)
-
-    def _on_frames(self, m: dict[str, Any], probs: np.ndarray | None) -> None:
-        s = self._streams.get(m["sid"])
-        if s is None:  # a stream dropped meanwhile
-            return
-        now = time.monotonic()
-        n, samples = s.on_frames(m["seq"], m["first"], probs, now)
-        self.report.step(now, m["compute_s"], samples / SAMPLE_RATE, n)
 
     def _on_error(self, sid: str, reason: str) -> None:
         s = self._streams.pop(sid, None)

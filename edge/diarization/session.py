@@ -194,7 +194,7 @@ class DiarizerSession:
         if self._state is not C:
             return
         if self._sid is not None and self._worker.ready:
-            self._pump(final=True)
+            self._pump(flush=True)
             self._close_done = asyncio.get_running_loop().create_future()
             self._close_sent = time.monotonic()
             self._worker.send(Kind.CLOSE, {"sid": self._sid})
@@ -325,13 +325,13 @@ class DiarizerSession:
         if self._close_done is not None and not self._close_done.done():
             self._close_done.set_result(None)
 
-    def _pump(self, final: bool = False) -> None:
-        """Send this session's units while it has credit (all of them when `final`)."""
+    def _pump(self, flush: bool = False) -> None:
+        """Send this session's units while it has credit (all of them when `flush`)."""
         if self._sid is None or not self._worker.ready:
             return
         now = time.monotonic()
-        while final or self.feed.in_flight < self._max_inflight:
-            unit = self.feed.take_unit(flush=final, sent_at=now)
+        while flush or self.feed.in_flight < self._max_inflight:
+            unit = self.feed.take_unit(flush=flush, sent_at=now)
             if unit is None:
                 return
             self._worker.send(Kind.AUDIO, {"sid": self._sid, "seq": self.feed.last_seq}, unit)

@@ -26,7 +26,7 @@ from edge.health import Status
 from edge.metrics import Metrics
 from edge.settings import Settings
 from edge.stt.base import AudioItem, Capabilities, StreamConfig, TranscriptEvent
-from edge.stt.replay import Backoff
+from edge.stt.policy import Backoff
 from edge.stt.stream import Api, Hooks, RunParams, StreamRun
 
 log = logging.getLogger("edge.stt")

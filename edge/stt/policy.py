@@ -6,7 +6,8 @@ carried by an `Outcome`) decides, here and nowhere else, why the next call opens
 audio back (`probe`), how long to wait before it (backoff after failures in a row), and when
 to stop (a fatal error, or the audio ended and Google stayed unreachable for `end_timeout_s`).
 `CallState` is the life of one call, shared by its request generator and its reader;
-`PendingFlushes` the FLUSHes a run has yet to answer.
+`PendingFlushes` the FLUSHes a run has yet to answer. `RotationPolicy` says when a call is
+rotated before Google's per-call limit, `Backoff` how long to wait before reconnecting.
 
 Nothing here has a socket, a task or a clock: times come in as arguments, so every decision
 is unit-tested without a server (tests/test_stt_policy.py).
@@ -20,7 +21,44 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from edge.stt.replay import Backoff
+
+# --- when to rotate, how long to wait -------------------------------------------------------
+@dataclass(frozen=True)
+class RotationPolicy:
+    """Rotate a call before Google's per-call limit.
+
+    A call's age is the larger of the audio it was sent and the wall time it has been open:
+    for a live stream the two agree; when the session stalls, wall time still ends the call in
+    time (Google's limit is on wall time); when audio is replayed or fed faster than real time
+    (tests), audio time does. Past `rotate_s - quiet_s`, the next final result is a quiet
+    moment (an utterance just ended): rotate then. At `rotate_s`, rotate whatever is going on.
+    """
+
+    rotate_s: float
+    quiet_s: float
+
+    @classmethod
+    def for_limit(cls, rotate_s: float) -> RotationPolicy:
+        return cls(rotate_s=rotate_s, quiet_s=min(30.0, rotate_s / 5))
+
+    def due(self, audio_s: float, wall_s: float, *, after_final: bool) -> bool:
+        age = max(audio_s, wall_s)
+        return age >= self.rotate_s or (after_final and age >= self.rotate_s - self.quiet_s)
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with jitter ("equal jitter": half fixed, half random)."""
+
+    initial: float = 0.25
+    maximum: float = 8.0
+    multiplier: float = 2.0
+
+    def delay(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
+        """Seconds to wait before reconnect number `attempt` (1-based)."""
+        cap = min(self.maximum, self.initial * self.multiplier ** max(0, attempt - 1))
+        return cap / 2 + rand() * cap / 2
+
 
 # Why a call was cut or half-closed to start the next one (a metric label too).
 ROTATE = "rotate"
@@ -179,5 +217,5 @@ class PendingFlushes:
         return answered
 
 
-__all__ = ["MAX_PENDING_FLUSHES", "ROTATE", "CallEnd", "CallState", "Decision", "Outcome",
-           "PendingFlushes", "RetryPolicy", "check_transition"]
+__all__ = ["MAX_PENDING_FLUSHES", "ROTATE", "Backoff", "CallEnd", "CallState", "Decision", "Outcome",
+           "PendingFlushes", "RetryPolicy", "RotationPolicy", "check_transition"]

@@ -5,10 +5,10 @@ final result (`delivered_until`) onward. When a streaming call ends abnormally (
 rotation, a retryable error, Google's duration limit) the next call's first audio is that
 retained audio; each call remembers where the audio it was sent sits on the session clock (an
 `OffsetMap`, edge/clock.py), every offset it returns is mapped through that, a final word is
-delivered only if it ends after `delivered_until`, and `delivered_until` then advances to the final's end,
-dropping the audio before it. When a call ends *cleanly* (we half-closed it and Google answered
-everything), all the audio it was sent is covered, so `delivered_until` advances to the end of what it
-was sent.
+delivered only if it ends after `delivered_until`, and `delivered_until` then advances to the
+final's end, dropping the audio before it. When a call ends *cleanly* (we half-closed it and
+Google answered everything), all the audio it was sent is covered, so `delivered_until` advances
+to the end of what it was sent.
 
 Everything here is plain state and arithmetic on sample indices (16 kHz, the session clock):
 no sockets, no tasks, no clocks, so it is unit-tested without a server.
@@ -16,11 +16,10 @@ no sockets, no tasks, no clocks, so it is unit-tested without a server.
 
 from __future__ import annotations
 
-import random
 import re
 from bisect import bisect_right
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from edge.clock import MIN_BLOCK_SAMPLES, PCM_SAMPLE_BYTES, SAMPLE_RATE, AudioBlock, OffsetMap, to_samples
@@ -107,9 +106,10 @@ class ReplayBuffer:
     def push(self, block: AudioBlock) -> None:
         """Append audio. Overlap with audio already pushed is cut off (the clock never goes
         backwards); a gap is kept as a gap (the call's `OffsetMap` maps across it)."""
-        block = block.since(self.end)
-        if not block.samples:
-            return
+        if block.start < self.end:
+            block = block.since(self.end)
+            if not block.samples:
+                return
         last = self._blocks[-1] if self.blocks else None
         if last is not None and last.end == block.start and last.samples < MIN_BLOCK_SAMPLES:
             self._blocks[-1] = AudioBlock(last.start, last.pcm + block.pcm)
@@ -317,51 +317,11 @@ class Transcript:
         return TranscriptEvent(kind=kind, start=at, end=at)  # type: ignore[arg-type]
 
 
-# --- when to rotate, how long to wait -------------------------------------------------------
-@dataclass(frozen=True)
-class RotationPolicy:
-    """Rotate a call before Google's per-call limit.
-
-    A call's age is the larger of the audio it was sent and the wall time it has been open:
-    for a live stream the two agree; when the session stalls, wall time still ends the call in
-    time (Google's limit is on wall time); when audio is replayed or fed faster than real time
-    (tests), audio time does. Past `rotate_s - quiet_s`, the next final result is a quiet
-    moment (an utterance just ended): rotate then. At `rotate_s`, rotate whatever is going on.
-    """
-
-    rotate_s: float
-    quiet_s: float
-
-    @classmethod
-    def for_limit(cls, rotate_s: float) -> RotationPolicy:
-        return cls(rotate_s=rotate_s, quiet_s=min(30.0, rotate_s / 5))
-
-    def due(self, audio_s: float, wall_s: float, *, after_final: bool) -> bool:
-        age = max(audio_s, wall_s)
-        return age >= self.rotate_s or (after_final and age >= self.rotate_s - self.quiet_s)
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Exponential backoff with jitter ("equal jitter": half fixed, half random)."""
-
-    initial: float = 0.25
-    maximum: float = 8.0
-    multiplier: float = 2.0
-
-    def delay(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
-        """Seconds to wait before reconnect number `attempt` (1-based)."""
-        cap = min(self.maximum, self.initial * self.multiplier ** max(0, attempt - 1))
-        return cap / 2 + rand() * cap / 2
-
-
 __all__ = [
-    "Backoff",
     "RawResult",
     "RawSpeechEvent",
     "RawWord",
     "ReplayBuffer",
-    "RotationPolicy",
     "Transcript",
     "plain_word",
 ]

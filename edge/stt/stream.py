@@ -37,15 +37,18 @@ from typing import Any, Protocol
 
 from edge.clock import SAMPLE_RATE, AudioBlock, OffsetMap
 from edge.stt.base import AudioItem, StreamConfig, TranscriptEvent
-from edge.stt.policy import ROTATE, CallEnd, CallState, Outcome, PendingFlushes, RetryPolicy, check_transition
-from edge.stt.replay import (
+from edge.stt.policy import (
+    ROTATE,
     Backoff,
-    RawResult,
-    RawSpeechEvent,
-    ReplayBuffer,
+    CallEnd,
+    CallState,
+    Outcome,
+    PendingFlushes,
+    RetryPolicy,
     RotationPolicy,
-    Transcript,
+    check_transition,
 )
+from edge.stt.replay import RawResult, RawSpeechEvent, ReplayBuffer, Transcript
 
 log = logging.getLogger("edge.stt")
 

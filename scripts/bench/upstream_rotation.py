@@ -48,7 +48,7 @@ from edge.clock import SAMPLE_RATE, AudioBlock  # noqa: E402
 from edge.settings import load_settings  # noqa: E402
 from edge.stt.base import StreamConfig  # noqa: E402
 from edge.stt.google import create_upstream  # noqa: E402
-from edge.stt.replay import Backoff  # noqa: E402
+from edge.stt.policy import Backoff  # noqa: E402
 from scripts.bench.harness import emit  # noqa: E402
 from tests.fakes.google_speech import encode, fake_speech, utterances  # noqa: E402
 
