@@ -272,7 +272,7 @@ class Channel:
 
     def _run_final(self, start: float, end: float, *, from_finalize: bool) -> None:
         ev = TranscriptEvent(kind="result", start=start, end=end, is_final=True)
-        self.eos.final(self._results(ev, ([], None), from_finalize=from_finalize), (start, end))
+        self.eos.final(self._results(ev, from_finalize, labelled=([], None)), (start, end))
         self._release(self.eos.ready())
 
     def _send_turns(self, *, final: bool) -> None:
