@@ -263,7 +263,7 @@ class SessionAudio:
         else:
             columns = [samples[:, c] for c in range(channels)]
         converted = [self._resample(k, column, last=False) for k, column in enumerate(columns)]
-        return converted if tails is None else _cat(tails, converted)
+        return _cat(tails, converted)
 
     def _tails(self) -> list[np.ndarray]:
         return [self._resample(k, np.zeros(0, np.float32), last=True) for k in range(self.outputs)]

@@ -38,11 +38,7 @@ class UpstreamQueue:
         if block.samples < MIN_BLOCK_SAMPLES:
             self._held = block
             return []
-        try:  # the usual case inline; `_put` handles overflow
-            self._queue.put_nowait(block)
-            return []
-        except asyncio.QueueFull:
-            return self._put(block)
+        return self._put(block)
 
     def flush(self) -> list[AudioBlock]:
         """Queue the audio held back, then FLUSH (Deepgram's Finalize). Returns what was dropped."""

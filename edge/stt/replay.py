@@ -106,10 +106,9 @@ class ReplayBuffer:
     def push(self, block: AudioBlock) -> None:
         """Append audio. Overlap with audio already pushed is cut off (the clock never goes
         backwards); a gap is kept as a gap (the call's `OffsetMap` maps across it)."""
-        if block.start < self.end:
-            block = block.since(self.end)
-            if not block.samples:
-                return
+        block = block.since(self.end)
+        if not block.samples:
+            return
         last = self._blocks[-1] if self.blocks else None
         if last is not None and last.end == block.start and last.samples < MIN_BLOCK_SAMPLES:
             self._blocks[-1] = AudioBlock(last.start, last.pcm + block.pcm)
