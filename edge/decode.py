@@ -122,10 +122,6 @@ def _join(frames: list[av.AudioFrame], plane: int, width: int) -> bytes:
 # --- the streaming decoder ------------------------------------------------------------------
 
 
-class _Stop(Exception):
-    """Raised inside FFmpeg's read callback when the decoder is closed: unwinds the thread."""
-
-
 class _Pipe:
     """What FFmpeg reads from on the decoder thread: blocks until a chunk or the end arrives.
 
@@ -166,6 +162,10 @@ class _Pipe:
         with self.mutex:
             return self._eof and not self._buf
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
         with self.mutex:
             self._closed = True
@@ -174,13 +174,14 @@ class _Pipe:
     def read(self, n: int) -> bytes:
         while True:
             with self.mutex:
-                if self._closed:
-                    raise _Stop
-                if self._buf:
+                if self._buf and not self._closed:
                     out = bytes(self._buf[:n])
                     del self._buf[:n]
                     return out
-                if self._eof:
+                if self._eof or self._closed:
+                    # Closed: "end of file" lets FFmpeg unwind on its own. An exception
+                    # raised in this callback is printed by PyAV ("exception being
+                    # dropped", a traceback on stderr per session) before it propagates.
                     return b""
                 # Every byte given is used: "hungry" is decided under the lock (so it names
                 # the chunk just used up) but the loop's wake-up runs after releasing it.
@@ -347,14 +348,14 @@ class StreamDecoder:
                 self._run_packets()
             else:
                 self._run_container()
-        except _Stop:
-            pass
-        except DecodeError as exc:
-            self._error = exc
         except Exception as exc:  # FFmpeg's errors, or a PyAV bug: the loop must not wait
-            if not isinstance(exc, (av.FFmpegError, OSError, ValueError)):
+            if not isinstance(exc, (DecodeError, av.FFmpegError, OSError, ValueError)):
                 log.exception("decoder thread failed")
-            if self._pipe.ended and not self.decoded_samples:
+            if self._pipe.closed:
+                pass  # cut off by close() (its "end of file"): nobody listens, a stall stands
+            elif isinstance(exc, DecodeError):
+                self._error = exc
+            elif self._pipe.ended and not self.decoded_samples:
                 self._error = DecodeError(f"the {self.name} stream ended before any audio was"
                                           " decoded (truncated or empty)")
             else:
