@@ -34,7 +34,14 @@ takes ~0.5 ms); only a slower chunk is then awaited asynchronously. What remains
 session is libavcodec's Opus decode at 48 kHz (~30 us per 20 ms packet, the floor), one copy
 of the decoded frames per hand-off (`frames_pcm`; `AudioFrame.to_ndarray()` per frame costs
 more than the decode), the resampling to 16 kHz on the loop (`SessionAudio._decoded`, one
-call per hand-off) and two thread switches per hand-off. Measured start-up delay before the
+call per hand-off) and the thread switches of a hand-off: 8, traced with `perf record -e
+sched:sched_switch`, as the loop thread, woken on the decoder thread's core, pre-empts it and
+bounces off the GIL that thread still holds. Waking the loop through an eventfd instead
+(`os.eventfd_write` drops the GIL first) made that 4, with no CPU change measurable in paired
+runs (`scripts/bench/decode.py --paced`), so the simpler lock stays. Paced as real clients
+send, a session's decode costs about twice what it costs back to back: every hand-off finds
+the codec's, the thread's and the resampler's state cold (README "Limits (measured)").
+Measured start-up delay before the
 first audio: none for WebM/Ogg/MP3 beyond one piece; FLAC's demuxer reads ~24 KB first
 (about 0.5 s of 48 kHz audio), FFmpeg's WAV demuxer 64 KB, which is why WAV is parsed in
 edge/formats.py instead.
