@@ -1,14 +1,19 @@
 """One session's Google stream: calls opened, rotated and reconnected around a replay buffer.
 
-`StreamRun.run(audio)` is the upstream's `stream()` for one session. Three parts, one loop:
+A `StreamRun` is the upstream's `open_run()` for one session channel (the `UpstreamRun`
+contract, edge/stt/base.py). Three parts, one loop:
 
-- the *pump* moves the session's audio into the `ReplayBuffer` (bounded by EDGE_STT_REPLAY_S,
-  drop-oldest with lost-audio accounting) and never waits on Google;
+- the channel's `push()` puts the audio straight into the `ReplayBuffer`, in the task that
+  received it, and never waits on Google. The replay buffer is the run's one bound on audio
+  Google has not finalized: EDGE_STT_REPLAY_S, the oldest dropped, and what that loses is
+  reported at the next call boundary (an `error` event with `lost_s`; see replay.py).
+  `flush()` and `end()` are recorded at the buffer's end at once, so they keep their order
+  relative to the audio;
 - the *supervisor* opens one streaming call at a time; each call's request generator sends the
   buffer's audio in ~100 ms requests (never above Google's 25 KB) from the call's start cursor;
   its reader maps results onto the session clock (`Transcript`);
-- events go to the session through a bounded queue (`OUT_QUEUE`); when it is full the reader
-  waits (backpressure onto Google's stream, never onto the audio pump).
+- events go to the session through a bounded queue (`OUT_QUEUE`, read by `events()`); when it
+  is full the reader waits (backpressure onto Google's stream, never onto the audio).
 
 How a call ends (`policy.CallEnd`) decides where the next one starts; `policy.RetryPolicy`
 decides when, and why (the failures in a row, backoff, probing, giving up):
@@ -36,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from edge.clock import SAMPLE_RATE, AudioBlock, OffsetMap
-from edge.stt.base import AudioItem, StreamConfig, TranscriptEvent
+from edge.stt.base import StreamConfig, TranscriptEvent
 from edge.stt.policy import (
     ROTATE,
     Backoff,
@@ -140,33 +145,37 @@ class StreamRun:
         self._out: asyncio.Queue[Any] = asyncio.Queue(OUT_QUEUE)
         self._config_request: Any = None
 
-    # --- the session side ---
-    async def run(self, audio: AsyncIterator[AudioItem]) -> AsyncIterator[TranscriptEvent]:
-        """Consume `audio`, yield events until every final is out (or a fatal error)."""
-        pump = asyncio.create_task(self._pump(audio), name=f"stt-pump-{self.run_id}")
+    # --- the session side (the `UpstreamRun` contract) ---
+    def push(self, block: AudioBlock) -> None:
+        """Audio for Google, taken into the replay buffer now (overlap with audio already
+        pushed is cut off). Never waits; bounded by the buffer (the module docstring).
+        Ignored after `end()`."""
+        if not self.ended:
+            self.buffer.push(block)
+            self._notify()
+
+    def flush(self) -> None:
+        """Finalize everything pushed so far; `flushed` follows its finals. Ignored after `end()`."""
+        if not self.ended:
+            self.flushes.add(self.buffer.end)
+            self._notify()
+
+    def end(self) -> None:
+        """The end of the audio: the rest of the finals, then `events()` ends. Idempotent."""
+        self.ended = True
+        self._notify()
+
+    async def events(self) -> AsyncIterator[TranscriptEvent]:
+        """Run the calls; yield events until every final is out (or a fatal error). Closing
+        the iterator early cancels the call in progress."""
         work = asyncio.create_task(self._supervise(), name=f"stt-calls-{self.run_id}")
         try:
             while (item := await self._out.get()) is not _DONE:
                 yield item
         finally:
-            for task in (pump, work):
-                task.cancel()
-            await asyncio.gather(pump, work, return_exceptions=True)
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
             self.hooks.run_ended(self.run_id)
-
-    async def _pump(self, audio: AsyncIterator[AudioItem]) -> None:
-        try:
-            async for item in audio:
-                if isinstance(item, AudioBlock):
-                    self.buffer.push(item)
-                else:
-                    self.flushes.add(self.buffer.end)
-                self._notify()
-        except Exception:
-            log.exception("stt[%d]: the audio source failed; ending the stream", self.run_id)
-        finally:
-            self.ended = True
-            self._notify()
 
     def _notify(self) -> None:
         # Wake every waiter once: each waits on the event current when it checked.
