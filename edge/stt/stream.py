@@ -182,10 +182,6 @@ class StreamRun:
         event, self._changed = self._changed, asyncio.Event()
         event.set()
 
-    async def _emit(self, event: TranscriptEvent | None) -> None:
-        if event is not None:
-            await self._out.put(event)
-
     # --- the supervisor: one call after another ---
     async def _supervise(self) -> None:
         try:
@@ -193,8 +189,8 @@ class StreamRun:
         except Exception as exc:  # a bug, not Google: say so rather than hang the session
             log.exception("stt[%d]: upstream stream failed", self.run_id)
             self.hooks.call_failed(self.run_id, exc, "fatal")
-            await self._emit(TranscriptEvent(kind="error", fatal=True,
-                                             message=f"upstream failed: {exc!r}"))
+            await self._out.put(TranscriptEvent(kind="error", fatal=True,
+                                                message=f"upstream failed: {exc!r}"))
         await self._out.put(_DONE)
 
     async def _calls(self) -> None:
@@ -203,7 +199,7 @@ class StreamRun:
             self._config_request = self.api.config_request(self.config, diarize=self.diarize)
         except ValueError as exc:  # a config the API cannot take (v1 with language auto)
             self.hooks.call_failed(self.run_id, exc, "fatal")
-            await self._emit(TranscriptEvent(kind="error", fatal=True, message=str(exc)))
+            await self._out.put(TranscriptEvent(kind="error", fatal=True, message=str(exc)))
             return
         retry = RetryPolicy(self.params.backoff, self.params.probe_s, self.params.end_timeout_s)
         while True:
@@ -231,7 +227,7 @@ class StreamRun:
                                        or outcome.kind.value, outcome.kind.value)
             if decision.stop:  # FATAL: always a classified error
                 assert outcome.error is not None
-                await self._emit(TranscriptEvent(
+                await self._out.put(TranscriptEvent(
                     kind="error", fatal=True, message=f"upstream refused the stream: "
                     f"{type(outcome.error).__name__}: {_message(outcome.error)}"))
                 return
@@ -251,14 +247,14 @@ class StreamRun:
         pending = self._pending()
         for sample in self.flushes.answer(pending.start if pending is not None else None):
             pos = sample / SAMPLE_RATE
-            await self._emit(TranscriptEvent(kind="flushed", start=pos, end=pos))
+            await self._out.put(TranscriptEvent(kind="flushed", start=pos, end=pos))
 
     async def _report_lost(self, samples: int) -> None:
         if samples <= 0:
             return
         seconds = samples / SAMPLE_RATE
         self.hooks.audio_lost(self.run_id, seconds)
-        await self._emit(TranscriptEvent(
+        await self._out.put(TranscriptEvent(
             kind="error", lost_s=seconds,
             message=f"{seconds:.1f} s of audio not transcribed: the upstream outage outlasted "
                     f"the {self.params.replay_s:g} s replay buffer"))
@@ -326,10 +322,11 @@ class StreamRun:
                 results, speech = self.api.parse(response)
                 if speech is not None and self.config.vad_events:
                     for event in self.transcript.on_speech_event(speech, call.map):
-                        await self._emit(event)
+                        await self._out.put(event)
                 final = False
                 for result in results:
-                    await self._emit(self.transcript.on_result(result, call.map))
+                    if (event := self.transcript.on_result(result, call.map)) is not None:
+                        await self._out.put(event)
                     final = final or result.is_final
                 if (final and call.state is CallState.OPEN
                         and self.policy.due(call.map.audio_s, loop.time() - call.opened,
