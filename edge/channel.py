@@ -1,7 +1,7 @@
 """One channel of a `/v1/listen` session: audio -> upstream + local diarizer -> what it says.
 
 A session has one channel (mono, or downmixed), or one per input channel with Deepgram's
-`multichannel=true`; each is labelled on its own (its own upstream stream, diarizer session,
+`multichannel=true`; each is labelled on its own (its own upstream run, diarizer session,
 speaker numbers and end-of-speech decisions) and its messages carry `[index, count]`.
 
 What a channel does is its session's `Plan` (edge/plan.py). Its end-of-speech decisions

@@ -130,7 +130,7 @@ _DONE = object()
 
 
 class StreamRun:
-    """One session's upstream stream (see the module docstring)."""
+    """One session channel's upstream run (see the module docstring)."""
 
     def __init__(self, api: Api, client: Any, config: StreamConfig, *, diarize: bool,
                  params: RunParams, hooks: Hooks, run_id: int = 0) -> None:
