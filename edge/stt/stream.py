@@ -1,14 +1,12 @@
-"""One session's Google stream: calls opened, rotated and reconnected around a replay buffer.
+"""One upstream run: Google calls opened, rotated and reconnected around a replay buffer.
 
 A `StreamRun` is the upstream's `open_run()` for one session channel (the `UpstreamRun`
 contract, edge/stt/base.py). Three parts, one loop:
 
 - the channel's `push()` puts the audio straight into the `ReplayBuffer`, in the task that
-  received it, and never waits on Google. The replay buffer is the run's one bound on audio
-  Google has not finalized: EDGE_STT_REPLAY_S, the oldest dropped, and what that loses is
-  reported at the next call boundary (an `error` event with `lost_s`; see replay.py).
-  `flush()` and `end()` are recorded at the buffer's end at once, so they keep their order
-  relative to the audio;
+  received it: the run's one bound on audio Google has not finalized (EDGE_STT_REPLAY_S, the
+  oldest dropped, what that loses reported at the next call boundary; see replay.py).
+  `flush()` and `end()` are marked at the buffer's end at once: their order with the audio holds;
 - the *supervisor* opens one streaming call at a time; each call's request generator sends the
   buffer's audio in ~100 ms requests (never above Google's 25 KB) from the call's start cursor;
   its reader maps results onto the session clock (`Transcript`);
