@@ -55,10 +55,15 @@ FFMPEG_ENCODINGS = {
 }
 
 
+# soxr's "MQ" is 16-bit precision (stop band ~116 dB down, pass band flat to 7.5 kHz at
+# 16 kHz, as "HQ"): the output is int16, so HQ's 20 bits bought nothing and cost ~25 % more.
+RESAMPLE_QUALITY = "MQ"
+
+
 def _resampler(rate: int) -> soxr.ResampleStream | None:
     if rate == SAMPLE_RATE:
         return None
-    return soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
+    return soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32", quality=RESAMPLE_QUALITY)
 
 
 class SessionAudio:
@@ -281,8 +286,13 @@ class SessionAudio:
             if resampler is None:
                 return samples  # the common case (16 kHz linear16): exact, no float round trip
             samples = samples.astype(np.float32) / 32768.0
-        out = samples if resampler is None else resampler.resample_chunk(samples, last=last)
-        return np.clip(np.rint(out * 32768.0), -32768, 32767).astype(np.int16)
+        if resampler is None:
+            out = samples * np.float32(32768.0)
+        else:  # soxr's output is ours: scaled, rounded and clipped in place
+            out = resampler.resample_chunk(samples, last=last)
+            out *= np.float32(32768.0)
+        np.rint(out, out=out)
+        return np.clip(out, -32768, 32767, out=out).astype(np.int16)
 
     def _place(self, parts: list[np.ndarray] | None) -> list[AudioBlock]:
         if not parts:

@@ -34,7 +34,14 @@ takes ~0.5 ms); only a slower chunk is then awaited asynchronously. What remains
 session is libavcodec's Opus decode at 48 kHz (~30 us per 20 ms packet, the floor), one copy
 of the decoded frames per hand-off (`frames_pcm`; `AudioFrame.to_ndarray()` per frame costs
 more than the decode), the resampling to 16 kHz on the loop (`SessionAudio._decoded`, one
-call per hand-off) and two thread switches per hand-off. Measured start-up delay before the
+call per hand-off) and the thread switches of a hand-off: 8, traced with `perf record -e
+sched:sched_switch`, as the loop thread, woken on the decoder thread's core, pre-empts it and
+bounces off the GIL that thread still holds. Waking the loop through an eventfd instead
+(`os.eventfd_write` drops the GIL first) made that 4, with no CPU change measurable in paired
+runs (`scripts/bench/decode.py --paced`), so the simpler lock stays. Paced as real clients
+send, a session's decode costs about twice what it costs back to back: every hand-off finds
+the codec's, the thread's and the resampler's state cold (README "Limits (measured)").
+Measured start-up delay before the
 first audio: none for WebM/Ogg/MP3 beyond one piece; FLAC's demuxer reads ~24 KB first
 (about 0.5 s of 48 kHz audio), FFmpeg's WAV demuxer 64 KB, which is why WAV is parsed in
 edge/formats.py instead.
@@ -122,63 +129,73 @@ def _join(frames: list[av.AudioFrame], plane: int, width: int) -> bytes:
 # --- the streaming decoder ------------------------------------------------------------------
 
 
-class _Stop(Exception):
-    """Raised inside FFmpeg's read callback when the decoder is closed: unwinds the thread."""
-
-
 class _Pipe:
     """What FFmpeg reads from on the decoder thread: blocks until a chunk or the end arrives.
 
     Holds at most the one chunk the loop handed over (`StreamDecoder.feed` waits until it is
     consumed before handing over the next). Exposes only `read`, so PyAV treats it as a
-    non-seekable stream.
+    non-seekable stream. Two plain locks, no `threading.Condition` (whose every wait builds
+    a lock and runs a dozen Python lines, on each hand-off): `mutex` guards the state, and
+    `_ready`, held while there is nothing new, is released by whoever gives the thread
+    something (`put`, `end`, `close`, always under `mutex`); only the thread acquires it.
     """
 
     def __init__(self, on_hungry: Callable[[], Callable[[], None] | None]) -> None:
-        self._cond = threading.Condition()  # re-entrant: `lock` may be held around put()
-        self.lock = self._cond
+        self.mutex = threading.Lock()
+        self._ready = threading.Lock()
+        self._ready.acquire()
         self._buf = bytearray()
         self._eof = False
         self._closed = False
         self._on_hungry = on_hungry
 
     def put(self, data: bytes) -> None:
-        with self._cond:
-            self._buf += data
-            self._cond.notify()
+        """Add bytes for the thread. Call with `mutex` held."""
+        self._buf += data
+        self._signal()
+
+    def end(self) -> None:
+        """No more bytes will come. Call with `mutex` held."""
+        self._eof = True
+        self._signal()
+
+    def _signal(self) -> None:
+        if self._ready.locked():
+            self._ready.release()
 
     @property
     def ended(self) -> bool:
         """The end of input was reached (given, and every byte read)."""
-        with self._cond:
+        with self.mutex:
             return self._eof and not self._buf
 
-    def end(self) -> None:
-        with self._cond:
-            self._eof = True
-            self._cond.notify()
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def close(self) -> None:
-        with self._cond:
+        with self.mutex:
             self._closed = True
-            self._cond.notify()
+            self._signal()
 
     def read(self, n: int) -> bytes:
-        with self._cond:
-            # "Hungry" is decided under the lock (so it names the chunk just used up) but
-            # reported after releasing it: the loop, woken by the report, takes this lock
-            # next to hand over the following chunk.
-            wake = None if self._buf or self._eof or self._closed else self._on_hungry()
-        if wake is not None:
-            wake()
-        with self._cond:
-            while not self._buf and not self._eof and not self._closed:
-                self._cond.wait()
-            if self._closed:
-                raise _Stop
-            out = bytes(self._buf[:n])
-            del self._buf[:n]
-            return out
+        while True:
+            with self.mutex:
+                if self._buf and not self._closed:
+                    out = bytes(self._buf[:n])
+                    del self._buf[:n]
+                    return out
+                if self._eof or self._closed:
+                    # Closed: "end of file" lets FFmpeg unwind on its own. An exception
+                    # raised in this callback is printed by PyAV ("exception being
+                    # dropped", a traceback on stderr per session) before it propagates.
+                    return b""
+                # Every byte given is used: "hungry" is decided under the lock (so it names
+                # the chunk just used up) but the loop's wake-up runs after releasing it.
+                wake = self._on_hungry()
+            if wake is not None:
+                wake()
+            self._ready.acquire()  # until put/end/close: the GIL is released meanwhile
 
 
 class StreamDecoder:
@@ -201,7 +218,8 @@ class StreamDecoder:
         self.codec: str | None = None  # the audio codec, once the container named it
         self._packets = packets
         self._rate, self._channels = rate, channels
-        self._lock = threading.Lock()
+        self._pipe = _Pipe(self._hungry)
+        self._lock = self._pipe.mutex  # one lock for the pipe and the hand-off state
         self._out: list[Pcm] = []  # decoded, handed over at the next wake (under _lock)
         # Frames decoded by the thread since its last wake, in runs of one RunKey (thread-only).
         self._runs: list[tuple[RunKey, list[av.AudioFrame]]] = []
@@ -210,7 +228,6 @@ class StreamDecoder:
         self._idle = threading.Lock()  # released by the thread when it stops being busy
         self._waiter: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._pipe = _Pipe(self._hungry)
         self._thread: threading.Thread | None = None
         self._done = False
         self._since_audio = 0  # bytes fed since the last audio came out
@@ -220,7 +237,7 @@ class StreamDecoder:
     async def feed(self, data: bytes) -> list[Pcm]:
         """Decode `data`; returns the audio it completed. Raises DecodeError."""
         self._since_audio += len(data)
-        out = await self._exchange(lambda: self._pipe.put(data))
+        out = await self._exchange(data)
         if out:
             self._since_audio = 0
         elif self._since_audio > self.max_bytes_without_audio:
@@ -232,7 +249,7 @@ class StreamDecoder:
     async def finish(self) -> list[Pcm]:
         """End of input: the decoder's tail. Raises DecodeError (also for a stream that ended
         before any audio, e.g. a truncated header)."""
-        out = await self._exchange(self._pipe.end)
+        out = await self._exchange(None)
         if self.decoded_samples == 0 and not out:
             raise DecodeError(f"the {self.name} stream ended before any audio was decoded"
                               " (truncated or empty)")
@@ -242,8 +259,9 @@ class StreamDecoder:
         """Stop the thread at its next read (idempotent; never blocks)."""
         self._pipe.close()
 
-    async def _exchange(self, give: Callable[[], None]) -> list[Pcm]:
-        """Hand the thread one chunk (`give`) and return what it decoded from it. Waits up to
+    async def _exchange(self, data: bytes | None) -> list[Pcm]:
+        """Hand the thread one chunk (None: the end of input) and return what it decoded
+        from it. Waits up to
         HANDOFF_WAIT_S blocking, with the GIL released, which is all a chunk normally takes;
         only a slower chunk is awaited on the loop, up to `feed_timeout_s` in all."""
         if self._error is not None:
@@ -253,13 +271,15 @@ class StreamDecoder:
                                             daemon=True)
             self._thread.start()
         self._idle.acquire(blocking=False)  # held from here until the thread is hungry
-        # Busy flag and bytes go in together under the pipe's lock, so the thread's "hungry"
+        # Busy flag and bytes go in together under the one lock, so the thread's "hungry"
         # for an earlier state cannot end this chunk's hand-off before it saw the chunk.
-        with self._pipe.lock:
-            with self._lock:
-                self._busy = not self._done
+        with self._lock:
+            self._busy = not self._done
             if self._busy:
-                give()
+                if data is None:
+                    self._pipe.end()
+                else:
+                    self._pipe.put(data)
         blocking = min(HANDOFF_WAIT_S, self.feed_timeout_s)
         if self._busy and not self._idle.acquire(timeout=blocking):
             await self._await_hungry(self.feed_timeout_s - blocking)
@@ -293,27 +313,28 @@ class StreamDecoder:
 
     # --- decoder thread ---
     def _hungry(self) -> Callable[[], None] | None:
-        """Called on the thread (pipe lock held) when it has used every byte given:
+        """Called on the thread, `_lock` held, when it has used every byte given:
         publishes what it decoded, and returns the loop's wake-up to run once the lock is
         free (None when the loop is not awaiting)."""
-        pcm = [frames_pcm(frames, key) for key, frames in self._runs]
+        self._out += [frames_pcm(frames, key) for key, frames in self._runs]  # once per hand-off
         self._runs = []
-        with self._lock:
-            self._out += pcm  # published once per hand-off, not per frame
-            if not self._busy:
-                return None
-            # Not busy and `_idle` released in one step: the loop, seeing `_busy` False,
-            # relies on this hand-off's release being done (see `_exchange`).
-            self._busy = False
-            self._idle.release()
-            waiter, loop = self._waiter, self._loop
-            self._waiter = None
+        if not self._busy:
+            return None
+        # Not busy and `_idle` released in one step: the loop, seeing `_busy` False,
+        # relies on this hand-off's release being done (see `_exchange`).
+        self._busy = False
+        self._idle.release()
+        waiter, loop = self._waiter, self._loop
+        self._waiter = None
         if waiter is None or loop is None:
             return None
         return lambda: _wake_loop(loop, waiter)
 
-    def _wake(self) -> None:
-        wake = self._hungry()
+    def _end(self) -> None:
+        """The thread is done: publish the rest and wake the loop."""
+        with self._lock:
+            self._done = True
+            wake = self._hungry()
         if wake is not None:
             wake()
 
@@ -334,14 +355,14 @@ class StreamDecoder:
                 self._run_packets()
             else:
                 self._run_container()
-        except _Stop:
-            pass
-        except DecodeError as exc:
-            self._error = exc
         except Exception as exc:  # FFmpeg's errors, or a PyAV bug: the loop must not wait
-            if not isinstance(exc, (av.FFmpegError, OSError, ValueError)):
+            if not isinstance(exc, (DecodeError, av.FFmpegError, OSError, ValueError)):
                 log.exception("decoder thread failed")
-            if self._pipe.ended and not self.decoded_samples:
+            if self._pipe.closed:
+                pass  # cut off by close() (its "end of file"): nobody listens, a stall stands
+            elif isinstance(exc, DecodeError):
+                self._error = exc
+            elif self._pipe.ended and not self.decoded_samples:
                 self._error = DecodeError(f"the {self.name} stream ended before any audio was"
                                           " decoded (truncated or empty)")
             else:
@@ -350,9 +371,7 @@ class StreamDecoder:
                                           + (f" ({self.codec})" if self.codec else "")
                                           + f": {detail}")
         finally:
-            with self._lock:
-                self._done = True
-            self._wake()
+            self._end()
 
     def _run_container(self) -> None:
         options = {"probesize": "2048", "analyzeduration": "1"}
@@ -370,9 +389,8 @@ class StreamDecoder:
                                   "can decode")
             ctx = stream.codec_context
             self.codec = ctx.name
-            for packet in container.demux(stream):
-                for frame in ctx.decode(packet):
-                    self._take(frame)
+            for frame in container.decode(stream):  # demux + decode in PyAV's Cython loop
+                self._take(frame)
 
     def _run_packets(self) -> None:
         ctx: Any = av.CodecContext.create(self.fmt, "r")

@@ -94,6 +94,23 @@ async def test_a_stall_raises_and_the_thread_stops(tmp_path: Path) -> None:
 
 
 @needs_ffmpeg
+async def test_closing_mid_stream_ends_the_thread_quietly(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """A session's end closes its decoder while FFmpeg waits for bytes: the thread ends,
+    with no error and nothing on stderr (an exception raised in PyAV's read callback was
+    printed as "exception being dropped", a traceback per finished session)."""
+    data = make(tmp_path, "a.webm", "-c:a", "libopus", "-b:a", "32k", seconds=2.0)
+    decoder = StreamDecoder("matroska")
+    assert await decoder.feed(data[:len(data) // 2])
+    decoder.close()
+    assert decoder._thread is not None
+    decoder._thread.join(timeout=5)
+    assert not decoder._thread.is_alive()
+    assert decoder._error is None
+    assert capfd.readouterr().err == ""
+
+
+@needs_ffmpeg
 async def test_a_slow_chunk_is_awaited_without_holding_the_loop(tmp_path: Path) -> None:
     """A chunk whose decode outlasts HANDOFF_WAIT_S (here 60 s of Opus at once, tens of ms)
     is finished asynchronously: the loop keeps running meanwhile, and no audio is lost."""

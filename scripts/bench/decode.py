@@ -10,6 +10,15 @@ of audio (process CPU time, one session at a time, no daemon):
 
     python scripts/bench/decode.py --seconds 20 --rounds 7
 
+`--paced 1,8,32` instead runs N sessions at once on one event loop, each fed in real time
+(a 250 ms webm/opus piece every 250 ms, or a 100 ms linear16 frame every 100 ms), the two
+formats alternating, and splits the process's CPU into the loop thread's and the decoder
+threads' (getrusage), with context switches per hand-off. Back to back (above), the decoder's
+code and data stay in cache; paced, every hand-off starts cold and wakes two sleeping threads,
+as in the daemon.
+
+    python scripts/bench/decode.py --paced 1,8,32 --seconds 10 --rounds 3
+
 The audio is the server benchmark's (tone-coded words, libopus 32 kb/s, 250 ms pieces).
 Medians over rounds, the variants alternating within each round.
 """
@@ -20,6 +29,7 @@ import argparse
 import asyncio
 import io
 import os
+import resource
 import statistics
 import sys
 import time
@@ -103,14 +113,70 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+async def paced_step(chunks: list[bytes], period: float, streams: int) -> dict[str, float]:
+    """`streams` sessions fed `chunks` in real time on this loop: CPU in ms per second of
+    audio per stream (process, loop thread, the rest = decoder threads) and context switches
+    per chunk (voluntary + involuntary, whole process)."""
+    audios = [SessionAudio(None, 16000) for _ in range(streams)]
+
+    async def stream(audio: SessionAudio, offset: float) -> None:
+        await asyncio.sleep(offset)  # spread the sessions over one period, as clients are
+        t0 = time.monotonic()
+        for i, chunk in enumerate(chunks):
+            await audio.decode(chunk)
+            await asyncio.sleep(max(0.0, t0 + (i + 1) * period - time.monotonic()))
+
+    before = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_THREAD)
+    await asyncio.gather(*(stream(a, period * k / streams) for k, a in enumerate(audios)))
+    after = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_THREAD)
+    for audio in audios:  # after measuring: the decoder threads end here
+        audio.close()
+    cpu = [a.ru_utime + a.ru_stime - b.ru_utime - b.ru_stime
+           for a, b in zip(after, before, strict=True)]
+    switches = (after[0].ru_nvcsw + after[0].ru_nivcsw) - (before[0].ru_nvcsw + before[0].ru_nivcsw)
+    per = 1000 / (streams * len(chunks) * period)
+    return {"total": cpu[0] * per, "loop": cpu[1] * per, "threads": (cpu[0] - cpu[1]) * per,
+            "switches_per_chunk": switches / (streams * len(chunks))}
+
+
+def run_paced(args: argparse.Namespace) -> dict[str, Any]:
+    pcm, webm, _words = tone_signal(args.seconds)
+    feeds = {"linear16": ([pcm[i:i + 1600].tobytes() for i in range(0, len(pcm), 1600)], 0.1),
+             "webm_opus": ([piece for piece, _ in timed_pieces(webm, 0.25)], 0.25)}
+    counts = [int(n) for n in args.paced.split(",")]
+    got: dict[tuple[int, str], list[dict[str, float]]] = {(n, f): [] for n in counts for f in feeds}
+    load = [os.getloadavg()[0]]
+    for _ in range(args.rounds):
+        for n in counts:
+            for name, (chunks, period) in feeds.items():
+                got[n, name].append(asyncio.run(paced_step(chunks, period, n)))
+        load.append(os.getloadavg()[0])
+    steps = []
+    for n in counts:
+        step: dict[str, Any] = {"streams": n}
+        for name in feeds:
+            step[name] = {k: round(statistics.median(r[k] for r in got[n, name]), 3)
+                          for k in got[n, name][0]}
+        step["ratio_total"] = round(step["webm_opus"]["total"] / step["linear16"]["total"], 2)
+        steps.append(step)
+    return {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": {"cpus": os.cpu_count(), "load_avg_1m": [round(x, 2) for x in load]},
+        "audio_s": round(len(pcm) / 16000, 1),
+        "unit": "ms of CPU per second of audio per stream (medians over rounds)",
+        "paced": steps,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=20.0, help="audio per round")
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--paced", help="stream counts, e.g. 1,8,32: real-time sessions at once")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    emit(run(args), args.out)
+    emit(run_paced(args) if args.paced else run(args), args.out)
 
 
 if __name__ == "__main__":
