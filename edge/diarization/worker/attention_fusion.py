@@ -197,7 +197,19 @@ def _fuse_rel_pos(g: _Graph, softmax: onnx.NodeProto) -> bool:
     if tail is None or heads is None:
         return False
     v_name, reshape = tail
+    # NeMo crops the position term to the score matrix's width, read with Shape from the q·kᵀ
+    # product: that Shape would keep the product alive, so it is rebuilt from q and k.
+    shape_users = [n for n in g.consumers[ac.output[0]] if n.op_type == "Shape"]
+    if any(len(n.attribute) for n in shape_users):
+        return False
     hint = softmax.name.rsplit("/", 1)[0] or "attention"
+    if shape_users:
+        heads_first = g.const(hint, np.array([0, 2, 1], np.int64))
+        b_h_t = g.add("Gather", [g.add("Shape", [q_heads.input[0]], hint), heads_first], hint, axis=0)
+        t_k = g.add("Shape", [k_split.input[0]], hint, start=1, end=2)
+        for user in shape_users:  # [B, heads, T, T_k]
+            g.add("Concat", [b_h_t, t_k], hint, outputs=[user.output[0]], axis=0)
+            g.dropped.add(id(user))
     # bd / s, scaled on its [B, heads, T, d_k] operand: s·T·d_k values instead of heads·T·T.
     inv_s = g.const(hint, np.array(1.0 / s, np.float32))
     bd.input[0] = g.add("Mul", [bd.input[0], inv_s], hint)
