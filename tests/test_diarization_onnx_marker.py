@@ -107,6 +107,29 @@ def test_older_marker_falls_back_to_nemo_defaults_and_is_exported_again(
     assert again["sil_threshold"] == OVERRIDES["sil_threshold"]
 
 
+def test_marker_of_an_older_graph_warns_and_is_exported_again(
+        custom: tuple[Path, Any, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from edge.diarization.exports import GRAPH_VERSION, MARKER, export_dir, find_export
+    from edge.diarization.worker.export import export_model
+    from edge.diarization.worker.onnx_streaming import OnnxDiarizer
+
+    path, export, _ = custom
+    s = settings(tmp_path / "cache", nemo_diar_model_path=path)
+    folder = export_dir(s, path)
+    shutil.copytree(export.folder, folder, ignore=shutil.ignore_patterns("*.opt-*"))
+    marker = json.loads((folder / MARKER).read_text())
+    del marker["graph_version"]  # as `edge model export` wrote it before graph versions
+    (folder / MARKER).write_text(json.dumps(marker))
+    with caplog.at_level(logging.WARNING, logger="edge.diarization.worker"):
+        OnnxDiarizer(find_export(s, path, "fp32"), SMALL, threads=1)  # still usable
+    lines = [r.getMessage() for r in caplog.records if "graph version" in r.getMessage()]
+    assert len(lines) == 1 and f"graph version 1, this edge makes {GRAPH_VERSION}" in lines[0]
+    assert "edge model export" in lines[0]
+
+    assert export_model(s, path, progress=lambda _line: None).status == "exported"  # not "unchanged"
+    assert json.loads((folder / MARKER).read_text())["graph_version"] == GRAPH_VERSION
+
+
 @pytest.mark.parametrize(("key", "value", "why"), [
     ("sil_threshold", "high", "must be a finite number, got 'high'"),
     ("spkcache_sil_frames_per_spk", 2.5, "must be an integer, got 2.5"),

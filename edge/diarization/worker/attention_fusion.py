@@ -187,7 +187,8 @@ def _fuse_rel_pos(g: _Graph, softmax: onnx.NodeProto) -> bool:
     q_heads = g.op(ac.input[0], "Transpose", perm=HEADS_FIRST)
     k_heads = g.op(ac.input[1], "Transpose", perm=KEYS_LAST)
     k_split = g.op(k_heads.input[0], "Reshape") if k_heads is not None else None
-    bd = _rel_shift_product(g, bd_name)
+    found = _rel_shift_product(g, bd_name)
+    bd, nemo_shift = found if found is not None else (None, False)
     after = g.only_consumer(softmax.output[0], "Where")
     if (q_heads is None or k_split is None or bd is None or after is None
             or after.input[2] != softmax.output[0] or g.scalar(after.input[1]) != 0.0):
@@ -215,6 +216,8 @@ def _fuse_rel_pos(g: _Graph, softmax: onnx.NodeProto) -> bool:
     bd.input[0] = g.add("Mul", [bd.input[0], inv_s], hint)
     zero = g.const(hint, np.array(0.0, np.float32))
     mask_bias = g.add("Where", [masked.input[0], masked.input[1], zero], hint)
+    if nemo_shift:
+        bd_name = _rel_shift(g, bd.output[0], hint)
     bias = g.add("Add", [bd_name, mask_bias], hint)
     flat = g.const(hint, np.array([0, 0, -1], np.int64))
     query = g.add("Reshape", [q_heads.input[0], flat], hint)
@@ -269,19 +272,39 @@ def _split_sum(add: onnx.NodeProto, is_first: Callable[[str], bool]) -> tuple[st
     return (a, b) if is_first(a) else (b, a) if is_first(b) else None
 
 
-def _rel_shift_product(g: _Graph, name: str) -> onnx.NodeProto | None:
+def _rel_shift_product(g: _Graph, name: str) -> tuple[onnx.NodeProto, bool] | None:
     """The MatMul that NeMo's rel_shift (Pad, Reshape, Slice, Reshape) and the crop to T
-    (Slice) start from, walking up from `name`."""
+    (Slice) start from, walking up from `name`, and whether the chain is exactly that."""
+    chain = []
     for _ in range(8):
         node = g.producer.get(name)
         if node is None:
             return None
         if node.op_type == "MatMul":
-            return node
+            return node, chain == ["Slice", "Reshape", "Slice", "Reshape", "Pad"]
         if node.op_type not in ("Pad", "Reshape", "Slice"):
             return None
+        chain.append(node.op_type)
         name = node.input[0]
     return None
+
+
+def _rel_shift(g: _Graph, product: str, hint: str) -> str:
+    """NeMo's rel_shift of `product` [B, H, T, P = 2T-1] cropped to [B, H, T, T], in one copy
+    fewer: out[i, j] = product[i, T-1-i+j] is element T-1 + i·(P-1) + j of the flattened rows,
+    so a slice of the flat rows read with row stride P-1 (at least 1, for T = 1) and cropped
+    gives it, without NeMo's padded copy."""
+    i64 = lambda *v: g.const(hint, np.array(v, np.int64))  # noqa: E731
+    shape = g.add("Shape", [product], hint)
+    t = g.add("Gather", [shape, i64(2)], hint, axis=0)
+    width = g.add("Gather", [shape, i64(3)], hint, axis=0)
+    stride = g.add("Max", [g.add("Sub", [width, i64(1)], hint), i64(1)], hint)
+    start = g.add("Sub", [t, i64(1)], hint)
+    end = g.add("Add", [start, g.add("Mul", [t, stride], hint)], hint)
+    flat = g.add("Reshape", [product, i64(0, 0, -1)], hint)
+    rows = g.add("Slice", [flat, start, end, i64(2)], hint)
+    split = g.add("Reshape", [rows, g.add("Concat", [i64(0, 0), t, stride], hint, axis=0)], hint)
+    return g.add("Slice", [split, i64(0), t, i64(3)], hint)
 
 
 def _context_tail(g: _Graph, probs: str) -> tuple[str, onnx.NodeProto] | None:
