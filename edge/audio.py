@@ -4,7 +4,8 @@ The session clock is the number of 16 kHz samples produced since the session's f
 every time in the daemon (upstream offsets, diarizer frames, Results) is seconds on it.
 `SessionAudio.decode()` takes frames of any length and returns `AudioBlock`s placed on that
 clock, one per output channel. Raw encodings (linear16, linear32, mulaw, alaw) are decoded
-here with numpy, on the loop (microseconds per frame: `feed()`). WAV goes through
+here with numpy, on the loop (microseconds per frame: `feed()`); 16 kHz mono linear16 in
+whole samples is already the clock's PCM and is placed as it comes. WAV goes through
 `WavDecoder` (edge/formats.py, numpy, on the loop), containers and compressed codecs through
 one `StreamDecoder` (edge/decode.py, PyAV on its own thread); both give (samples, channels)
 at the source's rate. `_convert()` is the one place that averages the channels (or, with
@@ -24,7 +25,7 @@ from collections import deque
 import numpy as np
 import soxr
 
-from edge.clock import SAMPLE_RATE, AudioBlock
+from edge.clock import PCM_SAMPLE_BYTES, SAMPLE_RATE, AudioBlock
 from edge.decode import FEED_TIMEOUT_S, StreamDecoder
 from edge.formats import (
     ALAW,
@@ -90,6 +91,10 @@ class SessionAudio:
         self._width = RAW_SAMPLE_BYTES.get(encoding or "linear16", 2)
         self._frame = self._width * channels  # bytes of one interleaved raw sample frame
         self._carry = b""
+        # Raw audio that is already the clock's PCM (linear16, 16 kHz, mono): `feed` places a
+        # frame of whole samples as it is, with no decode, mix or resample step.
+        self._clock_pcm = (encoding or "linear16") == "linear16" and sample_rate == SAMPLE_RATE \
+            and channels == 1
         self._rate = sample_rate  # the rate the resamplers convert from
         self._resamplers = [_resampler(sample_rate) for _ in range(self.outputs)]
         self._sha = hashlib.sha256()
@@ -179,6 +184,8 @@ class SessionAudio:
         given); returns the new 16 kHz audio, one block per output channel (empty when none
         was produced)."""
         self._count(data)
+        if self._clock_pcm and not self._carry and not len(data) % PCM_SAMPLE_BYTES:
+            return self._place([np.frombuffer(data, dtype="<i2")])
         return self._place(self._raw(data))
 
     def flush(self) -> list[AudioBlock]:

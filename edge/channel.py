@@ -1,7 +1,7 @@
 """One channel of a `/v1/listen` session: audio -> upstream + local diarizer -> what it says.
 
 A session has one channel (mono, or downmixed), or one per input channel with Deepgram's
-`multichannel=true`; each is labelled on its own (its own upstream stream, diarizer session,
+`multichannel=true`; each is labelled on its own (its own upstream run, diarizer session,
 speaker numbers and end-of-speech decisions) and its messages carry `[index, count]`.
 
 What a channel does is its session's `Plan` (edge/plan.py). Its end-of-speech decisions
@@ -13,11 +13,11 @@ What a channel does is its session's `Plan` (edge/plan.py). Its end-of-speech de
   run of speech (pauses under `SEGMENT_GAP_S` inside it) is one final with no words, and its
   end counts as the last word's end.
 
-Queue (bounded): the upstream queue (edge/upstream_queue.py) holds `UPSTREAM_QUEUE_S` of audio;
-when the upstream task stalls the OLDEST audio is dropped, counted in
-`edge_queue_dropped{queue="upstream"}`, and the client gets an `Error` saying how many seconds
-went untranscribed. Held finals wait in the end-of-speech decisions, at most until the next
-result or `VOICE_LAG_S` of audio later. Speaker numbers for words: edge/speakers.py.
+Audio goes to the upstream run synchronously (`UpstreamRun.push`, in the receiving task): the
+run's own bound (Google's replay buffer, EDGE_STT_REPLAY_S, oldest dropped) is the only one on
+it, and audio it loses reaches the client as an `UPSTREAM_AUDIO_LOST` Error. Held finals wait
+in the end-of-speech decisions, at most until the next result or `VOICE_LAG_S` of audio later.
+Speaker numbers for words: edge/speakers.py.
 """
 
 from __future__ import annotations
@@ -42,8 +42,7 @@ from edge.plan import Plan
 from edge.protocol import ListenParams, ModelInfo
 from edge.settings import Settings
 from edge.speakers import SpeakerNumbers, label_words
-from edge.stt.base import TranscriptEvent, Upstream
-from edge.upstream_queue import UpstreamQueue
+from edge.stt.base import TranscriptEvent, Upstream, UpstreamRun
 
 if TYPE_CHECKING:
     from edge.diarization.engine import DiarizationEngine
@@ -89,8 +88,8 @@ class Channel:
         self.diar: DiarizerSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._upstream_task: asyncio.Task[None] | None = None
-        self._upstream_q = UpstreamQueue()
-        self._upstream_alive = ctx.upstream is not None and ctx.plan.upstream is not None
+        # The upstream run while it takes audio: None without one, and once it has ended.
+        self._run: UpstreamRun | None = None
         self._finalize_pending = 0
         self._finals_since_finalize = 0
         self._held_turns: deque[SpeakerTurn] = deque(maxlen=MAX_HELD_TURNS)
@@ -110,23 +109,29 @@ class Channel:
             else:
                 suffix = f"/{self.index}" if self.ref[1] > 1 else ""
                 self.diar = ctx.engine.open_session(ctx.request_id + suffix)
-        if self._upstream_alive:
-            self._upstream_task = asyncio.create_task(self._upstream_loop(), name="upstream")
-            self._tasks.append(self._upstream_task)
+        if ctx.upstream is not None and plan.upstream is not None:
+            try:
+                self._run = ctx.upstream.open_run(plan.upstream)
+            except Exception as exc:  # an upstream bug must not take the session down
+                self._upstream_failed(exc)
+            else:
+                self._upstream_task = asyncio.create_task(self._upstream_loop(self._run),
+                                                          name="upstream")
+                self._tasks.append(self._upstream_task)
         self._tasks.append(asyncio.create_task(self._tick_loop(), name="channel-tick"))
 
     def push(self, block: AudioBlock) -> None:
-        if self._upstream_alive:
-            self._dropped(self._upstream_q.push(block))
+        if self._run is not None:
+            self._run.push(block)
         if self.diar is not None:
             self.diar.push(block)
 
     def finalize(self) -> None:
         """Deepgram's Finalize: finals for everything so far, answered with from_finalize."""
-        if self._upstream_alive:
+        if self._run is not None:
             self._finalize_pending += 1
             self._finals_since_finalize = 0
-            self._dropped(self._upstream_q.flush())
+            self._run.flush()
             return
         if self.ctx.plan.voice == "sortformer":
             self._read_voice()
@@ -138,8 +143,8 @@ class Channel:
 
     async def finish(self, timeout: float) -> None:
         """The audio ended: every final, turn and end-of-speech decision still owed."""
-        if self._upstream_alive:
-            self._dropped(self._upstream_q.end())
+        if self._run is not None:
+            self._run.end()
         if self.diar is not None:
             with contextlib.suppress(Exception):
                 await self.diar.close()  # places the last frames and ends open turns
@@ -164,27 +169,18 @@ class Channel:
                 await self.diar.close()
 
     # --- the upstream ---
-    def _dropped(self, blocks: list[AudioBlock]) -> None:
-        """Count and report audio the upstream queue dropped (its overflow policy)."""
-        for dropped in blocks:
-            self.ctx.metrics.queue_dropped.labels("upstream").inc()
-            self.ctx.send(protocol.error_message(
-                "AUDIO_DROPPED",
-                f"upstream stalled: {dropped.end_s - dropped.start_s:.2f} s of audio at "
-                f"{dropped.start_s:.2f} s were not transcribed",
-            ))
-
-    async def _upstream_loop(self) -> None:
-        ctx = self.ctx
-        assert ctx.upstream is not None and ctx.plan.upstream is not None
+    async def _upstream_loop(self, run: UpstreamRun) -> None:
         try:
-            async for event in ctx.upstream.stream(self._upstream_q.items(), ctx.plan.upstream):
+            async for event in run.events():
                 await self._on_event(event)
         except Exception as exc:  # an upstream bug must not take the session down
-            log.exception("session %s: upstream failed", ctx.request_id)
-            self.ctx.send(protocol.error_message("UPSTREAM_FAILED", f"transcription stopped: {exc}"))
+            self._upstream_failed(exc)
         finally:
-            self._upstream_alive = False
+            self._run = None
+
+    def _upstream_failed(self, exc: Exception) -> None:
+        log.exception("session %s: upstream failed", self.ctx.request_id, exc_info=exc)
+        self.ctx.send(protocol.error_message("UPSTREAM_FAILED", f"transcription stopped: {exc}"))
 
     async def _on_event(self, ev: TranscriptEvent) -> None:
         p, eos = self.ctx.params, self.eos
@@ -220,7 +216,7 @@ class Channel:
                 self.ctx.metrics.upstream_lost_seconds.inc(ev.lost_s)
                 self.ctx.status.notice("upstream", f"session {self.ctx.request_id}: {ev.message}")
             if ev.fatal:
-                self._upstream_alive = False
+                self._run = None
 
     async def _on_final(self, ev: TranscriptEvent) -> None:
         if ev.words and self.diar is not None and self.ctx.plan.wait_for_labels:
@@ -241,7 +237,7 @@ class Channel:
             await asyncio.sleep(TICK_S)
             if self.ctx.plan.voice == "sortformer":
                 self._read_voice()
-            elif self._upstream_alive:
+            elif self._run is not None:
                 # Silence where the upstream says nothing: what it has had VOICE_LAG_S to hear.
                 self.eos.heard(self.ctx.audio.received_before(time.monotonic() - VOICE_LAG_S))
             self._release(self.eos.ready())

@@ -30,9 +30,9 @@ FRAME_S: Final = FRAME_SAMPLES / SAMPLE_RATE  # 0.08 s
 SLOTS: Final = 4  # Sortformer's output columns (a slot is not a speaker: see the timeline)
 # A slot is active in a frame when its probability is at or above this (>=, everywhere).
 ACTIVE_THRESHOLD: Final = 0.5
-# Blocks shorter than this (20 ms) are joined to their neighbour wherever blocks are held (the
-# upstream queue, the replay buffer), so that a count of held blocks bounds the audio they hold
-# however small the client's messages are.
+# Blocks shorter than this (20 ms) are joined to their neighbour where blocks are held (the
+# replay buffer), so that a count of held blocks bounds the audio they hold however small the
+# client's messages are.
 MIN_BLOCK_S: Final = 0.02
 MIN_BLOCK_SAMPLES: Final = round(SAMPLE_RATE * MIN_BLOCK_S)
 

@@ -7,7 +7,7 @@ A session is a small pipeline on one clock (session seconds):
 
 What it does is its `Plan` (edge/plan.py): one pure decision from the query, the settings and
 the upstream's capabilities. Queues and their overflow policies (all bounded):
-- per channel: the upstream queue and the diarizer's backlog (edge/channel.py);
+- per channel: the upstream run's replay buffer and the diarizer's backlog (edge/channel.py);
 - outbound queue (`OUTBOUND_MAX` messages): a client that stops reading fills it; the session
   is then closed with 1008 "client not reading" so it cannot hold memory or other sessions up.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 
 import numpy as np
@@ -113,3 +114,22 @@ def test_received_before_maps_wall_time_to_the_session_clock() -> None:
     assert audio.received_before(before - 1) == 0.0
     assert audio.received_before(middle) == pytest.approx(0.1)
     assert audio.received_before(time.monotonic()) == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("encoding", ["linear16", None])
+async def test_clock_rate_linear16_comes_out_as_the_bytes_sent(encoding: str | None) -> None:
+    # Whole-sample 16 kHz mono frames (declared, or sniffed as raw) are placed as they are:
+    # the same bytes, contiguous on the clock, counted and hashed as received.
+    pcm = np.random.default_rng(2).integers(-32768, 32768, 16000, dtype=np.int64).astype("<i2")
+    data = pcm.tobytes()
+    audio = SessionAudio(encoding, 16000)
+    out = b""
+    for i in range(0, len(data), 640):  # 20 ms frames
+        for block in await audio.decode(data[i:i + 640]):
+            assert block.start * 2 == len(out)
+            out += block.pcm
+    for block in await audio.finish():
+        out += block.pcm
+    assert out == data
+    assert audio.next_sample == 16000 and audio.received_bytes == len(data)
+    assert audio.sha256 == hashlib.sha256(data).hexdigest()

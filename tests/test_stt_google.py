@@ -20,7 +20,7 @@ from google.cloud import speech_v1, speech_v2
 from edge.clock import SAMPLE_RATE
 from edge.health import Status
 from edge.settings import load_settings
-from edge.stt.base import FLUSH, StreamConfig
+from edge.stt.base import StreamConfig
 from edge.stt.google import GoogleUpstream, capabilities, check, create_upstream
 from edge.stt.google_api import V1, V2, api_endpoint, classify
 from tests.helpers.daemon import ROOT
@@ -147,8 +147,7 @@ async def test_adc_credentials_and_project_make_a_regional_v2_upstream(
     assert type(upstream.credentials).__module__ == "google.oauth2.credentials"
     assert isinstance(upstream.api, V2)
     assert upstream.api.recognizer == "projects/room-project/locations/eu/recognizers/_"
-    events = upstream.stream(_no_audio(), StreamConfig(language="auto", model="chirp_3"))
-    await events.aclose()  # type: ignore[attr-defined]
+    upstream.open_run(StreamConfig(language="auto", model="chirp_3")).end()
     assert upstream._client.api_endpoint == "eu-speech.googleapis.com"  # TLS, with the ADC
     await upstream.close()
 
@@ -264,6 +263,3 @@ def test_errors_are_classified() -> None:
         assert classify(fatal("x")) == "fatal"
     assert classify(RuntimeError("a bug")) == "fatal"
 
-
-async def _no_audio() -> Any:
-    yield FLUSH

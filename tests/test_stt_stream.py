@@ -25,11 +25,12 @@ from edge.metrics import Metrics
 from edge.plan import plan_session
 from edge.protocol import ListenParams
 from edge.settings import load_settings
-from edge.stt.base import FLUSH, AudioItem, StreamConfig, TranscriptEvent
+from edge.stt.base import StreamConfig, TranscriptEvent
 from edge.stt.google import GoogleUpstream, create_upstream
 from edge.stt.policy import Backoff
 from edge.stt.stream import RunParams
 from tests.fakes.google_speech import FakeSpeech, ScriptWord, encode, fake_speech, utterances
+from tests.helpers.upstream import FLUSH, AudioItem, drive
 
 FAST = Backoff(initial=0.01, maximum=0.05)
 V2 = StreamConfig(language="auto", model="chirp_3", interim_results=True)
@@ -89,14 +90,23 @@ class Session:
 
     async def run(self, upstream: GoogleUpstream, audio: AsyncIterator[AudioItem],
                   config: StreamConfig = V2) -> Session:
-        async for event in upstream.stream(audio, config):
-            self.events.append(event)
-            if event.kind == "result" and event.is_final:
-                self.progress = max(self.progress, event.end)
-                self._changed.set()
-                self._changed = asyncio.Event()
-            elif event.kind == "result" and any(w.end <= self.progress for w in event.words):
-                self.interim_leaks.append(event)
+        """One run: `audio` pushed into it as a channel would (its own task), events collected
+        until the run ends. A failure in the `audio` script is raised here."""
+        run = upstream.open_run(config)
+        driver = asyncio.create_task(drive(run, audio))
+        try:
+            async for event in run.events():
+                self.events.append(event)
+                if event.kind == "result" and event.is_final:
+                    self.progress = max(self.progress, event.end)
+                    self._changed.set()
+                    self._changed = asyncio.Event()
+                elif event.kind == "result" and any(w.end <= self.progress for w in event.words):
+                    self.interim_leaks.append(event)
+        finally:
+            driver.cancel()  # a source that outlives the run (a fatal error) stops here
+            with contextlib.suppress(asyncio.CancelledError):
+                await driver
         return self
 
 
@@ -387,6 +397,49 @@ async def test_flush_finalizes_what_was_sent_then_says_flushed() -> None:
     assert g.fake.calls[0].outcome == "ok"  # half-closed, not cut
 
 
+async def test_a_flush_covers_exactly_the_audio_pushed_before_it() -> None:
+    # The whole session is pushed before the run's calls start: audio, flush, audio, end. The
+    # order of the pushes alone decides what the flush covers (no task in between to reorder).
+    pcm, script = encode(utterances(6))
+    mid = script[9].end  # between two words of the third utterance
+    async with google() as g:
+        run = g.upstream.open_run(V2)
+        run.push(AudioBlock(0, pcm[:mid * 2]))
+        run.flush()
+        run.push(AudioBlock(mid, pcm[mid * 2:]))
+        run.end()
+        events = [e async for e in run.events()]
+    [flushed] = [i for i, e in enumerate(events) if e.kind == "flushed"]
+    assert events[flushed].start == mid / SAMPLE_RATE
+    finals = [e for e in events if e.kind == "result" and e.is_final]
+    before = [w for e in events[:flushed] if e.kind == "result" and e.is_final for w in e.words]
+    assert_exact(before, script[:10])  # every word before the flush, and none after it
+    assert_exact([w for e in finals for w in e.words], script)
+    assert g.fake.calls[0].outcome == "ok" and g.fake.calls[0].audio_s == mid / SAMPLE_RATE
+
+
+async def test_the_replay_buffer_is_the_one_bound_on_pushed_audio() -> None:
+    # 20.5 s pushed at once, before any call could take it, with a 5 s replay buffer: the run
+    # holds the newest 5 s (no other queue holds more), reports the 15.5 s it dropped as lost,
+    # and transcribes the rest exactly (the bound falls on a word start: 0.5 s + 6 x 2.5 s).
+    replay_s = 5.0
+    pcm, script = encode(utterances(8, gap_s=0.5))
+    total_s = len(pcm) / 2 / SAMPLE_RATE
+    async with google(edge_stt_replay_s=replay_s) as g:
+        run = g.upstream.open_run(V2)
+        for pos in range(0, len(pcm) // 2, 1600):
+            run.push(AudioBlock(pos, pcm[pos * 2:(pos + 1600) * 2]))
+        assert run.buffer.retained_s == replay_s
+        run.end()
+        events = [e async for e in run.events()]
+    [lost] = [e for e in events if e.kind == "error"]
+    assert not lost.fatal and lost.lost_s == pytest.approx(total_s - replay_s)
+    assert g.counter("edge_upstream_lost_audio_seconds_total") == pytest.approx(total_s - replay_s)
+    kept = [w for w in script if w.start >= (total_s - replay_s) * SAMPLE_RATE]
+    assert len(kept) == 8
+    assert_exact([w for e in events if e.kind == "result" and e.is_final for w in e.words], kept)
+
+
 async def test_flush_with_nothing_pending_answers_at_once_and_the_end_drains() -> None:
     pcm, script = encode(utterances(2, gap_s=0.6)[:-1])  # ends mid-utterance: no final silence
     async with google() as g:
@@ -428,11 +481,14 @@ async def test_v1_with_language_auto_is_a_clear_fatal_error() -> None:
 async def test_closing_the_stream_early_cancels_the_call() -> None:
     pcm, _ = encode(utterances(20))
     async with google() as g:
-        events = g.upstream.stream(feed(pcm), V2)
+        run = g.upstream.open_run(V2)
+        driver = asyncio.create_task(drive(run, feed(pcm)))
+        events = run.events()
         async for event in events:
             if event.kind == "result" and event.is_final:
                 break
         await events.aclose()  # type: ignore[attr-defined]
+        driver.cancel()
         await eventually(lambda: g.fake.calls[-1].outcome != "open")
     assert g.fake.calls[-1].outcome == "cancelled"
 

@@ -2,34 +2,29 @@
 
 An upstream turns a session's audio into transcript events:
 
-    stream(audio, config) -> async iterator of TranscriptEvent
+    open_run(config) -> UpstreamRun: push(block), flush(), end(); events() -> TranscriptEvents
     capabilities(model, language) -> Capabilities(diarization: bool, reason)
 
-`audio` yields `AudioBlock`s (16 kHz mono linear16 on the session clock, edge/clock.py) and
-`FLUSH` markers. A `FLUSH` asks the upstream to finalize everything received so far
+The channel calls the run's `push`/`flush`/`end` in the task that receives the audio: they
+never wait and never raise, and the run takes them in the order they are called (a flush
+covers exactly the audio pushed before it). Blocks are 16 kHz mono linear16 on the session
+clock (edge/clock.py). `flush()` asks the upstream to finalize everything pushed so far
 (Deepgram's `Finalize`): it answers with the finals for that audio and then one
-`TranscriptEvent(kind="flushed")`.
-When `audio` ends (CloseStream), the upstream emits every remaining final and then ends.
-All times in events are seconds on the session clock (since the session's first sample).
+`TranscriptEvent(kind="flushed")`. After `end()` (CloseStream) the upstream emits every
+remaining final and then `events()` ends; audio pushed after `end()` is ignored.
+The run holds the audio it has not finalized within ONE bound of its own, dropping the oldest
+and reporting what that loses as an `error` event with `lost_s` (Google's: the replay buffer,
+edge/stt/replay.py). All times in events are seconds on the session clock.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Final, Literal, Protocol
+from typing import Literal, Protocol
 
 # The audio an upstream takes is on the session clock; its types live with the clock.
 from edge.clock import SAMPLE_RATE, AudioBlock
-
-
-class _Flush:
-    def __repr__(self) -> str:
-        return "FLUSH"
-
-
-FLUSH: Final = _Flush()
-AudioItem = AudioBlock | _Flush
 
 
 @dataclass(frozen=True)
@@ -73,9 +68,10 @@ class TranscriptEvent:
     kind="result": a transcript (interim unless `is_final`; whether a final ends speech is
     the session's decision, edge/endpoint.py). kind="speech_started"/"speech_ended": voice
     activity at `start`.
-    kind="flushed": everything before a FLUSH has been delivered. kind="error": `message`
-    says what went wrong; `fatal` means the upstream ended for this session; `lost_s` counts
-    audio that will never be transcribed (an outage longer than the replay buffer).
+    kind="flushed": everything pushed before a `flush()` has been delivered.
+    kind="error": `message` says what went wrong; `fatal` means the upstream ended for this
+    session; `lost_s` counts audio that will never be transcribed (dropped by the run's bound:
+    an outage longer than the replay buffer).
     """
 
     kind: EventKind
@@ -91,26 +87,35 @@ class TranscriptEvent:
     lost_s: float = 0.0
 
 
+class UpstreamRun(Protocol):
+    """One session's audio in, its transcript events out (see the module docstring)."""
+
+    def push(self, block: AudioBlock) -> None: ...  # never waits; bounded (drops the oldest)
+
+    def flush(self) -> None: ...  # finalize what was pushed so far, then say "flushed"
+
+    def end(self) -> None: ...  # the end of the audio: the rest of the finals, then stop
+
+    def events(self) -> AsyncIterator[TranscriptEvent]: ...  # iterate once; closing it cancels
+
+
 class Upstream(Protocol):
-    """A speech-to-text service. One instance per daemon; one `stream()` per session."""
+    """A speech-to-text service. One instance per daemon; one `open_run()` per session channel."""
 
     def capabilities(self, model: str, language: str) -> Capabilities: ...
 
-    def stream(
-        self, audio: AsyncIterator[AudioItem], config: StreamConfig
-    ) -> AsyncIterator[TranscriptEvent]: ...
+    def open_run(self, config: StreamConfig) -> UpstreamRun: ...
 
     async def close(self) -> None: ...
 
 
 __all__ = [
-    "FLUSH",
     "SAMPLE_RATE",  # re-exported from edge.clock (its one definition)
     "AudioBlock",  # re-exported from edge.clock (its one definition)
-    "AudioItem",
     "Capabilities",
     "StreamConfig",
     "TranscriptEvent",
     "Upstream",
+    "UpstreamRun",
     "Word",
 ]

@@ -4,7 +4,7 @@ Wiring (the composition root):
 
     upstream = await create_upstream(settings, status, metrics)  # sets the `upstream` check
     # None -> no credentials / EDGE_STT_API=none: sessions run diarization-only
-    events = upstream.stream(audio_items, config)  # per session: async iterator of events
+    run = upstream.open_run(config)  # per session channel: run.push(block) ...; run.events()
     await upstream.close()  # at shutdown, after the sessions
 
 Nothing here imports grpc or the google packages at module level: they load in
@@ -18,14 +18,14 @@ import contextlib
 import itertools
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from edge.health import Status
 from edge.metrics import Metrics
 from edge.settings import Settings
-from edge.stt.base import AudioItem, Capabilities, StreamConfig, TranscriptEvent
+from edge.stt.base import Capabilities, StreamConfig
 from edge.stt.policy import Backoff
 from edge.stt.stream import Api, Hooks, RunParams, StreamRun
 
@@ -72,17 +72,16 @@ class GoogleUpstream(Hooks):
     def capabilities(self, model: str, language: str) -> Capabilities:
         return capabilities(self.api.name, model, language)
 
-    def stream(self, audio: AsyncIterator[AudioItem], config: StreamConfig
-               ) -> AsyncIterator[TranscriptEvent]:
-        """Transcribe one session's audio; see `edge.stt.stream.StreamRun`. Never raises for
-        Google's errors: they become `error` events (fatal=True when the stream ends)."""
+    def open_run(self, config: StreamConfig) -> StreamRun:
+        """The upstream run for one session channel (`edge.stt.stream.StreamRun`). Call it
+        inside the running loop. Never raises for Google's errors: they become `error` events
+        (fatal=True when the run ends)."""
         if self._client is None:
             # Created here, inside the running loop its grpc.aio channel will belong to.
             self._client = self.api.client(endpoint=self.endpoint, insecure=self.insecure,
                                            credentials=self.credentials)
-        run = StreamRun(self.api, self._client, config, diarize=config.diarize, params=self.params,
-                        hooks=self, run_id=next(self._ids))
-        return run.run(audio)
+        return StreamRun(self.api, self._client, config, diarize=config.diarize,
+                         params=self.params, hooks=self, run_id=next(self._ids))
 
     async def close(self) -> None:
         if self._client is not None:

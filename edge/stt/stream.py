@@ -1,14 +1,17 @@
-"""One session's Google stream: calls opened, rotated and reconnected around a replay buffer.
+"""One upstream run: Google calls opened, rotated and reconnected around a replay buffer.
 
-`StreamRun.run(audio)` is the upstream's `stream()` for one session. Three parts, one loop:
+A `StreamRun` is the upstream's `open_run()` for one session channel (the `UpstreamRun`
+contract, edge/stt/base.py). Three parts, one loop:
 
-- the *pump* moves the session's audio into the `ReplayBuffer` (bounded by EDGE_STT_REPLAY_S,
-  drop-oldest with lost-audio accounting) and never waits on Google;
+- the channel's `push()` puts the audio straight into the `ReplayBuffer`, in the task that
+  received it: the run's one bound on audio Google has not finalized (EDGE_STT_REPLAY_S, the
+  oldest dropped, what that loses reported at the next call boundary; see replay.py).
+  `flush()` and `end()` are marked at the buffer's end at once: their order with the audio holds;
 - the *supervisor* opens one streaming call at a time; each call's request generator sends the
   buffer's audio in ~100 ms requests (never above Google's 25 KB) from the call's start cursor;
   its reader maps results onto the session clock (`Transcript`);
-- events go to the session through a bounded queue (`OUT_QUEUE`); when it is full the reader
-  waits (backpressure onto Google's stream, never onto the audio pump).
+- events go to the session through a bounded queue (`OUT_QUEUE`, read by `events()`); when it
+  is full the reader waits (backpressure onto Google's stream, never onto the audio).
 
 How a call ends (`policy.CallEnd`) decides where the next one starts; `policy.RetryPolicy`
 decides when, and why (the failures in a row, backoff, probing, giving up):
@@ -36,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from edge.clock import SAMPLE_RATE, AudioBlock, OffsetMap
-from edge.stt.base import AudioItem, StreamConfig, TranscriptEvent
+from edge.stt.base import StreamConfig, TranscriptEvent
 from edge.stt.policy import (
     ROTATE,
     Backoff,
@@ -125,7 +128,7 @@ _DONE = object()
 
 
 class StreamRun:
-    """One session's upstream stream (see the module docstring)."""
+    """One session channel's upstream run (see the module docstring)."""
 
     def __init__(self, api: Api, client: Any, config: StreamConfig, *, diarize: bool,
                  params: RunParams, hooks: Hooks, run_id: int = 0) -> None:
@@ -140,42 +143,42 @@ class StreamRun:
         self._out: asyncio.Queue[Any] = asyncio.Queue(OUT_QUEUE)
         self._config_request: Any = None
 
-    # --- the session side ---
-    async def run(self, audio: AsyncIterator[AudioItem]) -> AsyncIterator[TranscriptEvent]:
-        """Consume `audio`, yield events until every final is out (or a fatal error)."""
-        pump = asyncio.create_task(self._pump(audio), name=f"stt-pump-{self.run_id}")
+    # --- the session side (the `UpstreamRun` contract) ---
+    def push(self, block: AudioBlock) -> None:
+        """Audio for Google, taken into the replay buffer now (overlap with audio already
+        pushed is cut off). Never waits; bounded by the buffer (the module docstring).
+        Ignored after `end()`."""
+        if not self.ended:
+            self.buffer.push(block)
+            self._notify()
+
+    def flush(self) -> None:
+        """Finalize everything pushed so far; `flushed` follows its finals. Ignored after `end()`."""
+        if not self.ended:
+            self.flushes.add(self.buffer.end)
+            self._notify()
+
+    def end(self) -> None:
+        """The end of the audio: the rest of the finals, then `events()` ends. Idempotent."""
+        self.ended = True
+        self._notify()
+
+    async def events(self) -> AsyncIterator[TranscriptEvent]:
+        """Run the calls; yield events until every final is out (or a fatal error). Closing
+        the iterator early cancels the call in progress."""
         work = asyncio.create_task(self._supervise(), name=f"stt-calls-{self.run_id}")
         try:
             while (item := await self._out.get()) is not _DONE:
                 yield item
         finally:
-            for task in (pump, work):
-                task.cancel()
-            await asyncio.gather(pump, work, return_exceptions=True)
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
             self.hooks.run_ended(self.run_id)
-
-    async def _pump(self, audio: AsyncIterator[AudioItem]) -> None:
-        try:
-            async for item in audio:
-                if isinstance(item, AudioBlock):
-                    self.buffer.push(item)
-                else:
-                    self.flushes.add(self.buffer.end)
-                self._notify()
-        except Exception:
-            log.exception("stt[%d]: the audio source failed; ending the stream", self.run_id)
-        finally:
-            self.ended = True
-            self._notify()
 
     def _notify(self) -> None:
         # Wake every waiter once: each waits on the event current when it checked.
         event, self._changed = self._changed, asyncio.Event()
         event.set()
-
-    async def _emit(self, event: TranscriptEvent | None) -> None:
-        if event is not None:
-            await self._out.put(event)
 
     # --- the supervisor: one call after another ---
     async def _supervise(self) -> None:
@@ -184,8 +187,8 @@ class StreamRun:
         except Exception as exc:  # a bug, not Google: say so rather than hang the session
             log.exception("stt[%d]: upstream stream failed", self.run_id)
             self.hooks.call_failed(self.run_id, exc, "fatal")
-            await self._emit(TranscriptEvent(kind="error", fatal=True,
-                                             message=f"upstream failed: {exc!r}"))
+            await self._out.put(TranscriptEvent(kind="error", fatal=True,
+                                                message=f"upstream failed: {exc!r}"))
         await self._out.put(_DONE)
 
     async def _calls(self) -> None:
@@ -194,7 +197,7 @@ class StreamRun:
             self._config_request = self.api.config_request(self.config, diarize=self.diarize)
         except ValueError as exc:  # a config the API cannot take (v1 with language auto)
             self.hooks.call_failed(self.run_id, exc, "fatal")
-            await self._emit(TranscriptEvent(kind="error", fatal=True, message=str(exc)))
+            await self._out.put(TranscriptEvent(kind="error", fatal=True, message=str(exc)))
             return
         retry = RetryPolicy(self.params.backoff, self.params.probe_s, self.params.end_timeout_s)
         while True:
@@ -222,7 +225,7 @@ class StreamRun:
                                        or outcome.kind.value, outcome.kind.value)
             if decision.stop:  # FATAL: always a classified error
                 assert outcome.error is not None
-                await self._emit(TranscriptEvent(
+                await self._out.put(TranscriptEvent(
                     kind="error", fatal=True, message=f"upstream refused the stream: "
                     f"{type(outcome.error).__name__}: {_message(outcome.error)}"))
                 return
@@ -242,14 +245,14 @@ class StreamRun:
         pending = self._pending()
         for sample in self.flushes.answer(pending.start if pending is not None else None):
             pos = sample / SAMPLE_RATE
-            await self._emit(TranscriptEvent(kind="flushed", start=pos, end=pos))
+            await self._out.put(TranscriptEvent(kind="flushed", start=pos, end=pos))
 
     async def _report_lost(self, samples: int) -> None:
         if samples <= 0:
             return
         seconds = samples / SAMPLE_RATE
         self.hooks.audio_lost(self.run_id, seconds)
-        await self._emit(TranscriptEvent(
+        await self._out.put(TranscriptEvent(
             kind="error", lost_s=seconds,
             message=f"{seconds:.1f} s of audio not transcribed: the upstream outage outlasted "
                     f"the {self.params.replay_s:g} s replay buffer"))
@@ -317,10 +320,11 @@ class StreamRun:
                 results, speech = self.api.parse(response)
                 if speech is not None and self.config.vad_events:
                     for event in self.transcript.on_speech_event(speech, call.map):
-                        await self._emit(event)
+                        await self._out.put(event)
                 final = False
                 for result in results:
-                    await self._emit(self.transcript.on_result(result, call.map))
+                    if (event := self.transcript.on_result(result, call.map)) is not None:
+                        await self._out.put(event)
                     final = final or result.is_final
                 if (final and call.state is CallState.OPEN
                         and self.policy.due(call.map.audio_s, loop.time() - call.opened,

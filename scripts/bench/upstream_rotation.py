@@ -82,20 +82,25 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         fed_end: list[int] = []  # session sample just past each block, and when it was fed
         fed_at: list[float] = []
 
-        async def audio() -> Any:
+        stream_run = upstream.open_run(StreamConfig(language="auto", model="chirp_3"))
+
+        async def audio() -> None:
             t0 = loop.time()
             for pos in range(0, len(pcm) // 2, block):
                 await asyncio.sleep(max(0.0, t0 + pos / SAMPLE_RATE / args.speed - loop.time()))
                 piece = AudioBlock(pos, pcm[pos * 2:(pos + block) * 2])
                 fed_end.append(piece.end)
                 fed_at.append(loop.time())
-                yield piece
+                stream_run.push(piece)
+            stream_run.end()
 
         finals: list[tuple[float, float, list[Any]]] = []  # (received, result end, words)
         started = time.monotonic()
-        async for event in upstream.stream(audio(), StreamConfig(language="auto", model="chirp_3")):
+        source = asyncio.create_task(audio())
+        async for event in stream_run.events():
             if event.kind == "result" and event.is_final:
                 finals.append((loop.time(), event.end, list(event.words)))
+        await source
         wall_s = time.monotonic() - started
         await upstream.close()
 
