@@ -6,13 +6,14 @@ transposes into heads, the score products, scaling, masking with `Where`, softma
 probabilities again, the context product and the transposes back. ONNX Runtime runs each one as
 a separate pass over a [B, heads, T, T] tensor; its contrib `MultiHeadAttention` (domain
 `com.microsoft`) takes the projected query, key and value [B, T, D] and does the whole block in
-one kernel. ONNX Runtime's own transformer optimizer does not recognise NeMo's blocks (measured
-last session: it fused only SkipLayerNorm), so they are matched here:
+one kernel. ONNX Runtime's own transformer optimizer does not recognise NeMo's blocks (its
+`conformer` model type fused only SkipLayerNorm here), so they are matched here:
 
 - the FastConformer's relative-position attention (`RelPositionMultiHeadAttention`):
-  softmax((q + u)·kᵀ + rel_shift((q + v)·pᵀ)) / √d_k, masked. The position term, with its
-  rel_shift, stays as it is and becomes the kernel's `attention_bias`, scaled by 1/√d_k
-  before its product (on the [B, T, heads, d_k] side, not the [B, heads, T, T] one);
+  softmax((q + u)·kᵀ + rel_shift((q + v)·pᵀ)) / √d_k, masked. The position term becomes the
+  kernel's `attention_bias`: scaled by 1/√d_k before its product (on the [B, T, heads, d_k]
+  side, not the [B, heads, T, T] one), NeMo's rel_shift done as one strided slice
+  (`_rel_shift`);
 - the Transformer's plain attention (`MultiHeadAttention` of NeMo's transformer modules):
   softmax(q/c · (k/c)ᵀ + additive mask).
 
