@@ -13,6 +13,7 @@ import pytest
 
 from edge.diarization.exports import (
     FEATURES_FILE,
+    GRAPH_VERSION,
     INPUTS,
     MARKER,
     ONNX_FILES,
@@ -78,13 +79,15 @@ def test_export_writes_the_files_and_the_marker(exported: tuple[Any, Any, list[s
     assert sorted(p.name for p in result.folder.iterdir()) == sorted(
         ["model.onnx", "model.int8.onnx", FEATURES_FILE, MARKER])
     assert [line.split(" ")[0] for line in lines] == [
-        "loading", "exporting", "verifying", "fp32", "quantizing", "int8:", "exported"]
+        "loading", "exporting", "fused", "verifying", "fp32", "quantizing", "int8:", "exported"]
+    assert lines[2].startswith("fused 2 relative-position and 2 plain attention blocks")
     assert result.max_abs_diff is not None and result.max_abs_diff <= 1e-4
     marker = json.loads((result.folder / MARKER).read_text())
     assert set(marker) >= {"source_sha256", "source_name", "versions", "opset", "inputs", "outputs",
                            "features", "streaming", "files", "created"}
     assert marker["source_sha256"] == file_sha256(tiny) and marker["source_name"] == tiny.name
     assert set(marker["versions"]) == {"nemo", "torch", "onnx", "onnxruntime"}
+    assert marker["graph_version"] == GRAPH_VERSION
     assert marker["opset"] == 17 and marker["inputs"] == list(INPUTS) and marker["outputs"] == list(OUTPUTS)
     for name, meta in marker["files"].items():
         assert meta == file_entry(result.folder / name)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,21 +78,32 @@ def test_runtime_uses_the_markers_constants_and_equals_nemo(custom: tuple[Path, 
     assert diff <= 1e-3
 
 
-def test_older_marker_falls_back_to_nemo_defaults_and_is_exported_again(
-        custom: tuple[Path, Any, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from edge.diarization.exports import MARKER, export_dir, find_export
-    from edge.diarization.worker.export import export_model
-    from edge.diarization.worker.onnx_streaming import OnnxDiarizer
-    from edge.diarization.worker.speaker_cache import AOSC_NAMES, CacheParams
+def older_export(custom: tuple[Path, Any, Any], tmp_path: Path, edit: Callable[[dict[str, Any]], Any]
+                 ) -> tuple[Any, Path]:
+    """A copy of `custom`'s export where a daemon with cache `tmp_path/cache` finds it, its
+    marker changed by `edit` as an older `edge model export` wrote it; (settings, folder)."""
+    from edge.diarization.exports import MARKER, export_dir
 
     path, export, _ = custom
     s = settings(tmp_path / "cache", nemo_diar_model_path=path)
     folder = export_dir(s, path)
     shutil.copytree(export.folder, folder, ignore=shutil.ignore_patterns("*.opt-*"))
     marker = json.loads((folder / MARKER).read_text())
-    for name in AOSC_NAMES:
-        del marker["streaming"][name]
+    edit(marker)
     (folder / MARKER).write_text(json.dumps(marker))
+    return s, folder
+
+
+def test_older_marker_falls_back_to_nemo_defaults_and_is_exported_again(
+        custom: tuple[Path, Any, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from edge.diarization.exports import MARKER, find_export
+    from edge.diarization.worker.export import export_model
+    from edge.diarization.worker.onnx_streaming import OnnxDiarizer
+    from edge.diarization.worker.speaker_cache import AOSC_NAMES, CacheParams
+
+    path = custom[0]
+    s, folder = older_export(custom, tmp_path,
+                             lambda marker: [marker["streaming"].pop(name) for name in AOSC_NAMES])
     old = find_export(s, path, "fp32")  # still a valid export of this checkpoint
     with caplog.at_level(logging.WARNING, logger="edge.diarization.worker"):
         diarizer = OnnxDiarizer(old, SMALL, threads=1)
@@ -105,6 +117,25 @@ def test_older_marker_falls_back_to_nemo_defaults_and_is_exported_again(
     assert result.status == "exported"  # not "unchanged": the marker lacked the constants
     again = json.loads((folder / MARKER).read_text())["streaming"]
     assert again["sil_threshold"] == OVERRIDES["sil_threshold"]
+
+
+def test_marker_of_an_older_graph_warns_and_is_exported_again(
+        custom: tuple[Path, Any, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from edge.diarization.exports import GRAPH_VERSION, MARKER, find_export
+    from edge.diarization.worker.export import export_model
+    from edge.diarization.worker.onnx_streaming import OnnxDiarizer
+
+    path = custom[0]
+    # As `edge model export` wrote it before graph versions.
+    s, folder = older_export(custom, tmp_path, lambda marker: marker.pop("graph_version"))
+    with caplog.at_level(logging.WARNING, logger="edge.diarization.worker"):
+        OnnxDiarizer(find_export(s, path, "fp32"), SMALL, threads=1)  # still usable
+    lines = [r.getMessage() for r in caplog.records if "graph version" in r.getMessage()]
+    assert len(lines) == 1 and f"graph version 1, this edge makes {GRAPH_VERSION}" in lines[0]
+    assert "edge model export" in lines[0]
+
+    assert export_model(s, path, progress=lambda _line: None).status == "exported"  # not "unchanged"
+    assert json.loads((folder / MARKER).read_text())["graph_version"] == GRAPH_VERSION
 
 
 @pytest.mark.parametrize(("key", "value", "why"), [

@@ -7,7 +7,7 @@ onnxruntime).
 and mel filterbank) and, written last, the marker `edge-export.json`:
 
     source_sha256, source_name, versions {nemo, torch, onnx, onnxruntime}, opset,
-    inputs, outputs (name lists), features {...}, streaming {...},
+    graph_version, inputs, outputs (name lists), features {...}, streaming {...},
     files {filename: {size, sha256}}, created (ISO time)
 
 A folder without a readable marker is not an export. `find_export` refuses, with a one-line
@@ -35,6 +35,11 @@ ONNX_FILES: dict[str, str] = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
 INPUTS = ("chunk", "chunk_lengths", "spkcache", "spkcache_lengths", "fifo", "fifo_lengths")
 OUTPUTS = ("preds", "chunk_embs", "chunk_embs_lengths", "hidden")
 OPSET = 17
+# The marker's `graph_version`: bumped when `edge model export` writes a different graph for the
+# same checkpoint. 2: attention blocks fused into MultiHeadAttention, int8 of every weight
+# product with 7-bit weights. An export without it (or an older one) still computes the same
+# numbers; `edge model export` makes it again instead of saying `unchanged`.
+GRAPH_VERSION = 2
 SHA_PREFIX = 12
 # Marker key -> the JSON type it must have.
 MARKER_KEYS: dict[str, type] = {
@@ -203,6 +208,7 @@ def _check_file(folder: Path, name: str, meta: Any, check_hashes: bool) -> None:
 
 __all__ = [
     "FEATURES_FILE",
+    "GRAPH_VERSION",
     "INPUTS",
     "MARKER",
     "ONNX_FILES",

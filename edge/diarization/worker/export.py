@@ -33,6 +33,7 @@ import torch
 
 from edge.diarization.exports import (
     FEATURES_FILE,
+    GRAPH_VERSION,
     INPUTS,
     ONNX_FILES,
     OPSET,
@@ -51,6 +52,7 @@ from edge.diarization.model import (
     remove_dead_temporaries,
     replace_folder,
 )
+from edge.diarization.worker.attention_fusion import fuse_attention_file
 from edge.diarization.worker.features import IncrementalFeatures
 from edge.diarization.worker.loading import load_model
 from edge.diarization.worker.quantize import compare_onnx, quantize_int8
@@ -250,6 +252,9 @@ def _build_fp32(settings: Settings, model_path: Path, sha: str, tmp: Path, say: 
             torch.onnx.export(graph, example, str(tmp / ONNX_FILES["fp32"]), input_names=list(INPUTS),
                               output_names=list(OUTPUTS), dynamic_axes=dims, opset_version=OPSET,
                               dynamo=False, do_constant_folding=True)
+        fused = fuse_attention_file(tmp / ONNX_FILES["fp32"])
+        say(f"fused {fused['rel_pos_attention']} relative-position and {fused['attention']} plain "
+            "attention blocks into onnxruntime's MultiHeadAttention")
         say("verifying the fp32 graph with onnxruntime against the torch wrapper")
         diff = verify_step(graph, tmp / ONNX_FILES["fp32"], example_step(model, seed=1))
         say(f"fp32 max abs diff {diff:.3g}")
@@ -267,6 +272,7 @@ def _build_fp32(settings: Settings, model_path: Path, sha: str, tmp: Path, say: 
         graph.close()
     return {
         "source_sha256": sha, "source_name": model_path.name, "versions": _versions(), "opset": OPSET,
+        "graph_version": GRAPH_VERSION,
         "inputs": list(INPUTS), "outputs": list(OUTPUTS), "features": features, "streaming": streaming,
         "verify_max_abs_diff": diff,
     }, diff
@@ -309,13 +315,15 @@ def _quantize(tmp: Path, say: Progress) -> float:
 
 def _valid_precisions(settings: Settings, model_path: Path, folder: Path) -> dict[str, dict[str, Any]]:
     """{precision: marker} for each precision the export in `folder` verifiably has. An export
-    whose marker predates the AOSC constants counts as none: it is made again."""
+    whose marker predates the AOSC constants or the current `GRAPH_VERSION` counts as none: it
+    is made again."""
     found = {}
     for precision in ONNX_FILES:
         with contextlib.suppress(ModelUnavailable):
             marker = find_export(settings, model_path, precision,  # type: ignore[arg-type]
                                  folder=folder).marker
-            if all(k in marker["streaming"] for k in AOSC_NAMES):
+            if (all(k in marker["streaming"] for k in AOSC_NAMES)
+                    and marker.get("graph_version") == GRAPH_VERSION):
                 found[precision] = marker
     return found
 

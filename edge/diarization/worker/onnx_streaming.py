@@ -26,7 +26,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edge.clock import SLOTS
-from edge.diarization.exports import OUTPUTS, Export
+from edge.diarization.exports import GRAPH_VERSION, OUTPUTS, Export
 from edge.diarization.worker.numpy_features import FeatureConfig, NumpyFeatures
 from edge.diarization.worker.speaker_cache import (
     AOSC_NAMES,
@@ -189,6 +189,10 @@ class OnnxDiarizer:
             log.warning("export %s predates recording the speaker-cache (AOSC) constants; using "
                         "NeMo's defaults for %s (`edge model export` again records the checkpoint's)",
                         export.folder, ", ".join(defaulted))
+        if marker.get("graph_version") != GRAPH_VERSION:
+            log.warning("export %s has graph version %s, this edge makes %d: the same numbers, a slower "
+                        "step (`edge model export` again makes the current graph)", export.folder,
+                        marker.get("graph_version", 1), GRAPH_VERSION)
         check_streaming_params(merged, SLOTS, self.cache_params.spkcache_sil_frames_per_spk)
         self.params = {k: int(merged[k]) for k in STREAMING_PARAM_NAMES}
         self.max_speakers = max_speakers
