@@ -24,23 +24,12 @@ only where there is no container (raw Opus/Speex packets, `packets=True`). A sha
 pool cannot serve demuxers that block in `read()`, hence one thread per session.
 
 Cost, and why the loop waits for the thread blocking. PyAV releases the GIL around every
-FFmpeg call (`av_read_frame`, `avcodec_send_packet`, ... : `with nogil` in its Cython source)
-and takes it back after each, several times per 20 ms Opus packet. When the loop runs Python
-while a decoder thread decodes, each of those takes is contended: the two threads trade the
-GIL through futex waits and context switches, which cost more CPU than the decode itself and
-showed as loop lag (profiled: README "Limits (measured)"). So the loop waits for a chunk's
-decode blocking, with the GIL released (`HANDOFF_WAIT_S` at most; a 250 ms WebM/Opus piece
-takes ~0.5 ms); only a slower chunk is then awaited asynchronously. What remains per
-session is libavcodec's Opus decode at 48 kHz (~30 us per 20 ms packet, the floor), one copy
-of the decoded frames per hand-off (`frames_pcm`; `AudioFrame.to_ndarray()` per frame costs
-more than the decode), the resampling to 16 kHz on the loop (`SessionAudio._decoded`, one
-call per hand-off) and the thread switches of a hand-off: 8, traced with `perf record -e
-sched:sched_switch`, as the loop thread, woken on the decoder thread's core, pre-empts it and
-bounces off the GIL that thread still holds. Waking the loop through an eventfd instead
-(`os.eventfd_write` drops the GIL first) made that 4, with no CPU change measurable in paired
-runs (`scripts/bench/decode.py --paced`), so the simpler lock stays. Paced as real clients
-send, a session's decode costs about twice what it costs back to back: every hand-off finds
-the codec's, the thread's and the resampler's state cold (README "Limits (measured)").
+FFmpeg call and takes it back after each, several times per 20 ms Opus packet; when the loop
+runs Python meanwhile, each take is contended (futex waits, context switches) and costs more
+than the decode. So the loop waits for a chunk's decode blocking, with the GIL released
+(`HANDOFF_WAIT_S` at most; a 250 ms WebM/Opus piece takes ~0.5 ms); only a slower chunk is
+then awaited asynchronously. Where the rest of a session's cost goes, and what was tried:
+docs/notes/pyav-decode.md.
 Measured start-up delay before the
 first audio: none for WebM/Ogg/MP3 beyond one piece; FLAC's demuxer reads ~24 KB first
 (about 0.5 s of 48 kHz audio), FFmpeg's WAV demuxer 64 KB, which is why WAV is parsed in
