@@ -19,6 +19,16 @@ as in the daemon.
 
     python scripts/bench/decode.py --paced 1,8,32 --seconds 10 --rounds 3
 
+Two floors run with it, so that the decoder's own share can be told from its hand-off's:
+`pacing` (the loop only wakes and sleeps on the same schedule: the harness itself) and
+`opus_codec` (the same Opus packets, demuxed beforehand, decoded inline on the loop by a
+PyAV `CodecContext` and joined with `frames_pcm`: no demuxer, no thread, no resampling,
+which is what any design that decodes with FFmpeg pays at least). And two without resampling,
+to price the decoder thread: `stream_decoder` (`StreamDecoder.feed()` per piece, as the daemon
+decodes) against `webm_inline` (the same demuxer and decoder run on the loop thread itself,
+suspended in a greenlet when out of bytes; not usable in the daemon, where a stalled FFmpeg
+would then hold the loop; skipped without the `greenlet` package, which Playwright brings).
+
 The audio is the server benchmark's (tone-coded words, libopus 32 kb/s, 250 ms pieces).
 Medians over rounds, the variants alternating within each round.
 """
@@ -27,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import io
 import os
 import resource
@@ -113,13 +124,110 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-async def paced_step(chunks: list[bytes], period: float, streams: int) -> dict[str, float]:
-    """`streams` sessions fed `chunks` in real time on this loop: CPU in ms per second of
-    audio per stream (process, loop thread, the rest = decoder threads) and context switches
-    per chunk (voluntary + involuntary, whole process)."""
-    audios = [SessionAudio(None, 16000) for _ in range(streams)]
+class _Pacing:
+    """The `pacing` floor: a session that does nothing with its pieces."""
 
-    async def stream(audio: SessionAudio, offset: float) -> None:
+    async def decode(self, _chunk: Any) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+class _OpusCodec:
+    """The `opus_codec` floor: one piece's Opus packets decoded inline by FFmpeg's decoder."""
+
+    def __init__(self, extradata: bytes) -> None:
+        self._ctx: Any = av.CodecContext.create("opus", "r")
+        self._ctx.extradata = extradata
+        self._ctx.sample_rate, self._ctx.layout = 48000, "mono"
+
+    async def decode(self, packets: list[bytes]) -> None:
+        frames = [f for p in packets for f in self._ctx.decode(av.Packet(p))]
+        if frames:
+            frames_pcm(frames, run_key(frames[0]))
+
+    def close(self) -> None:
+        return None
+
+
+class _Decoder:
+    """`stream_decoder`: `StreamDecoder.feed()` alone, as `SessionAudio` calls it."""
+
+    def __init__(self) -> None:
+        self._decoder = StreamDecoder("matroska")
+
+    async def decode(self, piece: bytes) -> None:
+        await self._decoder.feed(piece)
+
+    def close(self) -> None:
+        self._decoder.close()
+
+
+class _Inline:
+    """`webm_inline`: PyAV's demuxer and decoder on the calling thread, in a greenlet that
+    switches back to its caller whenever the demuxer asks for bytes that have not come yet."""
+
+    def __init__(self) -> None:
+        import greenlet
+
+        self._greenlet = greenlet
+        self._buf = bytearray()
+        self._frames: list[av.AudioFrame] = []
+        self._caller: Any = None
+        self._demuxer = greenlet.greenlet(self._run)
+
+    def read(self, n: int) -> bytes:  # what FFmpeg reads from, inside the greenlet
+        while not self._buf:
+            self._caller.switch()
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    def _run(self) -> None:
+        with av.open(self, mode="r", format="matroska", buffer_size=8192,
+                     options={"probesize": "2048", "analyzeduration": "1"}) as container:
+            for frame in container.decode(container.streams.audio[0]):
+                self._frames.append(frame)
+
+    async def decode(self, piece: bytes) -> None:
+        self._buf += piece
+        self._caller = self._greenlet.getcurrent()
+        self._demuxer.switch()
+        frames, self._frames = self._frames, []
+        if frames:
+            frames_pcm(frames, run_key(frames[0]))
+
+    def close(self) -> None:
+        return None
+
+
+def opus_pieces(webm: bytes, period: float) -> tuple[list[list[bytes]], bytes]:
+    """The WebM's Opus packets grouped into `period`-long pieces by timestamp, and the
+    stream's extradata (OpusHead)."""
+    pieces: list[list[bytes]] = []
+    with av.open(io.BytesIO(webm), format="matroska") as container:
+        stream = container.streams.audio[0]
+        extradata = bytes(stream.codec_context.extradata or b"")
+        for packet in container.demux(stream):
+            if packet.size == 0 or packet.pts is None:
+                continue
+            k = int(float(packet.pts * stream.time_base) / period)
+            while len(pieces) <= k:
+                pieces.append([])
+            pieces[k].append(bytes(packet))
+    return pieces, extradata
+
+
+async def paced_step(chunks: list[Any], period: float, streams: int,
+                     make: Callable[[], Any] = lambda: SessionAudio(None, 16000)) -> dict[str, float]:
+    """`streams` sessions (made by `make`: a `SessionAudio` unless a floor is measured) fed
+    `chunks` in real time on this loop: CPU in ms per second of audio per stream (process,
+    loop thread, the rest = decoder threads) and context switches per chunk (voluntary +
+    involuntary, whole process)."""
+    audios = [make() for _ in range(streams)]
+
+    async def stream(audio: Any, offset: float) -> None:
         await asyncio.sleep(offset)  # spread the sessions over one period, as clients are
         t0 = time.monotonic()
         for i, chunk in enumerate(chunks):
@@ -141,15 +249,25 @@ async def paced_step(chunks: list[bytes], period: float, streams: int) -> dict[s
 
 def run_paced(args: argparse.Namespace) -> dict[str, Any]:
     pcm, webm, _words = tone_signal(args.seconds)
-    feeds = {"linear16": ([pcm[i:i + 1600].tobytes() for i in range(0, len(pcm), 1600)], 0.1),
-             "webm_opus": ([piece for piece, _ in timed_pieces(webm, 0.25)], 0.25)}
+    packets, extradata = opus_pieces(webm, 0.25)
+    webm_pieces = [piece for piece, _ in timed_pieces(webm, 0.25)]
+    session = lambda: SessionAudio(None, 16000)  # noqa: E731
+    feeds: dict[str, tuple[list[Any], float, Callable[[], Any]]] = {
+        "linear16": ([pcm[i:i + 1600].tobytes() for i in range(0, len(pcm), 1600)], 0.1, session),
+        "webm_opus": (webm_pieces, 0.25, session),
+        "pacing": (packets, 0.25, _Pacing),
+        "opus_codec": (packets, 0.25, lambda: _OpusCodec(extradata)),
+        "stream_decoder": (webm_pieces, 0.25, _Decoder),
+    }
+    if importlib.util.find_spec("greenlet") is not None:
+        feeds["webm_inline"] = (webm_pieces, 0.25, _Inline)
     counts = [int(n) for n in args.paced.split(",")]
     got: dict[tuple[int, str], list[dict[str, float]]] = {(n, f): [] for n in counts for f in feeds}
     load = [os.getloadavg()[0]]
     for _ in range(args.rounds):
         for n in counts:
-            for name, (chunks, period) in feeds.items():
-                got[n, name].append(asyncio.run(paced_step(chunks, period, n)))
+            for name, (chunks, period, make) in feeds.items():
+                got[n, name].append(asyncio.run(paced_step(chunks, period, n, make)))
         load.append(os.getloadavg()[0])
     steps = []
     for n in counts:
@@ -158,6 +276,10 @@ def run_paced(args: argparse.Namespace) -> dict[str, Any]:
             step[name] = {k: round(statistics.median(r[k] for r in got[n, name]), 3)
                           for k in got[n, name][0]}
         step["ratio_total"] = round(step["webm_opus"]["total"] / step["linear16"]["total"], 2)
+        # What FFmpeg's Opus decoder alone costs at this many sessions, the harness taken out.
+        step["opus_codec_floor"] = round(step["opus_codec"]["total"] - step["pacing"]["total"], 3)
+        if "webm_inline" in step:  # what the decoder thread and its hand-off add
+            step["thread_cost"] = round(step["stream_decoder"]["total"] - step["webm_inline"]["total"], 3)
         steps.append(step)
     return {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
