@@ -15,6 +15,9 @@ reaches 20 ms, latency p99 exceeds 2 s over the fake's endpointing delay, or a s
 `--formats linear16,webm-opus` runs, at every N, a step of each format one after the other
 on the same daemon: browser-style webm/opus (made by ffmpeg from the same signal, sent as
 250 ms pieces without `encoding`) against 16 kHz linear16; `comparison` gives the CPU ratio.
+The step that runs second on a daemon costs more (~10 % at 64 streams, measured both ways), so
+`--rounds 2` runs each N's formats in order, then reversed, and the ratio is the median of the
+ratios paired within each round.
 With webm-opus in the run every format carries tone-coded words (the fake's `tone` code,
 which survives Opus), so words lost are counted the same way for both.
 """
@@ -202,13 +205,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         steps = []
         for n in ramp:
             stop = False
-            for fmt in formats:
-                r = await step(n, args.seconds, ws, http, pid, query, fmt, tone)
-                r["broken"] = broken(r)
-                steps.append(r)
-                print(json.dumps(r), file=sys.stderr, flush=True)
-                stop = stop or bool(r["broken"])
-                await asyncio.sleep(2)
+            for k in range(args.rounds):
+                for fmt in formats if k % 2 == 0 else formats[::-1]:
+                    r = await step(n, args.seconds, ws, http, pid, query, fmt, tone)
+                    r["round"] = k
+                    r["broken"] = broken(r)
+                    steps.append(r)
+                    print(json.dumps(r), file=sys.stderr, flush=True)
+                    stop = stop or bool(r["broken"])
+                    await asyncio.sleep(2)
             if stop and not args.keep_going:
                 break
     return {
@@ -222,17 +227,26 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def compare(steps: list[dict[str, Any]], formats: list[str]) -> list[dict[str, Any]]:
-    """Per N: each format's CPU per stream relative to the first format's (linear16)."""
+    """Per N: each format's CPU per stream relative to the first format's (linear16), paired
+    within each round; the median over rounds, and every round's ratio."""
     out = []
     base = formats[0]
     for n in sorted({s["streams"] for s in steps}):
-        at = {s["format"]: s for s in steps if s["streams"] == n}
-        if base not in at or not at[base]["cpu_s_per_stream_s"]:
-            continue
-        out.append({"streams": n, **{
-            f"cpu_ratio_{fmt}_vs_{base}": round(at[fmt]["cpu_s_per_stream_s"]
-                                                / at[base]["cpu_s_per_stream_s"], 3)
-            for fmt in formats[1:] if fmt in at}})
+        ratios: dict[str, list[float]] = {fmt: [] for fmt in formats[1:]}
+        for k in sorted({s.get("round", 0) for s in steps if s["streams"] == n}):
+            at = {s["format"]: s for s in steps if s["streams"] == n and s.get("round", 0) == k}
+            if base not in at or not at[base]["cpu_s_per_stream_s"]:
+                continue
+            for fmt in ratios:
+                if fmt in at:
+                    ratios[fmt].append(at[fmt]["cpu_s_per_stream_s"] / at[base]["cpu_s_per_stream_s"])
+        row: dict[str, Any] = {"streams": n}
+        for fmt, got in ratios.items():
+            if got:
+                row[f"cpu_ratio_{fmt}_vs_{base}"] = round(statistics.median(got), 3)
+                row[f"cpu_ratio_{fmt}_vs_{base}_per_round"] = [round(x, 3) for x in got]
+        if len(row) > 1:
+            out.append(row)
     return out
 
 
@@ -244,6 +258,8 @@ def main() -> None:
     ap.add_argument("--formats", default="linear16",
                     help=f"comma-separated, each run at every N: {', '.join(FORMATS)}")
     ap.add_argument("--keep-going", action="store_true", help="run every step even after a break")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="runs of each N's formats, in order then reversed (2: ABBA)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     emit(asyncio.run(run(args)), args.out)
