@@ -29,11 +29,9 @@ runs Python meanwhile, each take is contended (futex waits, context switches) an
 than the decode. So the loop waits for a chunk's decode blocking, with the GIL released
 (`HANDOFF_WAIT_S` at most; a 250 ms WebM/Opus piece takes ~0.5 ms); only a slower chunk is
 then awaited asynchronously. Where the rest of a session's cost goes, and what was tried:
-docs/notes/pyav-decode.md.
-Measured start-up delay before the
-first audio: none for WebM/Ogg/MP3 beyond one piece; FLAC's demuxer reads ~24 KB first
-(about 0.5 s of 48 kHz audio), FFmpeg's WAV demuxer 64 KB, which is why WAV is parsed in
-edge/formats.py instead.
+docs/notes/pyav-decode.md. Measured start-up delay before the first audio: none for
+WebM/Ogg/MP3 beyond one piece; FLAC's demuxer reads ~24 KB first (about 0.5 s of 48 kHz
+audio), FFmpeg's WAV demuxer 64 KB, which is why WAV is parsed in edge/formats.py instead.
 
 Failure policy: any FFmpeg error, a stream with no audio track, a codec FFmpeg cannot
 decode, or `max_bytes_without_audio` bytes that yield no audio raise `DecodeError` (the
@@ -67,6 +65,10 @@ MAX_BYTES_WITHOUT_AUDIO = 1 << 20  # garbage, or an MP4 whose index is at the en
 # reached; it bounds what one hand-off costs the loop, far under the 20 ms loop-lag bound.
 HANDOFF_WAIT_S = 0.005
 FEED_TIMEOUT_S = 2.0  # default EDGE_DECODE_TIMEOUT_S: far above any real chunk (ms at most)
+# How a container is opened on a stream of pieces: probe no more than the first bytes (the
+# first audio waits for nothing else), read in `READ_BUFFER_BYTES` at most.
+OPEN_OPTIONS: dict[str, str] = {"probesize": "2048", "analyzeduration": "1"}
+READ_BUFFER_BYTES = 8192
 
 
 # --- PCM conversion (pure) -----------------------------------------------------------------
@@ -250,9 +252,9 @@ class StreamDecoder:
 
     async def _exchange(self, data: bytes | None) -> list[Pcm]:
         """Hand the thread one chunk (None: the end of input) and return what it decoded
-        from it. Waits up to
-        HANDOFF_WAIT_S blocking, with the GIL released, which is all a chunk normally takes;
-        only a slower chunk is awaited on the loop, up to `feed_timeout_s` in all."""
+        from it. Waits up to HANDOFF_WAIT_S blocking, with the GIL released, which is all a
+        chunk normally takes; only a slower chunk is awaited on the loop, up to
+        `feed_timeout_s` in all."""
         if self._error is not None:
             raise self._error
         if self._thread is None:
@@ -363,11 +365,11 @@ class StreamDecoder:
             self._end()
 
     def _run_container(self) -> None:
-        options = {"probesize": "2048", "analyzeduration": "1"}
+        options = dict(OPEN_OPTIONS)
         if self.fmt == "wav":
             options["ignore_length"] = "1"  # streamed WAVs carry a 0 or bogus data size
         with av.open(self._pipe, mode="r", format=self.fmt, options=options,
-                     buffer_size=8192) as container:
+                     buffer_size=READ_BUFFER_BYTES) as container:
             if not container.streams.audio:
                 kinds = sorted({s.type for s in container.streams}) or ["none"]
                 raise DecodeError(f"the {self.name} stream has no audio track "
@@ -376,8 +378,7 @@ class StreamDecoder:
             if stream.codec_context is None:
                 raise DecodeError(f"the {self.name} stream's audio codec is not one FFmpeg "
                                   "can decode")
-            ctx = stream.codec_context
-            self.codec = ctx.name
+            self.codec = stream.codec_context.name
             for frame in container.decode(stream):  # demux + decode in PyAV's Cython loop
                 self._take(frame)
 
@@ -406,5 +407,5 @@ def _settle(waiter: asyncio.Future[None]) -> None:
         waiter.set_result(None)
 
 
-__all__ = ["FEED_TIMEOUT_S", "HANDOFF_WAIT_S", "MAX_BYTES_WITHOUT_AUDIO", "StreamDecoder",
-           "frames_pcm", "run_key"]
+__all__ = ["FEED_TIMEOUT_S", "HANDOFF_WAIT_S", "MAX_BYTES_WITHOUT_AUDIO", "OPEN_OPTIONS",
+           "READ_BUFFER_BYTES", "StreamDecoder", "frames_pcm", "run_key"]

@@ -53,7 +53,7 @@ import av
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script, too
 from edge.audio import SessionAudio
 from edge.client import timed_pieces
-from edge.decode import StreamDecoder, frames_pcm, run_key
+from edge.decode import OPEN_OPTIONS, READ_BUFFER_BYTES, StreamDecoder, frames_pcm, run_key
 from scripts.bench.harness import emit
 from scripts.bench.server import tone_signal
 
@@ -185,8 +185,8 @@ class _Inline:
         return out
 
     def _run(self) -> None:
-        with av.open(self, mode="r", format="matroska", buffer_size=8192,
-                     options={"probesize": "2048", "analyzeduration": "1"}) as container:
+        with av.open(self, mode="r", format="matroska", buffer_size=READ_BUFFER_BYTES,
+                     options=dict(OPEN_OPTIONS)) as container:
             for frame in container.decode(container.streams.audio[0]):
                 self._frames.append(frame)
 
