@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from edge.decode_process import DecoderProcess
 from edge.diarization.admission import nemo_check
 from edge.diarization.engine import DiarizationEngine
 from edge.health import REQUIRED_PACKAGES, UPSTREAM_PACKAGES, LoopMonitor, Status, missing_packages
@@ -43,8 +44,9 @@ class App:
         self.notifier = notifier or Notifier()
         self.monitor = LoopMonitor(observe=self.metrics.loop_lag.observe)
         self.engine = DiarizationEngine(settings, self.status, self.metrics)
+        self.decoders = DecoderProcess()
         self.deps = SessionDeps(settings, self.status, self.metrics, upstream=None,
-                                engine=self.engine)
+                                engine=self.engine, decoders=self.decoders)
         self.listen = ListenService(self.deps)
         self.server = Server(settings, self.status, self.metrics, self.listen)
         # Each returns True while its part is healthy; all must hold for WATCHDOG=1.
@@ -151,6 +153,7 @@ class App:
         if self.deps.upstream is not None:
             await self.deps.upstream.close()
         await self.engine.close()
+        await self.decoders.close()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import deque
+from collections.abc import Callable
 
 import numpy as np
 import soxr
@@ -72,12 +73,16 @@ class SessionAudio:
     `encoding` None means "not given": the stream's first bytes decide (see module doc).
     `channels` is the declared channel count of raw audio; with `split` every channel is an
     output of its own (a container must then carry that many), else all are averaged to one.
+    `decoders` makes the decoder of a container or compressed codec: it takes `StreamDecoder`'s
+    arguments (the daemon gives `DecoderProcess.decoder`, which decodes in its own process);
+    by default a `StreamDecoder` in this process.
     Raises ValueError for an encoding it cannot decode or fewer than one channel.
     """
 
     def __init__(self, encoding: str | None, sample_rate: int, history_s: float = 120.0,
                  channels: int = 1, split: bool = False,
-                 decode_timeout_s: float = FEED_TIMEOUT_S) -> None:
+                 decode_timeout_s: float = FEED_TIMEOUT_S,
+                 decoders: Callable[..., Decoder] | None = None) -> None:
         if encoding is not None and encoding not in RAW_SAMPLE_BYTES | FFMPEG_ENCODINGS:
             raise ValueError(f"unsupported encoding {encoding!r}")
         if channels < 1:
@@ -90,6 +95,7 @@ class SessionAudio:
         self.decoder: Decoder | None = None
         self._head = b""  # bytes held while sniffing (at most SNIFF_BYTES + one frame)
         self._decode_timeout_s = decode_timeout_s
+        self._decoders = decoders or StreamDecoder
         self._sniffing = encoding is None or encoding in FFMPEG_ENCODINGS
         self._finished = False
         self._source_s = 0.0  # seconds of decoded audio at the source's rate
@@ -153,11 +159,11 @@ class SessionAudio:
             self.decoder = WavDecoder(wav)
             head = head[wav.data_offset:]
         elif found not in (None, NEED_MORE):
-            self.decoder = StreamDecoder(found, feed_timeout_s=self._decode_timeout_s)
+            self.decoder = self._decoders(found, feed_timeout_s=self._decode_timeout_s)
         elif self.encoding is not None:
             name, _ = FFMPEG_ENCODINGS[self.encoding]
-            self.decoder = StreamDecoder(name, packets=packets, rate=self.sample_rate,
-                                         feed_timeout_s=self._decode_timeout_s)
+            self.decoder = self._decoders(name, packets=packets, rate=self.sample_rate,
+                                          feed_timeout_s=self._decode_timeout_s)
         else:  # no container: raw linear16 at `sample_rate`, as room devices send it
             return self._place(self._raw(head))
         return self._place(self._decoded(await self.decoder.feed(head)))

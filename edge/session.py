@@ -50,6 +50,7 @@ from edge.settings import Settings
 from edge.stt.base import Upstream
 
 if TYPE_CHECKING:
+    from edge.decode_process import DecoderProcess
     from edge.diarization.engine import DiarizationEngine
 
 log = logging.getLogger("edge.session")
@@ -102,6 +103,9 @@ class SessionDeps:
     metrics: Metrics
     upstream: Upstream | None
     engine: DiarizationEngine | None
+    # Decodes containers and compressed codecs in its own process; None: in the daemon's
+    # (tests that drive sessions without an app).
+    decoders: DecoderProcess | None = None
 
 
 class Session:
@@ -117,7 +121,8 @@ class Session:
         self.plan = plan_session(params, s, caps)
         self.audio = SessionAudio(params.encoding, params.sample_rate, channels=params.channels,
                                   split=self.plan.channels > 1,
-                                  decode_timeout_s=s.edge_decode_timeout_s)
+                                  decode_timeout_s=s.edge_decode_timeout_s,
+                                  decoders=deps.decoders.decoder if deps.decoders else None)
         arch = f"google-speech-{s.edge_stt_api}" if deps.upstream is not None else "none"
         model = self.plan.upstream.model if self.plan.upstream is not None else s.edge_stt_model
         self.model = ModelInfo(model, __version__, arch)

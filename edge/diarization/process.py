@@ -44,8 +44,8 @@ OOM_SCORE_ADJ = 1000  # the kernel's first choice when memory runs out (its maxi
 
 # Runs in the new interpreter before anything else: argv[1] is our directory, argv[2] the
 # daemon's pid. Writing oom_score_adj upwards needs no privilege; where /proc is not there,
-# the worker runs without it.
-BOOT = f"""\
+# the worker runs without it. `{entry}` is the module whose `main(argv) -> int` runs.
+_BOOT = f"""\
 import os, sys
 try:
     with open('/proc/self/oom_score_adj', 'w') as f:
@@ -55,9 +55,11 @@ except OSError:
 root = sys.argv.pop(1)
 extra = [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if os.path.isabs(p)]
 sys.path[:0] = [root] + [p for p in extra if p != root]
-from edge.diarization.worker.main import main
+from {{entry}} import main
 sys.exit(main())
 """
+WORKER_ENTRY = "edge.diarization.worker.main"
+BOOT = _BOOT.format(entry=WORKER_ENTRY)
 
 # What the worker may inherit (item 16): exact names, and prefixes.
 _ENV_NAMES = frozenset({
@@ -81,6 +83,25 @@ def worker_env(environ: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in environ.items() if k in _ENV_NAMES or k.startswith(_ENV_PREFIXES)}
 
 
+async def receive(reader: asyncio.StreamReader) -> wire.Message | None:
+    """The next frame on `reader` (either side of a pipe); None at end of file between frames.
+
+    Raises `wire.WireError` on a malformed frame or end of file inside one.
+    """
+    try:
+        prefix = await reader.readexactly(4)
+    except asyncio.IncompleteReadError as exc:
+        if exc.partial:
+            raise wire.WireError("end of stream inside a frame") from None
+        return None
+    size = wire.frame_length(prefix)
+    try:
+        payload = await reader.readexactly(size)
+    except asyncio.IncompleteReadError:
+        raise wire.WireError("end of stream inside a frame") from None
+    return wire.decode(payload)
+
+
 class WorkerProcess:
     """One running worker. Create with `await WorkerProcess.spawn()`."""
 
@@ -88,13 +109,16 @@ class WorkerProcess:
         self._proc = proc
 
     @classmethod
-    async def spawn(cls, env: dict[str, str] | None = None) -> WorkerProcess:
-        """Start the worker (isolated, in `/`, with `worker_env(env or os.environ)`).
+    async def spawn(cls, env: dict[str, str] | None = None,
+                    entry: str = WORKER_ENTRY) -> WorkerProcess:
+        """Start the worker (isolated, in `/`, with `worker_env(env or os.environ)`); `entry`
+        names the module whose `main()` it runs (the decoder process gives its own).
 
         Raises `OSError` if it cannot start (EMFILE, ENOMEM, EAGAIN...): the supervisor retries.
         """
+        boot = _BOOT.format(entry=entry)
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-I", "-c", BOOT, _ROOT, str(os.getpid()),
+            sys.executable, "-I", "-c", boot, _ROOT, str(os.getpid()),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             env=worker_env(os.environ if env is None else env), cwd=WORKER_CWD,
         )
@@ -108,13 +132,14 @@ class WorkerProcess:
     def returncode(self) -> int | None:
         return self._proc.returncode
 
-    def send(self, kind: Kind, meta: dict[str, Any] | None = None, array: np.ndarray | None = None) -> bool:
+    def send(self, kind: Kind, meta: dict[str, Any] | None = None, array: np.ndarray | None = None,
+             data: bytes | None = None) -> bool:
         """Queue one frame for the worker (never blocks). Returns False if the pipe is closed."""
         stdin = self._proc.stdin
         if stdin is None or stdin.is_closing() or self._proc.returncode is not None:
             return False
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            stdin.write(wire.encode(kind, meta, array))
+            stdin.write(wire.encode(kind, meta, array, data))
             return True
         return False
 
@@ -124,18 +149,7 @@ class WorkerProcess:
         Raises `wire.WireError` on a malformed frame or end of file inside one.
         """
         assert self._proc.stdout is not None
-        try:
-            prefix = await self._proc.stdout.readexactly(4)
-        except asyncio.IncompleteReadError as exc:
-            if exc.partial:
-                raise wire.WireError("end of stream inside a frame") from None
-            return None
-        size = wire.frame_length(prefix)
-        try:
-            payload = await self._proc.stdout.readexactly(size)
-        except asyncio.IncompleteReadError:
-            raise wire.WireError("end of stream inside a frame") from None
-        return wire.decode(payload)
+        return await receive(self._proc.stdout)
 
     def kill(self) -> None:
         """SIGKILL (a hung step cannot be interrupted any other way)."""
@@ -157,4 +171,5 @@ class WorkerProcess:
             return await self._proc.wait()
 
 
-__all__ = ["BOOT", "OOM_SCORE_ADJ", "WORKER_CWD", "WorkerProcess", "worker_env"]
+__all__ = ["BOOT", "OOM_SCORE_ADJ", "WORKER_CWD", "WORKER_ENTRY", "WorkerProcess", "receive",
+           "worker_env"]

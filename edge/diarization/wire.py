@@ -1,11 +1,13 @@
-"""The framed protocol between the daemon and its diarizer worker (sans-I/O, no NeMo).
+"""The framed protocol between the daemon and its worker processes (sans-I/O, no NeMo):
+the diarizer worker (edge/diarization/worker/) and the decoder process (edge/decode_process.py).
 
 A message on the pipe is one frame:
 
     u32 length (big-endian, of everything after it, at most MAX_FRAME)
     u8  version (VERSION)   u8 kind (Kind)   u16 meta length (big-endian)
     meta: UTF-8 JSON object of scalars (stream id, sequence number, figures...)
-    body: optional raw little-endian float32 array; its shape is meta["shape"]
+    body: optional raw little-endian float32 array, its shape in meta["shape"]; or raw
+          bytes (meta["bytes"]: true), such as a client's compressed audio
 
 Arrays travel as raw bytes, never pickles: neither side ever unpickles what the other sent.
 A version mismatch, an unknown kind or a malformed frame raises `WireError` (the engine then
@@ -20,6 +22,11 @@ OPEN has no reply when it succeeds: the engine sends a stream's AUDIO right behi
 without waiting, and a stream the worker could not open answers with ERROR {sid, seq: -1}.
 `sid` names one stream in the worker (the engine's `session/stream-number`), so replies for a
 stream that was dropped can be told from those of its successor.
+
+Daemon -> decoder: OPEN {sid, format, packets, rate, channels, timeout_s, max_bytes},
+BYTES {sid} + the client's bytes, END {sid}, CLOSE {sid}. Decoder -> daemon: PCM {sid, rate}
++ samples (n, channels), DECODED {sid, codec} (the end of one reply: the PCM frames before it
+are what that BYTES or END completed), ERROR {sid, reason} (the stream is over).
 """
 
 from __future__ import annotations
@@ -47,6 +54,8 @@ class Kind(IntEnum):
     CLOSE = 4
     STATS = 5
     SHUTDOWN = 6
+    BYTES = 7  # daemon -> decoder
+    END = 8  # daemon -> decoder
     # worker -> daemon
     HELLO = 16
     PROGRESS = 17
@@ -57,6 +66,8 @@ class Kind(IntEnum):
     CLOSED = 22
     ERROR = 23
     STATS_REPLY = 24
+    PCM = 25  # decoder -> daemon
+    DECODED = 26  # decoder -> daemon
 
 
 class WireError(ValueError):
@@ -68,16 +79,24 @@ class Message:
     kind: Kind
     meta: dict[str, Any] = field(default_factory=dict)
     array: np.ndarray | None = None
+    data: bytes | None = None
 
 
-def encode(kind: Kind, meta: dict[str, Any] | None = None, array: np.ndarray | None = None) -> bytes:
-    """One frame, length prefix included. `array` is sent as float32.
+def encode(kind: Kind, meta: dict[str, Any] | None = None, array: np.ndarray | None = None,
+           data: bytes | None = None) -> bytes:
+    """One frame, length prefix included. `array` is sent as float32, `data` as it is (one
+    of the two at most).
 
     Raises `WireError` if the frame would exceed `MAX_FRAME` or the meta is too large.
     """
     meta = dict(meta or {})
     body = b""
-    if array is not None:
+    if data is not None:
+        if array is not None:
+            raise WireError("a frame carries an array or bytes, not both")
+        meta["bytes"] = True
+        body = data
+    elif array is not None:
         arr = np.ascontiguousarray(array, dtype=DTYPE)
         meta["shape"] = list(arr.shape)
         body = arr.tobytes()
@@ -119,6 +138,10 @@ def decode(payload: bytes) -> Message:
     body = payload[end:]
     array = None
     shape = meta.pop("shape", None)
+    if meta.pop("bytes", False) is True:
+        if shape is not None:
+            raise WireError("a frame carries an array or bytes, not both")
+        return Message(kind_, meta, None, bytes(body))
     if shape is not None:
         if not (isinstance(shape, list) and 1 <= len(shape) <= 2
                 and all(isinstance(d, int) and d >= 0 for d in shape)):

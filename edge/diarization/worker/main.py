@@ -307,7 +307,9 @@ def _one_line(exc: BaseException) -> str:
     return text[:300]
 
 
-def _die_with_parent(parent: int | None) -> None:
+def die_with_parent(parent: int | None) -> None:
+    """Be killed when the daemon `parent` dies (Linux PR_SET_PDEATHSIG); exit now if it
+    already has."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if parent is not None and os.getppid() != parent:  # the daemon died before prctl
@@ -317,7 +319,7 @@ def _die_with_parent(parent: int | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Serve the protocol on stdin/stdout until SHUTDOWN or end of input. Returns the exit code."""
     argv = sys.argv[1:] if argv is None else argv
-    _die_with_parent(int(argv[0]) if argv else None)
+    die_with_parent(int(argv[0]) if argv else None)
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # stray prints (NeMo's) go to stderr, never into the protocol
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
