@@ -44,7 +44,7 @@ class App:
         self.notifier = notifier or Notifier()
         self.monitor = LoopMonitor(observe=self.metrics.loop_lag.observe)
         self.engine = DiarizationEngine(settings, self.status, self.metrics)
-        self.decoders = DecoderProcess()
+        self.decoders = DecoderProcess() if settings.edge_decoder == "process" else None
         self.deps = SessionDeps(settings, self.status, self.metrics, upstream=None,
                                 engine=self.engine, decoders=self.decoders)
         self.listen = ListenService(self.deps)
@@ -153,7 +153,8 @@ class App:
         if self.deps.upstream is not None:
             await self.deps.upstream.close()
         await self.engine.close()
-        await self.decoders.close()
+        if self.decoders is not None:
+            await self.decoders.close()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -61,10 +61,13 @@ FFMPEG_ENCODINGS = {
 RESAMPLE_QUALITY = "MQ"
 
 
-def _resampler(rate: int) -> soxr.ResampleStream | None:
+def resampler(rate: int, channels: int = 1) -> soxr.ResampleStream | None:
+    """A streaming float32 resampler from `rate` to the session clock's rate (None if it is
+    that rate already)."""
     if rate == SAMPLE_RATE:
         return None
-    return soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32", quality=RESAMPLE_QUALITY)
+    return soxr.ResampleStream(rate, SAMPLE_RATE, channels, dtype="float32",
+                               quality=RESAMPLE_QUALITY)
 
 
 class SessionAudio:
@@ -107,7 +110,7 @@ class SessionAudio:
         self._clock_pcm = (encoding or "linear16") == "linear16" and sample_rate == SAMPLE_RATE \
             and channels == 1
         self._rate = sample_rate  # the rate the resamplers convert from
-        self._resamplers = [_resampler(sample_rate) for _ in range(self.outputs)]
+        self._resamplers = [resampler(sample_rate) for _ in range(self.outputs)]
         self._sha = hashlib.sha256()
         self.received_bytes = 0
         self.next_sample = 0  # the session clock, in 16 kHz samples
@@ -266,7 +269,7 @@ class SessionAudio:
         if rate != self._rate:  # a new rate mid-stream (chained Ogg, ...)
             tails = self._tails()
             self._rate = rate
-            self._resamplers = [_resampler(rate) for _ in range(self.outputs)]
+            self._resamplers = [resampler(rate) for _ in range(self.outputs)]
         channels = samples.shape[1]
         if self.outputs == 1:
             if channels == 1:

@@ -49,10 +49,12 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import av
+import greenlet
 import numpy as np
 
 from edge.formats import FORMAT_NAMES, DecodeError, Pcm
@@ -397,6 +399,105 @@ class StreamDecoder:
             self._take(frame)
 
 
+class _GreenPipe:
+    """What FFmpeg reads from in an `InlineDecoder`: switches back to the caller when out of
+    bytes. Past `deadline` (a chunk's decode budget) it ends the input ("end of file", so
+    FFmpeg unwinds on its own) and sets `stalled`."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._eof = False
+        self._closed = False
+        self.stalled = False
+        self.deadline = float("inf")
+        self.caller: greenlet.greenlet | None = None
+
+    def put(self, data: bytes) -> None:
+        self._buf += data
+
+    def end(self) -> None:
+        self._eof = True
+
+    @property
+    def ended(self) -> bool:
+        return self._eof and not self._buf
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        self._closed = True
+
+    def read(self, n: int) -> bytes:
+        while True:
+            if self._closed:
+                return b""
+            if self._buf:
+                if time.monotonic() > self.deadline:
+                    self.stalled = self._closed = True
+                    return b""
+                out = bytes(self._buf[:n])
+                del self._buf[:n]
+                return out
+            if self._eof:
+                return b""
+            assert self.caller is not None
+            self.caller.switch()  # back to `_exchange`: every byte given is used
+
+
+class InlineDecoder(StreamDecoder):
+    """`StreamDecoder` with its demuxer and decoder run on the caller's thread, in a greenlet
+    that switches back whenever FFmpeg asks for bytes not given yet: no thread, no hand-off,
+    no GIL traffic. For the decoder process (edge/decode_process.py), whose loop does nothing
+    else: there a hand-off's thread wake-ups cost more than the decode. A slow chunk is cut off
+    at FFmpeg's next read once `feed_timeout_s` has passed (DecodeError "stalled"); a call
+    into FFmpeg that never comes back to read holds the thread, so that process is killed by
+    the daemon (`HUNG_GRACE_S`)."""
+
+    def __init__(self, fmt: str, **kwargs: Any) -> None:
+        super().__init__(fmt, **kwargs)
+        self._pipe: _GreenPipe = _GreenPipe()  # type: ignore[assignment]
+        self._demuxer: greenlet.greenlet | None = None
+
+    async def _exchange(self, data: bytes | None) -> list[Pcm]:
+        if self._error is not None:
+            raise self._error
+        if not self._done:
+            if data is None:
+                self._pipe.end()
+            else:
+                self._pipe.put(data)
+            self._switch(time.monotonic() + self.feed_timeout_s)
+        out = [frames_pcm(frames, key) for key, frames in self._runs]
+        self._runs = []
+        if self._pipe.stalled and self._error is None:
+            self._error = DecodeError(f"the {self.name} decoder stalled: a {self.feed_timeout_s:g}"
+                                      " s budget for one chunk ran out")
+        if self._error is not None:
+            raise self._error
+        return out
+
+    def _switch(self, deadline: float) -> None:
+        """Run the demuxer until it has used every byte given (or ended)."""
+        if self._demuxer is None:
+            self._demuxer = greenlet.greenlet(self._run)
+        here = greenlet.getcurrent()
+        self._demuxer.parent = here  # where it goes when `_run` returns
+        self._pipe.caller, self._pipe.deadline = here, deadline
+        self._demuxer.switch()
+
+    def _end(self) -> None:
+        self._done = True
+
+    def close(self) -> None:
+        """End the input; a suspended demuxer reads "end of file" and unwinds now."""
+        self._pipe.close()
+        if self._demuxer is not None and not self._demuxer.dead \
+                and greenlet.getcurrent() is not self._demuxer:
+            self._switch(float("inf"))
+
+
 def _wake_loop(loop: asyncio.AbstractEventLoop, waiter: asyncio.Future[None]) -> None:
     with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
         loop.call_soon_threadsafe(_settle, waiter)
@@ -408,4 +509,4 @@ def _settle(waiter: asyncio.Future[None]) -> None:
 
 
 __all__ = ["FEED_TIMEOUT_S", "HANDOFF_WAIT_S", "MAX_BYTES_WITHOUT_AUDIO", "OPEN_OPTIONS",
-           "READ_BUFFER_BYTES", "StreamDecoder", "frames_pcm", "run_key"]
+           "READ_BUFFER_BYTES", "InlineDecoder", "StreamDecoder", "frames_pcm", "run_key"]

@@ -83,6 +83,11 @@ class Settings(BaseSettings):
     edge_max_frame_bytes: int = Field(262144, ge=1024, le=16 * 1024 * 1024)
     edge_idle_timeout_s: float = Field(10.0, gt=0, le=3600)
     edge_decode_timeout_s: float = Field(2.0, ge=0.001, le=60)
+    # Where containers and compressed codecs are decoded (edge/decode_process.py): "process",
+    # one decoder process for all sessions (the loop never waits on FFmpeg; an FFmpeg crash
+    # ends only the sessions it was decoding), or "thread", a decoder thread per session in
+    # the daemon, which the loop waits on (less CPU, more loop lag: README, Benchmarks).
+    edge_decoder: Literal["process", "thread"] = "process"
     edge_handshake_timeout_s: float = Field(10.0, gt=0, le=600)
     edge_label_wait_ms: int = Field(3000, ge=0, le=60000)
     # A session that does not set `diarize` gets labels: room devices want them unasked.

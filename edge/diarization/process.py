@@ -135,11 +135,16 @@ class WorkerProcess:
     def send(self, kind: Kind, meta: dict[str, Any] | None = None, array: np.ndarray | None = None,
              data: bytes | None = None) -> bool:
         """Queue one frame for the worker (never blocks). Returns False if the pipe is closed."""
+        return self.write(wire.encode(kind, meta, array, data))
+
+    def write(self, frames: bytes) -> bool:
+        """Queue encoded frames (`wire.encode`) for the worker (never blocks). Returns False
+        if the pipe is closed."""
         stdin = self._proc.stdin
         if stdin is None or stdin.is_closing() or self._proc.returncode is not None:
             return False
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            stdin.write(wire.encode(kind, meta, array, data))
+            stdin.write(frames)
             return True
         return False
 

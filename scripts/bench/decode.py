@@ -49,11 +49,13 @@ from pathlib import Path
 from typing import Any
 
 import av
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script, too
 from edge.audio import SessionAudio
 from edge.client import timed_pieces
 from edge.decode import OPEN_OPTIONS, READ_BUFFER_BYTES, StreamDecoder, frames_pcm, run_key
+from edge.decode_process import DecoderProcess
 from scripts.bench.harness import emit
 from scripts.bench.server import tone_signal
 
@@ -220,12 +222,16 @@ def opus_pieces(webm: bytes, period: float) -> tuple[list[list[bytes]], bytes]:
 
 
 async def paced_step(chunks: list[Any], period: float, streams: int,
-                     make: Callable[[], Any] = lambda: SessionAudio(None, 16000)) -> dict[str, float]:
+                     make: Callable[[], Any] = lambda: SessionAudio(None, 16000),
+                     remote: bool = False) -> dict[str, float]:
     """`streams` sessions (made by `make`: a `SessionAudio` unless a floor is measured) fed
     `chunks` in real time on this loop: CPU in ms per second of audio per stream (process,
-    loop thread, the rest = decoder threads) and context switches per chunk (voluntary +
-    involuntary, whole process)."""
-    audios = [make() for _ in range(streams)]
+    loop thread, the rest = decoder threads; `child`: the decoder process's, which `total`
+    includes) and context switches per chunk (voluntary + involuntary, this process).
+    `remote`: `make` takes a `DecoderProcess`, started before measuring."""
+    decoders = DecoderProcess() if remote else None
+    child = psutil.Process(await decoders.start()) if decoders is not None else None
+    audios = [make(decoders) if remote else make() for _ in range(streams)]
 
     async def stream(audio: Any, offset: float) -> None:
         await asyncio.sleep(offset)  # spread the sessions over one period, as clients are
@@ -234,17 +240,29 @@ async def paced_step(chunks: list[Any], period: float, streams: int,
             await audio.decode(chunk)
             await asyncio.sleep(max(0.0, t0 + (i + 1) * period - time.monotonic()))
 
+    child0 = _cpu_s(child)
     before = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_THREAD)
     await asyncio.gather(*(stream(a, period * k / streams) for k, a in enumerate(audios)))
     after = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_THREAD)
+    child_s = _cpu_s(child) - child0
     for audio in audios:  # after measuring: the decoder threads end here
         audio.close()
+    if decoders is not None:
+        await decoders.close()
     cpu = [a.ru_utime + a.ru_stime - b.ru_utime - b.ru_stime
            for a, b in zip(after, before, strict=True)]
     switches = (after[0].ru_nvcsw + after[0].ru_nivcsw) - (before[0].ru_nvcsw + before[0].ru_nivcsw)
     per = 1000 / (streams * len(chunks) * period)
-    return {"total": cpu[0] * per, "loop": cpu[1] * per, "threads": (cpu[0] - cpu[1]) * per,
+    return {"total": (cpu[0] + child_s) * per, "loop": cpu[1] * per,
+            "threads": (cpu[0] - cpu[1]) * per, "child": child_s * per,
             "switches_per_chunk": switches / (streams * len(chunks))}
+
+
+def _cpu_s(proc: psutil.Process | None) -> float:
+    if proc is None:
+        return 0.0
+    t = proc.cpu_times()
+    return t.user + t.system
 
 
 def run_paced(args: argparse.Namespace) -> dict[str, Any]:
@@ -255,19 +273,24 @@ def run_paced(args: argparse.Namespace) -> dict[str, Any]:
     feeds: dict[str, tuple[list[Any], float, Callable[[], Any]]] = {
         "linear16": ([pcm[i:i + 1600].tobytes() for i in range(0, len(pcm), 1600)], 0.1, session),
         "webm_opus": (webm_pieces, 0.25, session),
+        "decoder_process": (webm_pieces, 0.25,
+                            lambda d: SessionAudio(None, 16000, decoders=d.decoder)),
         "pacing": (packets, 0.25, _Pacing),
         "opus_codec": (packets, 0.25, lambda: _OpusCodec(extradata)),
         "stream_decoder": (webm_pieces, 0.25, _Decoder),
     }
     if importlib.util.find_spec("greenlet") is not None:
         feeds["webm_inline"] = (webm_pieces, 0.25, _Inline)
+    if args.only:
+        feeds = {k: v for k, v in feeds.items() if k in [*args.only.split(","), "linear16", "webm_opus"]}
     counts = [int(n) for n in args.paced.split(",")]
     got: dict[tuple[int, str], list[dict[str, float]]] = {(n, f): [] for n in counts for f in feeds}
     load = [os.getloadavg()[0]]
     for _ in range(args.rounds):
         for n in counts:
             for name, (chunks, period, make) in feeds.items():
-                got[n, name].append(asyncio.run(paced_step(chunks, period, n, make)))
+                got[n, name].append(asyncio.run(paced_step(chunks, period, n, make,
+                                                           remote=name == "decoder_process")))
         load.append(os.getloadavg()[0])
     steps = []
     for n in counts:
@@ -277,8 +300,12 @@ def run_paced(args: argparse.Namespace) -> dict[str, Any]:
                           for k in got[n, name][0]}
         step["ratio_total"] = round(step["webm_opus"]["total"] / step["linear16"]["total"], 2)
         # What FFmpeg's Opus decoder alone costs at this many sessions, the harness taken out.
-        step["opus_codec_floor"] = round(step["opus_codec"]["total"] - step["pacing"]["total"], 3)
-        if "webm_inline" in step:  # what the decoder thread and its hand-off add
+        if "opus_codec" in step and "pacing" in step:
+            step["opus_codec_floor"] = round(step["opus_codec"]["total"] - step["pacing"]["total"], 3)
+        if "decoder_process" in step:
+            step["ratio_decoder_process"] = round(
+                step["decoder_process"]["total"] / step["linear16"]["total"], 2)
+        if "webm_inline" in step and "stream_decoder" in step:  # what the decoder thread and its hand-off add
             step["thread_cost"] = round(step["stream_decoder"]["total"] - step["webm_inline"]["total"], 3)
         steps.append(step)
     return {
@@ -296,6 +323,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0, help="audio per round")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--paced", help="stream counts, e.g. 1,8,32: real-time sessions at once")
+    ap.add_argument("--only", help="--paced: these variants (with linear16 and webm_opus), "
+                    "e.g. decoder_process")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     emit(run_paced(args) if args.paced else run(args), args.out)

@@ -3,7 +3,8 @@
 daemon with the fake Google service, ramping N until a limit breaks.
 
 Three processes: the fake Google service, the daemon (measured), and this load generator.
-Per N it reports the daemon's CPU per stream (its child processes included: the decoder process), event-loop lag p50/p99 (measured inside the
+Per N it reports the daemon's CPU per stream (its child processes' included: the decoder
+process), event-loop lag p50/p99 (measured inside the
 daemon: /metrics), final-result latency p50/p99 (the audio of a final's last word sent ->
 that Results received, on the client), RSS, and errors. A step "breaks" when loop lag p99
 reaches 20 ms, latency p99 exceeds 2 s over the fake's endpointing delay, or a session fails.
