@@ -9,9 +9,12 @@ Error DATA-0000 and close 1008, and leaves a neighbour session and the loop alon
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import random
 import shutil
+import signal as signal_
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -20,6 +23,7 @@ from typing import Any
 
 import av
 import numpy as np
+import psutil
 import pytest
 import soundfile as sf
 from websockets.asyncio.client import connect
@@ -268,3 +272,59 @@ async def test_a_stalled_decoder_is_cut_off_without_blocking_the_loop(
         messages, code, _ = await neighbour
     assert code == 1000
     assert_words(messages, script, tol=0.02)
+
+
+async def test_a_decoder_process_crash_ends_only_its_sessions(
+    daemon: App, signal: tuple[Path, np.ndarray, list[ScriptWord]], tmp_path: Path
+) -> None:
+    """The decoder process dies mid-stream (SIGKILL, as a segfault in FFmpeg would): the
+    WebM/Opus session in it gets DATA-0000 and close 1008, a linear16 neighbour keeps every
+    word, and the next WebM/Opus session starts a new decoder process."""
+    source, audio, script = signal
+    webm = ffmpeg(source, FORMATS["webm-opus"], tmp_path / "a.webm")
+    pcm = np.clip(np.rint(audio * 32768), -32768, 32767).astype("<i2").tobytes()
+    assert daemon.decoders is not None
+    neighbour = asyncio.create_task(
+        stream(daemon, pieces(pcm, seed=9, largest=960), f"sample_rate={SOURCE_RATE}"))
+    url = f"ws://127.0.0.1:{daemon.server.port}/v1/listen"
+    messages: list[dict[str, Any]] = []
+    async with connect(url, additional_headers=AUTH, max_size=None) as ws:
+        await ws.send(webm[:len(webm) // 2])
+        for _ in range(200):
+            if daemon.decoders.pid is not None:
+                break
+            await asyncio.sleep(0.01)
+        first = daemon.decoders.pid
+        assert first is not None
+        os.kill(first, signal_.SIGKILL)
+        with contextlib.suppress(ConnectionClosed):
+            await ws.send(webm[len(webm) // 2:])
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                messages.append(json.loads(await asyncio.wait_for(ws.recv(), 20)))
+    assert (ws.close_code, ws.close_reason) == (1008, "DATA-0000"), messages
+    errors = [m for m in messages if m["type"] == "Error"]
+    assert errors and "decoder process exited (signal 9)" in errors[-1]["description"], messages
+    messages, code, _ = await neighbour
+    assert code == 1000
+    assert_words(messages, script, tol=0.02)
+    messages, code, _ = await stream(daemon, pieces(webm, seed=4))
+    assert code == 1000, messages
+    assert_words(messages, script)
+    assert daemon.decoders.starts == 2 and daemon.decoders.pid != first
+
+
+async def test_decoder_thread_setting_decodes_in_the_daemon(
+    signal: tuple[Path, np.ndarray, list[ScriptWord]], tmp_path: Path
+) -> None:
+    """EDGE_DECODER=thread: no decoder process; the words are the same."""
+    source, _, script = signal
+    webm = ffmpeg(source, FORMATS["webm-opus"], tmp_path / "a.webm")
+    async with with_fake_google(word_code="tone", edge_stt_language="en-US",
+                                edge_max_frames_per_s=100_000, edge_decoder="thread") as app:
+        assert app.decoders is None
+        messages, code, _ = await stream(app, pieces(webm, seed=2))
+        children = [" ".join(p.cmdline()) for p in psutil.Process().children()]
+    assert code == 1000, messages
+    assert_words(messages, script)
+    assert not [c for c in children if "edge.decode_process" in c], children
