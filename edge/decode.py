@@ -33,6 +33,12 @@ docs/notes/pyav-decode.md. Measured start-up delay before the first audio: none 
 WebM/Ogg/MP3 beyond one piece; FLAC's demuxer reads ~24 KB first (about 0.5 s of 48 kHz
 audio), FFmpeg's WAV demuxer 64 KB, which is why WAV is parsed in edge/formats.py instead.
 
+Where it runs. By default the daemon decodes in its decoder process (edge/decode_process.py,
+`EDGE_DECODER=process`), whose loop does nothing but decode: there each stream's demuxer runs
+in a greenlet on that loop (`InlineDecoder`: no thread, no hand-off, no GIL traffic), and the
+daemon's own loop never waits on FFmpeg. `StreamDecoder` itself serves `EDGE_DECODER=thread`
+and the tools that decode in their own process.
+
 Failure policy: any FFmpeg error, a stream with no audio track, a codec FFmpeg cannot
 decode, or `max_bytes_without_audio` bytes that yield no audio raise `DecodeError` (the
 session answers Error + close 1008 DATA-0000). A chunk the thread has not finished within
@@ -230,7 +236,15 @@ class StreamDecoder:
     async def feed(self, data: bytes) -> list[Pcm]:
         """Decode `data`; returns the audio it completed. Raises DecodeError."""
         self._since_audio += len(data)
-        out = await self._exchange(data)
+        return self._fed(await self._exchange(data))
+
+    async def finish(self) -> list[Pcm]:
+        """End of input: the decoder's tail. Raises DecodeError (also for a stream that ended
+        before any audio, e.g. a truncated header)."""
+        return self._finished(await self._exchange(None))
+
+    def _fed(self, out: list[Pcm]) -> list[Pcm]:
+        """What a chunk gave, checked: too many bytes with no audio raise DecodeError."""
         if out:
             self._since_audio = 0
         elif self._since_audio > self.max_bytes_without_audio:
@@ -239,10 +253,8 @@ class StreamDecoder:
                 + (f" ({self.codec})" if self.codec else "") + ": not audio, or corrupt")
         return out
 
-    async def finish(self) -> list[Pcm]:
-        """End of input: the decoder's tail. Raises DecodeError (also for a stream that ended
-        before any audio, e.g. a truncated header)."""
-        out = await self._exchange(None)
+    def _finished(self, out: list[Pcm]) -> list[Pcm]:
+        """The tail, checked: a stream with no audio at all raises DecodeError."""
         if self.decoded_samples == 0 and not out:
             raise DecodeError(f"the {self.name} stream ended before any audio was decoded"
                               " (truncated or empty)")
@@ -460,7 +472,20 @@ class InlineDecoder(StreamDecoder):
         self._pipe: _GreenPipe = _GreenPipe()  # type: ignore[assignment]
         self._demuxer: greenlet.greenlet | None = None
 
+    def decode(self, data: bytes | None) -> list[Pcm]:
+        """`feed(data)` (None: `finish()`) as a plain call: nothing in it waits but the decode
+        itself. Raises DecodeError."""
+        if data is None:
+            return self._finished(self.exchange(None))
+        self._since_audio += len(data)
+        return self._fed(self.exchange(data))
+
     async def _exchange(self, data: bytes | None) -> list[Pcm]:
+        return self.exchange(data)
+
+    def exchange(self, data: bytes | None) -> list[Pcm]:
+        """Give the demuxer one chunk (None: the end of input) and return what it decoded
+        from it. Raises DecodeError."""
         if self._error is not None:
             raise self._error
         if not self._done:

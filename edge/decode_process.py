@@ -2,9 +2,10 @@
 
 `DecoderProcess` (daemon side) hands out `RemoteDecoder`s, which `SessionAudio` uses exactly as
 it would a `StreamDecoder` (the `Decoder` protocol of edge/formats.py); each forwards its
-client's bytes to the decoder process and returns the `Pcm` they completed. In the decoder
-process, `main()` runs one asyncio loop with one `StreamDecoder` (edge/decode.py: PyAV, a
-demuxer thread per stream) per session, so what is decoded, and how, is unchanged.
+client's bytes to the decoder process and returns the `Pcm` they completed, already resampled
+to the session clock's 16 kHz (every channel kept: the daemon mixes them). In the decoder
+process, `main()` runs one asyncio loop and one `InlineDecoder` (edge/decode.py: the same PyAV
+demuxer and decoder as `StreamDecoder`, hosted in a greenlet instead of a thread) per stream.
 
 Why a process. Every FFmpeg call PyAV makes releases the GIL and takes it back; when the loop
 runs Python meanwhile, each take is contended, so in the daemon the loop waited for each
@@ -23,15 +24,15 @@ environment, oom_score_adj 1000, dies with the daemon).
 Bounds and failure policy:
 - One request in flight per stream: `SessionAudio` awaits each feed before the next (the
   receive loop's backpressure, as before), so what the pipes hold is at most one client frame
-  and its PCM per session. The decoder process queues `REQUESTS_MAX` per stream; more is a
-  daemon bug, answered with ERROR.
+  and its PCM per session. The decoder process decodes each request as it reads it: it
+  queues nothing.
 - A stream the decoder cannot decode: ERROR {reason} -> `DecodeError` (the session answers
   DATA-0000 and closes 1008); the other streams go on.
 - The decoder process dies (a crash, the OOM killer, a kill): every stream open in it gets
   `DecodeError` naming the exit; the next compressed session starts a new process.
 - No answer within a stream's decode budget plus `HUNG_GRACE_S`: the process as a whole is
-  stuck (a stalled FFmpeg call alone is cut off inside it, by `StreamDecoder`), so it is
-  killed, with the consequences above.
+  stuck (a slow chunk alone is cut off inside it, by `InlineDecoder`, at FFmpeg's next read),
+  so it is killed, with the consequences above.
 """
 
 from __future__ import annotations
@@ -58,7 +59,6 @@ from edge.formats import FORMAT_NAMES, DecodeError, Pcm
 
 log = logging.getLogger("edge.decode_process")
 
-REQUESTS_MAX = 4  # per stream in the decoder process: one BYTES or END, and its CLOSE
 HUNG_GRACE_S = 2.0  # over a stream's decode budget before the whole process counts as stuck
 STOP_GRACE_S = 2.0  # at shutdown, before the decoder process is killed
 
@@ -295,8 +295,6 @@ class RemoteDecoder:
 class _Stream:
     def __init__(self, decoder: InlineDecoder) -> None:
         self.decoder = decoder
-        self.requests: asyncio.Queue[tuple[Kind, bytes | None]] = asyncio.Queue(REQUESTS_MAX)
-        self.task: asyncio.Task[None] | None = None
         self._layout: tuple[int, int] | None = None  # (rate, channels) the resampler is for
         self._resampler: soxr.ResampleStream | None = None
 
@@ -326,8 +324,9 @@ class _Stream:
 
 
 class DecoderServer:
-    """The decoder process's side: one `StreamDecoder` per open stream, each stream's requests
-    run in order by its own task; replies go to `write` (never blocks)."""
+    """The decoder process's side: one `InlineDecoder` per open stream. Requests are decoded
+    as they are read, in order, on the loop (a decode never waits for anything else);
+    replies go to `write` (never blocks)."""
 
     def __init__(self, write: Callable[[bytes], None]) -> None:
         self._write = write
@@ -341,12 +340,8 @@ class DecoderServer:
             self._open(sid, msg.meta)
         elif msg.kind in (Kind.BYTES, Kind.END):
             stream = self._streams.get(sid)
-            if stream is None:
-                return True  # ended by an error: the daemon's CLOSE is on its way
-            try:
-                stream.requests.put_nowait((msg.kind, msg.data))
-            except asyncio.QueueFull:
-                self._fail(sid, f"more than {REQUESTS_MAX} requests in flight")
+            if stream is not None:  # else ended by an error: the daemon's CLOSE is on its way
+                self._decode(sid, stream, msg.data if msg.kind is Kind.BYTES else None)
         elif msg.kind is Kind.CLOSE:
             self._drop(sid)
         elif msg.kind is Kind.SHUTDOWN:
@@ -355,7 +350,7 @@ class DecoderServer:
             raise wire.WireError(f"the decoder process does not take {msg.kind.name}")
         return True
 
-    async def close(self) -> None:
+    def close(self) -> None:
         """Stop every stream (the process is ending)."""
         for sid in list(self._streams):
             self._drop(sid)
@@ -369,40 +364,31 @@ class DecoderServer:
         except (KeyError, TypeError, ValueError) as exc:
             self._send(Kind.ERROR, {"sid": sid, "reason": f"bad OPEN: {exc!r}"})
             return
-        stream = self._streams[sid] = _Stream(decoder)
-        stream.task = asyncio.create_task(self._run(sid, stream), name=f"decode-{sid}")
+        self._streams[sid] = _Stream(decoder)
 
-    async def _run(self, sid: str, stream: _Stream) -> None:
-        while True:
-            kind, data = await stream.requests.get()
-            try:
-                if kind is Kind.BYTES:
-                    out = stream.to_clock(await stream.decoder.feed(data or b""), last=False)
-                else:
-                    out = stream.to_clock(await stream.decoder.finish(), last=True)
-            except DecodeError as exc:
-                self._fail(sid, str(exc))
-                return
-            except Exception as exc:  # a PyAV or numpy bug: this stream ends, the rest go on
-                log.exception("stream %s failed", sid)
-                self._fail(sid, f"internal decoder error ({type(exc).__name__})")
-                return
-            # One write for the whole reply: a syscall, not one per frame.
-            self._write(b"".join(
-                [wire.encode(Kind.PCM, {"sid": sid, "rate": p.rate}, p.samples) for p in out]
-                + [wire.encode(Kind.DECODED, {"sid": sid, "codec": stream.decoder.codec})]))
+    def _decode(self, sid: str, stream: _Stream, data: bytes | None) -> None:
+        """Decode one chunk (None: the end of input) and write the reply."""
+        try:
+            out = stream.to_clock(stream.decoder.decode(data), last=data is None)
+        except DecodeError as exc:
+            self._fail(sid, str(exc))
+            return
+        except Exception as exc:  # a PyAV or numpy bug: this stream ends, the rest go on
+            log.exception("stream %s failed", sid)
+            self._fail(sid, f"internal decoder error ({type(exc).__name__})")
+            return
+        for part in out:
+            self._write(wire.encode(Kind.PCM, {"sid": sid, "rate": part.rate}, part.samples))
+        self._write(wire.encode(Kind.DECODED, {"sid": sid, "codec": stream.decoder.codec}))
 
     def _fail(self, sid: str, reason: str) -> None:
         self._send(Kind.ERROR, {"sid": sid, "reason": reason})
-        self._drop(sid, cancel=False)
+        self._drop(sid)
 
-    def _drop(self, sid: str, cancel: bool = True) -> None:
+    def _drop(self, sid: str) -> None:
         stream = self._streams.pop(sid, None)
-        if stream is None:
-            return
-        stream.decoder.close()
-        if cancel and stream.task is not None:
-            stream.task.cancel()
+        if stream is not None:
+            stream.decoder.close()
 
     def _send(self, kind: Kind, meta: dict[str, Any]) -> None:
         self._write(wire.encode(kind, meta))
@@ -422,7 +408,7 @@ async def _serve(out_fd: int) -> int:
     except wire.WireError as exc:
         log.error("protocol ended: %s", exc)
         code = 2
-    await server.close()
+    server.close()
     transport.close()
     return code
 
@@ -445,5 +431,5 @@ def main(argv: list[str] | None = None) -> int:
     return asyncio.run(_serve(out_fd))
 
 
-__all__ = ["HUNG_GRACE_S", "REQUESTS_MAX", "DecoderProcess", "DecoderServer", "RemoteDecoder",
+__all__ = ["HUNG_GRACE_S", "Corked", "DecoderProcess", "DecoderServer", "RemoteDecoder",
            "main"]
