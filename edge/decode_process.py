@@ -61,26 +61,37 @@ log = logging.getLogger("edge.decode_process")
 
 HUNG_GRACE_S = 2.0  # over a stream's decode budget before the whole process counts as stuck
 STOP_GRACE_S = 2.0  # at shutdown, before the decoder process is killed
+# How long the daemon gathers frames for the decoder process before one write: at 64 streams
+# it cut 6 % of the CPU (`scripts/bench/decode.py --paced 64`), for at most 10 ms more on the
+# way to the words (the decoder answers each batch in one write, at once).
+BATCH_S = 0.010
 
 
 # --- daemon side ----------------------------------------------------------------------------
 
 
 class Corked:
-    """Frames written within one turn of the event loop, sent as one write.
+    """Frames gathered for `delay_s` (0: the rest of this turn of the event loop), then sent
+    as one write.
 
-    Every write to a pipe wakes the process at the other end, and on a VM that wake-up costs
-    ~0.1 ms of CPU on each side (measured: ~95 us per side per round trip of a small message
-    with the reader asleep): frames for many streams that are ready in the same turn go as one.
+    Every write to a pipe wakes the process at the other end, and on this VM a wake-up costs
+    ~0.1 ms of CPU on each side (~95 us per side per round trip of a small message with the
+    reader asleep, and 126 us per write in the daemon's profile): frames of many streams go
+    as one.
     """
 
-    def __init__(self, write: Callable[[bytes], object]) -> None:
+    def __init__(self, write: Callable[[bytes], object], delay_s: float = 0.0) -> None:
         self._write = write
+        self._delay_s = delay_s
         self._frames: list[bytes] = []
 
     def __call__(self, frame: bytes) -> None:
         if not self._frames:
-            asyncio.get_running_loop().call_soon(self.flush)
+            loop = asyncio.get_running_loop()
+            if self._delay_s:
+                loop.call_later(self._delay_s, self.flush)
+            else:
+                loop.call_soon(self.flush)
         self._frames.append(frame)
 
     def flush(self) -> None:
@@ -163,7 +174,7 @@ class DecoderProcess:
                     log.error("cannot start the decoder process: %s", exc)
                     raise DecodeError(f"the decoder process cannot start ({exc})") from None
                 self._worker = worker
-                self._out = Corked(worker.write)
+                self._out = Corked(worker.write, BATCH_S)
                 self.starts += 1
                 task = asyncio.create_task(self._read(worker), name=f"decoder-{worker.pid}")
                 self._readers.add(task)
