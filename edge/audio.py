@@ -7,9 +7,11 @@ clock, one per output channel. Raw encodings (linear16, linear32, mulaw, alaw) a
 here with numpy, on the loop (microseconds per frame: `feed()`); 16 kHz mono linear16 in
 whole samples is already the clock's PCM and is placed as it comes. WAV goes through
 `WavDecoder` (edge/formats.py, numpy, on the loop), containers and compressed codecs through
-one `StreamDecoder` (edge/decode.py, PyAV on its own thread); both give (samples, channels)
-at the source's rate. `_convert()` is the one place that averages the channels (or, with
-`split=True`, Deepgram's `multichannel`, keeps them apart) and resamples onto the clock:
+the decoder `decoders` makes: in the daemon a `RemoteDecoder` (edge/decode_process.py, the
+decoder process, which resamples to 16 kHz itself), else a `StreamDecoder` (edge/decode.py,
+PyAV on its own thread); each gives (samples, channels) at some rate. `_convert()` is the
+one place that averages the channels (or, with `split=True`, Deepgram's `multichannel`,
+keeps them apart) and resamples onto the clock:
 every output channel has its own resampler and they share one clock. With no `encoding`,
 the first bytes decide (`sniff()`); nothing recognised means linear16 at `sample_rate`, as
 room devices send it. A partial frame (an odd byte of linear16, a sample of some channels

@@ -74,10 +74,9 @@ class Corked:
     """Frames gathered for `delay_s` (0: the rest of this turn of the event loop), then sent
     as one write.
 
-    Every write to a pipe wakes the process at the other end, and on this VM a wake-up costs
-    ~0.1 ms of CPU on each side (~95 us per side per round trip of a small message with the
-    reader asleep, and 126 us per write in the daemon's profile): frames of many streams go
-    as one.
+    Every write to a pipe wakes the process at the other end, and on this VM that costs 65-120
+    us of CPU on each side per round trip (`scripts/bench/pipe_wake.py`; 126 us per write in
+    the daemon's profile at 64 paced streams): frames of many streams go as one.
     """
 
     def __init__(self, write: Callable[[bytes], object], delay_s: float = 0.0) -> None:

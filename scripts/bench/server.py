@@ -206,7 +206,7 @@ def broken(r: dict[str, Any]) -> str | None:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     ramp = [int(x) for x in args.ramp.split(",")]
     query = {"diarize": True} if args.diarizer else {"diarize": False}
-    settings = {"EDGE_MAX_SESSIONS": str(max(ramp) + 10),
+    settings = {"EDGE_MAX_SESSIONS": str(max(ramp) + 10), "EDGE_DECODER": args.decoder,
                 "STT_ENABLE_NEMO_DIARIZATION_FALLBACK": "false"}
     if args.diarizer:
         settings.update(diarizer_settings(args.diarizer))
@@ -278,6 +278,8 @@ def main() -> None:
     ap.add_argument("--keep-going", action="store_true", help="run every step even after a break")
     ap.add_argument("--rounds", type=int, default=1,
                     help="runs of each N's formats, in order then reversed (2: ABBA)")
+    ap.add_argument("--decoder", choices=["process", "thread"], default="process",
+                    help="EDGE_DECODER: where webm/opus is decoded")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     emit(asyncio.run(run(args)), args.out)
