@@ -29,7 +29,9 @@ Bounds and failure policy:
 - A stream the decoder cannot decode: ERROR {reason} -> `DecodeError` (the session answers
   DATA-0000 and closes 1008); the other streams go on.
 - The decoder process dies (a crash, the OOM killer, a kill): every stream open in it gets
-  `DecodeError` naming the exit; the next compressed session starts a new process.
+  `DecoderLost` naming the exit (the session sends the finals for the audio decoded before
+  it, then closes 1011: which stream's bytes crashed it cannot be told, so none is called
+  undecodable); the next compressed session starts a new process.
 - No answer within a stream's decode budget plus `HUNG_GRACE_S`: the process as a whole is
   stuck (a slow chunk alone is cut off inside it, by `InlineDecoder`, at FFmpeg's next read),
   so it is killed, with the consequences above.
@@ -55,7 +57,7 @@ from edge.decode import FEED_TIMEOUT_S, MAX_BYTES_WITHOUT_AUDIO, InlineDecoder
 from edge.diarization import wire
 from edge.diarization.process import WorkerProcess, receive
 from edge.diarization.wire import Kind
-from edge.formats import FORMAT_NAMES, DecodeError, Pcm
+from edge.formats import FORMAT_NAMES, DecodeError, DecoderLost, Pcm
 
 log = logging.getLogger("edge.decode_process")
 
@@ -166,12 +168,12 @@ class DecoderProcess:
         async with self._starting:
             if self._worker is None:
                 if self._closed:
-                    raise DecodeError("the daemon is stopping: no new decoder")
+                    raise DecoderLost("the daemon is stopping: no new decoder")
                 try:
                     worker = await WorkerProcess.spawn(self._env, entry=__name__)
                 except OSError as exc:
                     log.error("cannot start the decoder process: %s", exc)
-                    raise DecodeError(f"the decoder process cannot start ({exc})") from None
+                    raise DecoderLost(f"the decoder process cannot start ({exc})") from None
                 self._worker = worker
                 self._out = Corked(worker.write, BATCH_S)
                 self.starts += 1
@@ -205,7 +207,7 @@ class DecoderProcess:
         lost = [s for s in self._streams.values() if s.worker is worker]
         how = f"signal {-code}" if code < 0 else f"code {code}"
         for stream in lost:
-            stream.fail(DecodeError(f"the decoder process exited ({how}) while decoding "
+            stream.fail(DecoderLost(f"the decoder process exited ({how}) while decoding "
                                     "this stream"))
         if lost or not self._closed:
             log.warning("decoder process %d exited (%s) with %d open stream(s)",
@@ -214,8 +216,8 @@ class DecoderProcess:
 
 class RemoteDecoder:
     """One stream decoded in the decoder process: `await feed(chunk)` -> the Pcm it completed
-    (the `Decoder` protocol). Raises DecodeError as `StreamDecoder` does, and when the process
-    dies or hangs."""
+    (the `Decoder` protocol). Raises DecodeError as `StreamDecoder` does, and DecoderLost when
+    the process dies, hangs or cannot start."""
 
     def __init__(self, owner: DecoderProcess, fmt: str, options: dict[str, Any],
                  feed_timeout_s: float) -> None:
@@ -262,13 +264,13 @@ class RemoteDecoder:
         reply = self._reply = asyncio.get_running_loop().create_future()
         try:
             if not self._owner._send(self.worker, kind, {"sid": self._sid}, data=data):
-                self._error = DecodeError("the decoder process is gone")
+                self._error = DecoderLost("the decoder process is gone")
                 raise self._error
             async with asyncio.timeout(self._budget_s):
                 return await reply
         except TimeoutError:
             self._owner._kill(self.worker, f"did not answer in {self._budget_s:g} s")
-            self._error = DecodeError(f"the decoder process did not answer in {self._budget_s:g} s")
+            self._error = DecoderLost(f"the decoder process did not answer in {self._budget_s:g} s")
             raise self._error from None
         except asyncio.CancelledError:
             # The reply would answer the next request: this stream cannot go on.

@@ -26,6 +26,11 @@ class DecodeError(Exception):
     """The audio cannot be decoded; `str()` says what was wrong, for the client."""
 
 
+class DecoderLost(DecodeError):
+    """Not the audio: the decoder itself is gone (its process died, hung or could not start).
+    The session ends with 1011 after the finals for the audio decoded before it."""
+
+
 @dataclass(frozen=True)
 class Pcm:
     """Decoded audio: float32 in [-1, 1], shape (samples, channels), at `rate` Hz."""
@@ -248,4 +253,5 @@ class Decoder(Protocol):
 
 
 __all__ = ["ALAW", "FORMAT_NAMES", "MULAW", "NEED_MORE", "SNIFF_BYTES", "DecodeError", "Decoder",
+           "DecoderLost",
            "Pcm", "WavDecoder", "WavFormat", "parse_wav_header", "sniff"]

@@ -43,6 +43,7 @@ REASON_FRAME_TOO_LARGE = "frame too large"
 REASON_NOT_READING = "client not reading"
 REASON_AT_CAPACITY = "at capacity"
 REASON_BAD_AUDIO = "DATA-0000"  # Deepgram's: the payload cannot be decoded as audio
+REASON_DECODER_LOST = "decoder unavailable"
 REASON_TOO_MANY_FRAMES = "too many frames"
 REASON_DATA_FRAME = "no data frames on this channel"
 
@@ -212,6 +213,7 @@ __all__ = [
     "CLOSE_TRY_AGAIN",
     "ENCODINGS",
     "MULTILINGUAL",
+    "REASON_DECODER_LOST",
     "REASON_IDLE",
     "ControlError",
     "ListenParams",

@@ -41,6 +41,7 @@ from edge import __version__, protocol
 from edge.audio import DecodeError, SessionAudio
 from edge.channel import Channel, ChannelContext
 from edge.clock import SAMPLE_RATE, AudioBlock
+from edge.formats import DecoderLost
 from edge.health import Status
 from edge.limits import TokenBucket
 from edge.metrics import Metrics
@@ -63,7 +64,8 @@ FRAME_BURST_S = 1.0  # a burst of up to one second's worth of frames over EDGE_M
 # an Error (nothing is lost: the audio is finalized anyway, by the next Finalize or the end).
 FINALIZE_PER_S, FINALIZE_BURST = 2.0, 10
 
-End = Literal["close", "shutdown", "idle", "gone", "too_large", "slow", "bad_audio", "too_fast"]
+End = Literal["close", "shutdown", "idle", "gone", "too_large", "slow", "bad_audio", "too_fast",
+              "decoder_lost"]
 _END_CLOSE: dict[End, tuple[int, str]] = {
     "close": (protocol.CLOSE_NORMAL, ""),
     "shutdown": (protocol.CLOSE_GOING_AWAY, protocol.REASON_SHUTDOWN),
@@ -71,6 +73,7 @@ _END_CLOSE: dict[End, tuple[int, str]] = {
     "too_large": (protocol.CLOSE_POLICY, protocol.REASON_FRAME_TOO_LARGE),
     "slow": (protocol.CLOSE_POLICY, protocol.REASON_NOT_READING),
     "bad_audio": (protocol.CLOSE_POLICY, protocol.REASON_BAD_AUDIO),
+    "decoder_lost": (protocol.CLOSE_INTERNAL, protocol.REASON_DECODER_LOST),
     "too_fast": (protocol.CLOSE_POLICY, protocol.REASON_TOO_MANY_FRAMES),
     "gone": (protocol.CLOSE_NORMAL, ""),
 }
@@ -199,7 +202,8 @@ class Session:
         """Flush what the client is owed: every final result, turns, then Metadata."""
         if end in ("gone", "too_large", "slow", "bad_audio", "too_fast"):
             return
-        await self._end_of_audio()
+        if end != "decoder_lost":  # else the decoder has no tail to give
+            await self._end_of_audio()
         timeout = FINISH_TIMEOUT_S if end == "close" else self.deps.settings.edge_drain_s
         await asyncio.gather(*(c.finish(timeout) for c in self.channels))
         if end in ("close", "shutdown"):
@@ -246,6 +250,9 @@ class Session:
                         return "too_fast"
                     try:
                         self._on_audio(await self.audio.decode(message))
+                    except DecoderLost as exc:
+                        self._decoder_lost(exc)
+                        return "decoder_lost"
                     except DecodeError as exc:
                         self._bad_audio(exc)
                         return "bad_audio"
@@ -271,10 +278,20 @@ class Session:
         "bad_audio" when the stream turns out undecodable at its end (e.g. truncated)."""
         try:
             self._on_audio(await self.audio.finish())
+        except DecoderLost as exc:
+            self._decoder_lost(exc)
+            return "decoder_lost"
         except DecodeError as exc:
             self._bad_audio(exc)
             return "bad_audio"
         return "close"
+
+    def _decoder_lost(self, exc: DecoderLost) -> None:
+        log.warning("session %s: decoder lost: %s", self.request_id, exc)
+        self._send(protocol.error_message(
+            "DECODER_UNAVAILABLE", f"The audio decoder failed ({exc}), not the audio: the "
+            "finals for the audio before it follow, then the connection closes (1011). "
+            "Reconnect to go on."))
 
     def _bad_audio(self, exc: DecodeError) -> None:
         log.info("session %s: undecodable audio: %s", self.request_id, exc)

@@ -278,8 +278,9 @@ async def test_a_decoder_process_crash_ends_only_its_sessions(
     daemon: App, signal: tuple[Path, np.ndarray, list[ScriptWord]], tmp_path: Path
 ) -> None:
     """The decoder process dies mid-stream (SIGKILL, as a segfault in FFmpeg would): the
-    WebM/Opus session in it gets DATA-0000 and close 1008, a linear16 neighbour keeps every
-    word, and the next WebM/Opus session starts a new decoder process."""
+    WebM/Opus session in it gets DECODER_UNAVAILABLE and close 1011 (not its audio's fault),
+    a linear16 neighbour keeps every word, and the next WebM/Opus session starts a new
+    decoder process."""
     source, audio, script = signal
     webm = ffmpeg(source, FORMATS["webm-opus"], tmp_path / "a.webm")
     pcm = np.clip(np.rint(audio * 32768), -32768, 32767).astype("<i2").tobytes()
@@ -302,9 +303,12 @@ async def test_a_decoder_process_crash_ends_only_its_sessions(
         with contextlib.suppress(ConnectionClosed):
             while True:
                 messages.append(json.loads(await asyncio.wait_for(ws.recv(), 20)))
-    assert (ws.close_code, ws.close_reason) == (1008, "DATA-0000"), messages
+    assert (ws.close_code, ws.close_reason) == (1011, "decoder unavailable"), messages
     errors = [m for m in messages if m["type"] == "Error"]
-    assert errors and "decoder process exited (signal 9)" in errors[-1]["description"], messages
+    assert errors and errors[-1]["variant"] == "DECODER_UNAVAILABLE", messages
+    assert "decoder process exited (signal 9)" in errors[-1]["description"], messages
+    got = [w["word"] for w in final_words(messages)]  # the finals owed before the crash, if any
+    assert got == [s.text for s in script][:len(got)], messages
     messages, code, _ = await neighbour
     assert code == 1000
     assert_words(messages, script, tol=0.02)
