@@ -134,7 +134,7 @@ class DecoderProcess:
 
     async def start(self) -> int:
         """Start the decoder process now if none runs (it otherwise starts at the first
-        feed); returns its pid. Raises DecodeError if it cannot start."""
+        feed); returns its pid. Raises DecoderLost if it cannot start."""
         return (await self._running()).pid
 
     async def close(self) -> None:
@@ -149,7 +149,7 @@ class DecoderProcess:
 
     async def _attach(self, decoder: RemoteDecoder) -> tuple[WorkerProcess, str]:
         """Open `decoder`'s stream in the running process (started if none). Raises
-        DecodeError when the process cannot start or the daemon is stopping."""
+        DecoderLost when the process cannot start or the daemon is stopping."""
         worker = await self._running()
         sid = str(next(self._sids))
         self._streams[sid] = decoder

@@ -21,6 +21,9 @@ DEFAULT_CACHE_DIR = Path("/var/cache/edge")  # the unit's CacheDirectory=edge
 NVME_CACHE_NAME = "edge-cache"  # created at the top of a chosen NVMe mount
 MODEL_SPACE_MB = 1024  # the Sortformer .nemo (~470 MB) plus a download's temporary copy
 DAEMON_MEMORY_MB = 200  # the daemon itself, besides the diarizer worker's budget
+# The decoder process (edge/decode_process.py): 70 MB, plus ~2 MB of FFmpeg state per
+# compressed stream (docs/notes/pyav-decode.md), for EDGE_MAX_SESSIONS' default 16 and slack.
+DECODER_MEMORY_MB = 120
 DEFAULT_DIARIZATION_MEMORY_MB = 2048  # Settings.edge_diarization_memory_mb's default
 MB = 1024 * 1024
 
@@ -284,10 +287,12 @@ def worker_rss_limit(budget_bytes: int) -> int:
     return budget_bytes + max(64 * MB, budget_bytes // 10)
 
 
-def memory_limits(diarization_mb: int, daemon_mb: int = DAEMON_MEMORY_MB) -> tuple[int, int]:
+def memory_limits(diarization_mb: int,
+                  daemon_mb: int = DAEMON_MEMORY_MB + DECODER_MEMORY_MB) -> tuple[int, int]:
     """The unit's (MemoryHigh, MemoryMax) in MB. MemoryHigh is the supervisor's kill threshold
-    for the worker (`worker_rss_limit`) plus the daemon: the kernel throttles only a worker the
-    supervisor would kill anyway, never a daemon that is within bounds. A quarter above it the
+    for the worker (`worker_rss_limit`) plus the daemon and its decoder process: the kernel
+    throttles only a worker the supervisor would kill anyway, never a daemon that is within
+    bounds. A quarter above it the
     kernel OOM-kills, the worker first (oom_score_adj 1000), and with OOMPolicy=continue the
     unit lives on and the supervisor restarts the worker."""
     high = -(-worker_rss_limit(diarization_mb * MB) // MB) + daemon_mb

@@ -166,7 +166,7 @@ def test_df_table_refuses_paths_it_does_not_list() -> None:
 # --- memory limits: the unit, its drop-in and the settings agree ---
 
 def test_memory_limits_match_the_unit_and_the_settings_default() -> None:
-    assert device.memory_limits(2048) == (2453, 3066)
+    assert device.memory_limits(2048) == (2573, 3216)
     unit = (ROOT / "systemd/edge.service").read_text()
     high, high_max = device.memory_limits(device.DEFAULT_DIARIZATION_MEMORY_MB)
     assert f"\nMemoryHigh={high}M\n" in unit and f"\nMemoryMax={high_max}M\n" in unit
@@ -184,5 +184,5 @@ def test_memory_high_is_above_the_supervisors_kill_threshold_plus_the_daemon(bud
     s = Settings(_env_file=None, edge_diarization_memory_mb=budget_mb)  # type: ignore[call-arg]
     kill_at = WorkerSupervisor(s, Metrics(), None).rss_limit  # type: ignore[arg-type]
     high, high_max = device.memory_limits(budget_mb)
-    assert high * device.MB >= kill_at + device.DAEMON_MEMORY_MB * device.MB
+    assert high * device.MB >= kill_at + (device.DAEMON_MEMORY_MB + device.DECODER_MEMORY_MB) * device.MB
     assert high_max > high

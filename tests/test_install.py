@@ -128,7 +128,7 @@ def test_destdir_install_lays_out_venv_unit_env_and_user(installed: tuple[Path, 
     assert (root / UNIT).read_text() == (ROOT / "systemd/edge.service").read_text()
     assert (root / "opt/edge/README.md").is_file()  # the unit's Documentation=
     assert (root / DROPINS / "memory.conf").read_text().splitlines()[-2:] == [
-        "MemoryHigh=2453M", "MemoryMax=3066M",
+        "MemoryHigh=2573M", "MemoryMax=3216M",
     ]
     assert not (root / DROPINS / "cache.conf").exists()  # the cache is the unit's own
     env = root / ENV_FILE
@@ -176,7 +176,7 @@ def test_existing_env_file_is_kept_and_drives_the_unit(tmp_path: Path) -> None:
         steps(proc.stdout))
     assert "already sets NEMO_CACHE_DIR=/srv/models" in proc.stdout
     assert (tmp_path / DROPINS / "cache.conf").read_text().endswith("\nReadWritePaths=/srv/models\n")
-    assert "MemoryHigh=4706M" in (tmp_path / DROPINS / "memory.conf").read_text()
+    assert "MemoryHigh=4826M" in (tmp_path / DROPINS / "memory.conf").read_text()
     assert (tmp_path / "srv/models").is_dir()
 
 

@@ -31,7 +31,7 @@ def test_probe_prints_the_choice_for_install_sh(
     assert (facts["cache_dir"], facts["cache_managed"], facts["cache_kind"]) == (
         "/mnt/nvme/edge-cache", "no", "nvme",
     )
-    assert (facts["memory_high"], facts["memory_max"]) == ("2453M", "3066M")
+    assert (facts["memory_high"], facts["memory_max"]) == ("2573M", "3216M")
 
 
 def test_probe_env_file_wins_and_says_so(
@@ -46,7 +46,7 @@ def test_probe_env_file_wins_and_says_so(
     assert (facts["cache_dir"], facts["cache_source"], facts["cache_managed"]) == (
         "/var/cache/edge", "env-file", "yes",
     )
-    assert (facts["memory_high"], facts["memory_max"]) == ("4706M", "5882M")
+    assert (facts["memory_high"], facts["memory_max"]) == ("4826M", "6032M")
     assert re.search(r"NEMO_CACHE_DIR=/var/cache/edge and is never overwritten", facts["warning"])
     assert "on the sd card" in facts["warning"]
 
