@@ -62,3 +62,19 @@ def test_malformed_frames_are_refused(data: bytes, error: str) -> None:
 def test_oversized_frames_cannot_be_built() -> None:
     with pytest.raises(wire.WireError, match="too large"):
         wire.encode(Kind.AUDIO, {}, np.zeros(wire.MAX_FRAME // 4 + 1, np.float32))
+
+
+def test_bytes_travel_as_they_are_and_never_with_an_array() -> None:
+    """The decoder process's BYTES: a client's compressed audio, byte for byte (any bytes,
+    including a frame's worth of zeros or an Ogg page), and no array besides."""
+    payload = b"OggS\x00\x02" + bytes(range(256)) * 40
+    msg = roundtrip(wire.encode(Kind.BYTES, {"sid": "7"}, data=payload))
+    assert msg is not None and msg.kind is Kind.BYTES
+    assert msg.meta == {"sid": "7"} and msg.data == payload and msg.array is None
+    empty = roundtrip(wire.encode(Kind.BYTES, {"sid": "7"}, data=b""))
+    assert empty is not None and empty.data == b""
+    with pytest.raises(wire.WireError, match="not both"):
+        wire.encode(Kind.BYTES, {}, np.zeros(3), data=b"x")
+    meta = b'{"bytes":true,"shape":[1]}'
+    with pytest.raises(wire.WireError, match="not both"):
+        wire.decode(struct.pack(">BBH", wire.VERSION, int(Kind.BYTES), len(meta)) + meta + b"abcd")
