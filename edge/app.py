@@ -44,7 +44,8 @@ class App:
         self.notifier = notifier or Notifier()
         self.monitor = LoopMonitor(observe=self.metrics.loop_lag.observe)
         self.engine = DiarizationEngine(settings, self.status, self.metrics)
-        self.decoders = DecoderProcess() if settings.edge_decoder == "process" else None
+        self.decoders = (DecoderProcess(metrics=self.metrics) if settings.edge_decoder == "process"
+                         else None)
         self.deps = SessionDeps(settings, self.status, self.metrics, upstream=None,
                                 engine=self.engine, decoders=self.decoders)
         self.listen = ListenService(self.deps)

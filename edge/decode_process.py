@@ -46,7 +46,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import soxr
@@ -58,6 +58,9 @@ from edge.diarization import wire
 from edge.diarization.process import WorkerProcess, receive
 from edge.diarization.wire import Kind
 from edge.formats import FORMAT_NAMES, DecodeError, DecoderLost, Pcm
+
+if TYPE_CHECKING:
+    from edge.metrics import Metrics
 
 log = logging.getLogger("edge.decode_process")
 
@@ -107,8 +110,10 @@ class DecoderProcess:
 
     `decoder(...)` takes `StreamDecoder`'s arguments and returns a `RemoteDecoder`."""
 
-    def __init__(self, env: dict[str, str] | None = None) -> None:
+    def __init__(self, env: dict[str, str] | None = None, metrics: Metrics | None = None) -> None:
         self._env = env
+        self._metrics = metrics
+        self._kills: dict[WorkerProcess, str] = {}  # why we killed it: its exit's cause
         self._worker: WorkerProcess | None = None
         self._out: Corked | None = None  # to the running worker
         self._streams: dict[str, RemoteDecoder] = {}
@@ -186,9 +191,10 @@ class DecoderProcess:
     def _forget(self, sid: str) -> None:
         self._streams.pop(sid, None)
 
-    def _kill(self, worker: WorkerProcess, why: str) -> None:
+    def _kill(self, worker: WorkerProcess, cause: str, why: str) -> None:
         log.error("decoder process %d %s: killing it, with its %d open stream(s)",
                   worker.pid, why, sum(1 for s in self._streams.values() if s.worker is worker))
+        self._kills.setdefault(worker, cause)
         worker.kill()
 
     async def _read(self, worker: WorkerProcess) -> None:
@@ -200,8 +206,9 @@ class DecoderProcess:
                 if stream is not None and stream.worker is worker:
                     stream.on_reply(msg)
         except wire.WireError as exc:
-            self._kill(worker, f"broke the protocol ({exc})")
+            self._kill(worker, "protocol", f"broke the protocol ({exc})")
         code = await worker.wait()
+        cause = self._kills.pop(worker, "crash")
         if self._worker is worker:
             self._worker, self._out = None, None
         lost = [s for s in self._streams.values() if s.worker is worker]
@@ -212,6 +219,8 @@ class DecoderProcess:
         if lost or not self._closed:
             log.warning("decoder process %d exited (%s) with %d open stream(s)",
                         worker.pid, how, len(lost))
+            if self._metrics is not None:
+                self._metrics.decoder_exits.labels(cause).inc()
 
 
 class RemoteDecoder:
@@ -269,7 +278,7 @@ class RemoteDecoder:
             async with asyncio.timeout(self._budget_s):
                 return await reply
         except TimeoutError:
-            self._owner._kill(self.worker, f"did not answer in {self._budget_s:g} s")
+            self._owner._kill(self.worker, "hung", f"did not answer in {self._budget_s:g} s")
             self._error = DecoderLost(f"the decoder process did not answer in {self._budget_s:g} s")
             raise self._error from None
         except asyncio.CancelledError:

@@ -90,6 +90,11 @@ class Metrics:
             "edge_diarizer_worker_restarts", "Diarizer worker restarts, by cause", ["cause"],
             registry=r,
         )
+        self.decoder_exits = Counter(
+            "edge_decoder_process_exits", "Decoder process exits while the daemon ran, by cause "
+            "(crash: it died; hung: killed for not answering; protocol: killed for a bad frame)",
+            ["cause"], registry=r,
+        )
         self.diarizer_memory = Gauge(
             "edge_diarizer_worker_rss_bytes", "Diarizer worker resident memory", registry=r
         )

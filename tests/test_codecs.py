@@ -316,6 +316,7 @@ async def test_a_decoder_process_crash_ends_only_its_sessions(
     assert code == 1000, messages
     assert_words(messages, script)
     assert daemon.decoders.starts == 2 and daemon.decoders.pid != first
+    assert daemon.metrics.decoder_exits.labels("crash")._value.get() == 1
 
 
 async def test_decoder_thread_setting_decodes_in_the_daemon(

@@ -20,6 +20,7 @@ from edge.audio import SessionAudio
 from edge.decode import InlineDecoder, StreamDecoder
 from edge.decode_process import HUNG_GRACE_S, DecoderProcess
 from edge.formats import DecodeError
+from edge.metrics import Metrics
 from tests.test_decode import make, needs_ffmpeg
 
 pytestmark = needs_ffmpeg
@@ -44,8 +45,13 @@ async def clock_audio(audio: SessionAudio, chunks: list[bytes]) -> np.ndarray:
 
 
 @pytest.fixture
-async def decoders() -> AsyncIterator[DecoderProcess]:
-    process = DecoderProcess()
+def metrics() -> Metrics:
+    return Metrics()
+
+
+@pytest.fixture
+async def decoders(metrics: Metrics) -> AsyncIterator[DecoderProcess]:
+    process = DecoderProcess(metrics=metrics)
     yield process
     await process.close()
 
@@ -71,7 +77,7 @@ async def test_the_process_puts_the_same_samples_on_the_clock(
 
 
 async def test_a_killed_process_fails_its_streams_and_the_next_stream_restarts_it(
-        tmp_path: Path, decoders: DecoderProcess) -> None:
+        tmp_path: Path, decoders: DecoderProcess, metrics: Metrics) -> None:
     data = make(tmp_path, "a.webm", "-c:a", "libopus", seconds=4.0)
     half = len(data) // 2
     first, second = decoders.decoder("matroska"), decoders.decoder("matroska")
@@ -89,12 +95,14 @@ async def test_a_killed_process_fails_its_streams_and_the_next_stream_restarts_i
         + sum(len(p.samples) for p in await third.finish())
     assert got == 4 * 16000  # resampled to the clock's rate in the process
     assert decoders.starts == 2 and decoders.pid not in (None, pid)
+    assert metrics.decoder_exits.labels("crash")._value.get() == 1
 
 
 async def test_a_hung_process_is_killed_after_the_budget(
-        tmp_path: Path, decoders: DecoderProcess) -> None:
+        tmp_path: Path, decoders: DecoderProcess, metrics: Metrics) -> None:
     """A decoder process that stops answering (SIGSTOP: as if a call into FFmpeg never
-    returned) is killed once a request outlasts its decode budget plus HUNG_GRACE_S."""
+    returned) is killed once a request outlasts its decode budget plus HUNG_GRACE_S, and
+    the metric says why."""
     data = make(tmp_path, "a.webm", "-c:a", "libopus", seconds=2.0)
     decoder = decoders.decoder("matroska", feed_timeout_s=0.1)
     assert await decoder.feed(data[:len(data) // 2])
@@ -110,6 +118,7 @@ async def test_a_hung_process_is_killed_after_the_budget(
             break
         await asyncio.sleep(0.02)
     assert decoders.pid is None  # killed and reaped: the next stream starts a new one
+    assert metrics.decoder_exits.labels("hung")._value.get() == 1
 
 
 async def test_a_bad_stream_fails_alone(tmp_path: Path, decoders: DecoderProcess) -> None:
