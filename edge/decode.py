@@ -235,16 +235,20 @@ class StreamDecoder:
     # --- loop side ---
     async def feed(self, data: bytes) -> list[Pcm]:
         """Decode `data`; returns the audio it completed. Raises DecodeError."""
-        self._since_audio += len(data)
-        return self._fed(await self._exchange(data))
+        return self._fed(data, await self._exchange(data))
 
     async def finish(self) -> list[Pcm]:
         """End of input: the decoder's tail. Raises DecodeError (also for a stream that ended
         before any audio, e.g. a truncated header)."""
         return self._finished(await self._exchange(None))
 
-    def _fed(self, out: list[Pcm]) -> list[Pcm]:
-        """What a chunk gave, checked: too many bytes with no audio raise DecodeError."""
+    def _stalled(self) -> DecodeError:
+        return DecodeError(f"the {self.name} decoder stalled: a {self.feed_timeout_s:g} s "
+                           "budget for one chunk ran out")
+
+    def _fed(self, data: bytes, out: list[Pcm]) -> list[Pcm]:
+        """What chunk `data` gave, checked: too many bytes with no audio raise DecodeError."""
+        self._since_audio += len(data)
         if out:
             self._since_audio = 0
         elif self._since_audio > self.max_bytes_without_audio:
@@ -308,9 +312,7 @@ class StreamDecoder:
                 await waiter
         except TimeoutError:
             self.close()
-            self._error = DecodeError(
-                f"the {self.name} decoder stalled: a {self.feed_timeout_s:g} s budget "
-                "for one chunk ran out")
+            self._error = self._stalled()
             raise self._error from None
         finally:
             with self._lock:
@@ -455,7 +457,7 @@ class _GreenPipe:
             if self._eof:
                 return b""
             assert self.caller is not None
-            self.caller.switch()  # back to `_exchange`: every byte given is used
+            self.caller.switch()  # back to `_exchange_now`: every byte given is used
 
 
 class InlineDecoder(StreamDecoder):
@@ -476,14 +478,13 @@ class InlineDecoder(StreamDecoder):
         """`feed(data)` (None: `finish()`) as a plain call: nothing in it waits but the decode
         itself. Raises DecodeError."""
         if data is None:
-            return self._finished(self.exchange(None))
-        self._since_audio += len(data)
-        return self._fed(self.exchange(data))
+            return self._finished(self._exchange_now(None))
+        return self._fed(data, self._exchange_now(data))
 
     async def _exchange(self, data: bytes | None) -> list[Pcm]:
-        return self.exchange(data)
+        return self._exchange_now(data)
 
-    def exchange(self, data: bytes | None) -> list[Pcm]:
+    def _exchange_now(self, data: bytes | None) -> list[Pcm]:
         """Give the demuxer one chunk (None: the end of input) and return what it decoded
         from it. Raises DecodeError."""
         if self._error is not None:
@@ -497,8 +498,7 @@ class InlineDecoder(StreamDecoder):
         out = [frames_pcm(frames, key) for key, frames in self._runs]
         self._runs = []
         if self._pipe.stalled and self._error is None:
-            self._error = DecodeError(f"the {self.name} decoder stalled: a {self.feed_timeout_s:g}"
-                                      " s budget for one chunk ran out")
+            self._error = self._stalled()
         if self._error is not None:
             raise self._error
         return out

@@ -13,13 +13,13 @@ piece's decode blocking (HANDOFF_WAIT_S in edge/decode.py), and at 64 and more W
 streams that waiting pushed the loop's lag p99 over 20 ms for every session, linear16 ones
 included. Here the decoder's loop waits instead, on the other core, and the daemon's loop only
 writes bytes to a pipe and reads PCM back. It also keeps FFmpeg's crashes out of the daemon:
-a decoder that segfaults on a hostile stream ends the WebM/Opus sessions in flight with
-DATA-0000, not the daemon and every linear16 room with it.
+a decoder that segfaults on a hostile stream ends the compressed sessions in it (`DecoderLost`,
+below), not the daemon and every linear16 room with it.
 
 Started at the first compressed session (a room that only sends linear16 never pays for it:
-~40 MB), then kept. The protocol is edge/diarization/wire.py's (OPEN, BYTES, END, CLOSE; PCM,
-DECODED, ERROR), spawned like the diarizer worker (`WorkerProcess`: isolated, a minimal
-environment, oom_score_adj 1000, dies with the daemon).
+70 MB, plus ~2 MB per stream), then kept. The protocol is edge/diarization/wire.py's (OPEN,
+BYTES, END, CLOSE; PCM, DECODED, ERROR), spawned like the diarizer worker (`WorkerProcess`:
+isolated, a minimal environment, oom_score_adj 1000, dies with the daemon).
 
 Bounds and failure policy:
 - One request in flight per stream: `SessionAudio` awaits each feed before the next (the
@@ -420,7 +420,8 @@ async def _serve(out_fd: int) -> int:
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin.buffer)
     transport, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(out_fd, "wb"))
-    server = DecoderServer(Corked(transport.write))
+    out = Corked(transport.write)
+    server = DecoderServer(out)
     code = 0
     try:
         while (msg := await receive(reader)) is not None:
@@ -430,6 +431,7 @@ async def _serve(out_fd: int) -> int:
         log.error("protocol ended: %s", exc)
         code = 2
     server.close()
+    out.flush()  # replies of the last turn, before the pipe closes
     transport.close()
     return code
 
@@ -438,17 +440,12 @@ def main(argv: list[str] | None = None) -> int:
     """The decoder process: serve the protocol on stdin/stdout until SHUTDOWN or end of input.
     `argv[0]`, when given, is the daemon's pid (it dies with the daemon). Returns the exit
     code."""
-    from edge.diarization.worker.main import die_with_parent
+    from edge.diarization.worker.main import start_worker
 
-    argv = sys.argv[1:] if argv is None else argv
-    die_with_parent(int(argv[0]) if argv else None)
-    out_fd = os.dup(1)
-    os.dup2(2, 1)  # stray prints go to stderr, never into the protocol
+    out_fd = start_worker(argv, "decoder process")
     # Ctrl-C in a terminal reaches the whole process group: the daemon ends this process
     # (end of input) once its sessions have drained, so their last audio is still decoded.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="decoder process %(process)d: %(levelname)s %(message)s")
     return asyncio.run(_serve(out_fd))
 
 

@@ -250,12 +250,8 @@ class Session:
                         return "too_fast"
                     try:
                         self._on_audio(await self.audio.decode(message))
-                    except DecoderLost as exc:
-                        self._decoder_lost(exc)
-                        return "decoder_lost"
                     except DecodeError as exc:
-                        self._bad_audio(exc)
-                        return "bad_audio"
+                        return self._undecodable(exc)
                     continue
                 try:
                     control = protocol.parse_control(message)
@@ -278,25 +274,24 @@ class Session:
         "bad_audio" when the stream turns out undecodable at its end (e.g. truncated)."""
         try:
             self._on_audio(await self.audio.finish())
-        except DecoderLost as exc:
-            self._decoder_lost(exc)
-            return "decoder_lost"
         except DecodeError as exc:
-            self._bad_audio(exc)
-            return "bad_audio"
+            return self._undecodable(exc)
         return "close"
 
-    def _decoder_lost(self, exc: DecoderLost) -> None:
-        log.warning("session %s: decoder lost: %s", self.request_id, exc)
-        self._send(protocol.error_message(
-            "DECODER_UNAVAILABLE", f"The audio decoder failed ({exc}), not the audio: the "
-            "finals for the audio before it follow, then the connection closes (1011). "
-            "Reconnect to go on."))
-
-    def _bad_audio(self, exc: DecodeError) -> None:
+    def _undecodable(self, exc: DecodeError) -> End:
+        """Tell the client why its audio stops here: "decoder_lost" when the decoder itself
+        failed (`DecoderLost`), else "bad_audio"."""
+        if isinstance(exc, DecoderLost):
+            log.warning("session %s: decoder lost: %s", self.request_id, exc)
+            self._send(protocol.error_message(
+                "DECODER_UNAVAILABLE", f"The audio decoder failed ({exc}), not the audio: the "
+                "finals for the audio before it follow, then the connection closes (1011). "
+                "Reconnect to go on."))
+            return "decoder_lost"
         log.info("session %s: undecodable audio: %s", self.request_id, exc)
         self._send(protocol.error_message(
             protocol.REASON_BAD_AUDIO, f"The payload cannot be decoded as audio: {exc}"))
+        return "bad_audio"
 
     def _finalize(self) -> None:
         if not self._finalizes.take(time.monotonic()):

@@ -316,14 +316,22 @@ def die_with_parent(parent: int | None) -> None:
         os._exit(1)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Serve the protocol on stdin/stdout until SHUTDOWN or end of input. Returns the exit code."""
+def start_worker(argv: list[str] | None, name: str) -> int:
+    """What a worker process (this one, or the decoder process) does first: die with the
+    daemon (`argv[0]`, default `sys.argv[1]`, is its pid), keep the original stdout for the
+    protocol and point fd 1 at stderr, and log to stderr as `name`. Returns the protocol's fd."""
     argv = sys.argv[1:] if argv is None else argv
     die_with_parent(int(argv[0]) if argv else None)
-    out = os.fdopen(os.dup(1), "wb")
+    out_fd = os.dup(1)
     os.dup2(2, 1)  # stray prints (NeMo's) go to stderr, never into the protocol
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="diarizer worker %(process)d: %(levelname)s %(message)s")
+                        format=f"{name} %(process)d: %(levelname)s %(message)s")
+    return out_fd
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve the protocol on stdin/stdout until SHUTDOWN or end of input. Returns the exit code."""
+    out = os.fdopen(start_worker(argv, "diarizer worker"), "wb")
     worker = Worker(out)
     worker.send(Kind.HELLO, {"version": wire.VERSION, "pid": os.getpid()})
     read = sys.stdin.buffer.read
